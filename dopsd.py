@@ -1,0 +1,891 @@
+"""
+dopsd.py -- D-OPSD in one file: teach a few-step ("turbo") text-to-image model a new subject or style from a handful
+of image-text pairs, without losing its few-step sampling.
+
+D-OPSD (On-Policy Self-Distillation, Jiang et al. 2026, arXiv 2605.05204) uses one DiT in two roles:
+  * the STUDENT sees the caption only (the model's own text features) and rolls out its own few-step Euler trajectory
+    from noise -- on-policy, exactly the states it will visit at inference;
+  * the TEACHER is the same DiT with a second LoRA adapter (an EMA of the student's), conditioned on the caption AND the
+    target image (for Z-Image: a Qwen3-VL whose language model carries Z-Image's own text-encoder weights).
+At every state the student visits, the teacher predicts under no_grad and the student is regressed onto it. There is no
+ground-truth denoising target and no reward model; inference is the unchanged few-step pipeline.
+
+References
+  1) D-OPSD paper:        https://arxiv.org/abs/2605.05204  (project page: https://vvvvvjdy.github.io/d-opsd/)
+  2) Z-Image-Turbo:       diffusers ZImagePipeline, Tongyi-MAI/Z-Image-Turbo
+  3) LoRA through peft, models through diffusers/transformers: we call the libraries rather than re-implementing them.
+
+Glossary (code name -> paper symbol)
+  sigma (σ)        noise level, 1 = pure noise, 0 = clean.  x_σ = (1-σ)·x0 + σ·ε
+  u                velocity in the scheduler's convention, u = ε - x0 = dx/dσ (Z-Image's raw output is -u; we negate it)
+  u_s, u_t         student / teacher velocity  (paper: v_θ(x_t, t, f(p)) and v_φ(x_t, t, f_mm(p, I)))
+  caps_s, caps_t   text features f(p) / multimodal features f_mm(p, I), lists of [L_i, D]
+  K                number of roll-out steps (--rollout-steps)
+  ema_decay (μ)    φ <- μ·φ + (1-μ)·θ after every optimizer step
+
+Shape letters: B batch, C latent channels (16), h×w latent grid (H/8 × W/8), H×W pixels, L text tokens, D text width.
+
+Run as:
+  python examples/make_tiny.py --out tiny                                   # tiny random models, offline, seconds
+  python dopsd.py train --data tiny/data --model tiny/zimage --vlm tiny/vlm --out runs/demo \\
+      --resolution 64 --max-steps 20 --rank 4                              # CPU demo, ~1 min
+  python dopsd.py train --data ./imgs --out runs/mystyle                   # the real job: Z-Image-Turbo on one GPU
+  python dopsd.py sample --model Tongyi-MAI/Z-Image-Turbo --lora runs/mystyle --prompt "a cat in [V] style" --out cat.png
+  python -m pytest -q                                                       # tests, offline, CPU
+"""
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import warnings
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# --------------------------------------------------------------------------------------------------------------------
+# config
+# One dataclass holds every knob of a training run; argparse in main() fills it and config.json records it.
+
+
+@dataclass
+class TrainConfig:
+    data: str                               # folder of images + same-name .txt captions (or metadata.jsonl)
+    out: str = "runs/dopsd"                 # output folder: LoRA, checkpoint, logs, sample grids
+    model: str = "Tongyi-MAI/Z-Image-Turbo"  # diffusers pipeline: hub id or local folder
+    vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # the teacher's vision-language encoder (Z-Image)
+    method: str = "dopsd"                   # "dopsd", or "sft" = plain flow matching, the baseline that blurs
+    caption: str | None = None              # caption for images that have none
+    trigger: str | None = None              # replaces "[V]" in captions
+    resolution: int = 1024                  # buckets hold about resolution² pixels
+    rollout_steps: int = 4                  # K: student Euler steps per roll-out
+    loss_space: str = "x0"                  # "x0" (σ²-weighted, the released code) or "v" (the paper's form)
+    ema_decay: float = 0.9999               # teacher EMA; 1.0 freezes the teacher at the base model
+    rank: int = 64                          # LoRA rank
+    alpha: float = 128.0                    # LoRA alpha (scale = alpha / rank)
+    full: bool = False                      # train every DiT weight instead of a LoRA
+    lr: float = 1e-4                        # AdamW learning rate, constant
+    max_steps: int = 2000                   # optimizer steps
+    batch_size: int = 1                     # images per micro-batch (one aspect bucket)
+    grad_accum: int = 1                     # micro-batches per optimizer step
+    seed: int = 0                           # data order, noise and sample grids all derive from it
+    device: str = "auto"                    # auto = cuda -> mps -> cpu
+    sample_every: int = 250                 # steps between sample grids, 0 = only at the end
+    save_every: int = 500                   # steps between checkpoints, 0 = only at the end
+    resume: bool = False                    # continue from out/checkpoint.pt
+    loss_backend: str = "auto"              # fused-loss backend: auto, triton, torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix. main() prints it as one line and exits with code 2, without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+# A folder of images with captions -> a validated list of (path, caption), checked before any model is loaded, so a
+# typo costs seconds, not a 20 GB load. Images are cropped into aspect-ratio buckets; one bucket per batch.
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MIN_SIDE = 64
+
+
+def _names(paths, limit=20):
+    names = [Path(p).name for p in paths]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def scan_dataset(data_dir, caption=None, trigger=None):
+    """Return [(path, caption)] for every image in data_dir; raise UserError naming every bad file and the fix."""
+    from PIL import Image
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--data {root}: folder not found; pass a folder of images with same-name .txt captions")
+    meta_captions, problems = {}, []
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
+                meta_captions[Path(row.get("file_name") or row["image_path"]).name] = row.get("text", row.get("caption"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                problems.append(f"{meta} line {n} is not a JSON object with file_name and text: fix or remove it")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise UserError(f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")
+    unreadable, small, uncaptioned, items = [], [], [], []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im.load()                   # decode fully: a truncated file fails here, not in the middle of training
+                size = im.size
+        except Exception:
+            unreadable.append(p)
+            continue
+        if min(size) < MIN_SIDE:
+            small.append(p)
+            continue
+        cap = meta_captions.get(p.name)
+        if cap is None and p.with_suffix(".txt").is_file():
+            cap = p.with_suffix(".txt").read_text(encoding="utf-8")
+        cap = (cap or "").strip() or caption
+        if not cap:
+            uncaptioned.append(p)
+            continue
+        items.append((p, cap.replace("[V]", trigger) if trigger else cap))
+    if unreadable:
+        problems.append(f"{len(unreadable)} unreadable or corrupt image(s) ({_names(unreadable)}): re-export or remove them")
+    if small:
+        problems.append(f"{len(small)} image(s) smaller than {MIN_SIDE} px on a side ({_names(small)}): use larger images")
+    if uncaptioned:
+        problems.append(f"{len(uncaptioned)} image(s) without a caption ({_names(uncaptioned)}): "
+                        "add a same-name .txt file or pass --caption")
+    if problems:
+        raise UserError(f"--data {root}: " + "; ".join(problems))
+    return items
+
+
+def make_buckets(resolution, multiple=16, ratios=(1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)):
+    """Bucket sizes (H, W) of about resolution² pixels, sides multiples of 16 (the VAE's 8× times the DiT's 2×2 patch)."""
+    out = set()
+    for r in ratios:                                                    # r = W / H
+        w = max(multiple, round(resolution * math.sqrt(r) / multiple) * multiple)
+        h = max(multiple, round(resolution / math.sqrt(r) / multiple) * multiple)
+        out.add((h, w))
+    return sorted(out)
+
+
+def nearest_bucket(height, width, buckets):
+    """The bucket whose aspect ratio is closest in log space (so 2:1 and 1:2 are equally far from 1:1)."""
+    return min(buckets, key=lambda b: abs(math.log(width / height) - math.log(b[1] / b[0])))
+
+
+def load_rgb(path):
+    """Open any image mode (RGBA, LA, P, L, CMYK, 16-bit, EXIF-rotated) as 8-bit RGB; transparency becomes white."""
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(Image.open(path))
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):                 # 16/32-bit grey: scale, don't clip at 255
+        import numpy as np
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else max(a.max(), 1.0)
+        im = Image.fromarray((a / top * 255).round().clip(0, 255).astype("uint8"), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")                                         # palette images may carry transparency
+    if im.mode in ("RGBA", "LA"):
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+def crop_to(im, height, width):
+    """Resize to cover (height, width), then centre-crop: no padding, no distortion."""
+    from PIL import Image
+    scale = max(width / im.width, height / im.height)
+    im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.Resampling.BICUBIC)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def pil_to_tensor(im):
+    """PIL RGB -> [3, H, W] float in [-1, 1], the range the VAE expects."""
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def batch_for_step(bucket_of, batch_size, seed, index):
+    """Indices of micro-batch number `index`: each epoch shuffles within buckets, chunks, and shuffles the chunks.
+
+    It is a pure function of (seed, index), so a resumed run sees exactly the batches an uninterrupted one would,
+    without storing any RNG state."""
+    groups = {}
+    for i, b in enumerate(bucket_of):
+        groups.setdefault(b, []).append(i)
+    per_epoch = sum(math.ceil(len(g) / batch_size) for g in groups.values())
+    epoch, pos = divmod(index, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    chunks = []
+    for key in sorted(groups):
+        idx = [groups[key][j] for j in torch.randperm(len(groups[key]), generator=g).tolist()]
+        chunks += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    return chunks[torch.randperm(len(chunks), generator=g)[pos].item()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# device & models
+# Device is picked once and announced with the reason. The pipeline comes from diffusers' from_pretrained (hub id or
+# local folder alike); the teacher's VLM from transformers, with its language model swapped for the text encoder.
+
+SUPPORTED_PIPELINES = {"ZImagePipeline": "zimage"}
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        dev, why = torch.device("cuda"), f"CUDA found ({torch.cuda.get_device_name()})"
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        dev, why = torch.device("mps"), "Apple MPS found, no CUDA"
+    else:
+        dev, why = torch.device("cpu"), "no CUDA or MPS found"
+    print(f"device: {dev} ({why})")
+    return dev
+
+
+def pipeline_family(model):
+    """Read the pipeline class from model_index.json before loading any weights; refuse unsupported ones early."""
+    from diffusers import DiffusionPipeline
+    try:
+        cls = DiffusionPipeline.load_config(model)["_class_name"]
+    except Exception as e:
+        raise UserError(f"--model {model}: cannot read model_index.json ({type(e).__name__}); "
+                        "pass a diffusers pipeline folder or hub id") from None
+    if cls not in SUPPORTED_PIPELINES:
+        raise UserError(f"--model {model}: {cls} is not supported; supported families: "
+                        + ", ".join(SUPPORTED_PIPELINES) + " (Z-Image-Turbo)")
+    return SUPPORTED_PIPELINES[cls]
+
+
+def load_pipeline(model, dtype, transformer_dtype=None):
+    """The diffusers pipeline, weights in `dtype` (the DiT in `transformer_dtype` if given, e.g. fp32 for --full)."""
+    from diffusers import DiffusionPipeline
+    family = pipeline_family(model)
+    dtypes = {"default": dtype, "transformer": transformer_dtype or dtype}
+    return DiffusionPipeline.from_pretrained(model, dtype=dtypes), family
+
+
+def load_hybrid_vlm(vlm_path, text_encoder, dtype):
+    """Qwen3-VL whose language model gets the text encoder's weights: its vision tower now feeds OUR encoder.
+
+    Returns (vlm.model, tokenizer, image_processor). Every language-model tensor must find a same-name, same-shape
+    tensor in the text encoder, or we stop: a half-swapped encoder would silently give the teacher garbage features."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+    # No AutoProcessor: Qwen3VLProcessor insists on a video processor that needs torchvision. The image processor
+    # falls back to its PIL backend, and the token expansion it would do is three lines in vlm_features().
+    vlm = Qwen3VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype).model   # no lm_head: features only
+    lm = vlm.language_model
+    src = {k.removeprefix("model."): v for k, v in text_encoder.state_dict().items()}    # Qwen3ForCausalLM has "model."
+    dst = lm.state_dict()
+    matched = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+    if len(matched) != len(dst):
+        missing = sorted(set(dst) - set(matched))
+        raise UserError(f"--vlm {vlm_path}: only {len(matched)}/{len(dst)} language-model tensors match the text encoder "
+                        f"of --model (first missing: {missing[0]}); use the Qwen3-VL of the same size as the encoder")
+    lm.load_state_dict(matched)
+    print(f"hybrid VLM: {len(matched)}/{len(dst)} language-model tensors replaced by the text encoder's")
+    return vlm.eval().requires_grad_(False), AutoTokenizer.from_pretrained(vlm_path), \
+        AutoImageProcessor.from_pretrained(vlm_path)
+
+
+# The public recipe wrote its Z-Image list with a missing comma and silently lost feed_forward.w1/w2; a regex anchored
+# at the end of the module name, plus a count check in add_lora_adapters(), makes such a miss impossible to overlook.
+LORA_TARGETS = {"zimage": r".*\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$"}
+
+
+def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", "teacher")):
+    """Attach one LoRA adapter per name (the teacher starts as an exact copy of the student). Returns #wrapped modules.
+
+    LoRA factors are kept in fp32 even when the DiT is bf16: the EMA adds (1-μ)=1e-4 of a difference each step, which
+    bf16's 8-bit mantissa would round away."""
+    import re
+    from peft import LoraConfig
+    expected = [n for n, m in transformer.named_modules()
+                if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n)]
+    for name in names:
+        # Gaussian init: A random, B = 0, so every adapter starts equal to the base model.
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_regex)
+        with warnings.catch_warnings():                 # "Already found a peft_config": a second adapter is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.add_adapter(cfg, adapter_name=name)
+    lora = {n: p for n, p in transformer.named_parameters() if ".lora_" in n}
+    for p in lora.values():
+        p.data = p.data.float()
+    with torch.no_grad():                               # teacher := copy(student), so the EMA averages the same factors
+        for n, p in lora.items():
+            if f".{names[0]}." in n and len(names) > 1:
+                lora[n.replace(f".{names[0]}.", f".{names[1]}.")].copy_(p)
+    wrapped = sum(1 for n in lora if n.endswith(f"lora_A.{names[0]}.weight"))
+    if wrapped != len(expected) or wrapped == 0:
+        raise RuntimeError(f"LoRA wrapped {wrapped} modules but {len(expected)} linears match the target list")
+    transformer.set_adapter(names[0])
+    return wrapped
+
+
+def adapter_params(transformer, name):
+    """{parameter name without the adapter name: tensor} for one adapter, in a stable order."""
+    return {n.replace(f".{name}.", "."): p for n, p in transformer.named_parameters() if f".lora_" in n and f".{name}." in n}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# conditioning builders
+# Plain functions with explicit arguments, meant to be copied. Student: the model's own text path. Teacher: the hybrid
+# VLM on [image, caption]. Both return lists of [L_i, D] in the form the Z-Image DiT takes as cap_feats.
+
+
+@torch.no_grad()
+def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
+    """Z-Image's student features: chat template -> Qwen3 -> hidden_states[-2], padding stripped -> list of [L_i, D].
+
+    Same maths as ZImagePipeline.encode_prompt, which we don't call: it overwrites the caller's prompt list in place."""
+    dev = text_encoder.device
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=True) for p in prompts]
+    tok = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    mask = tok.attention_mask.to(dev).bool()                                         # [B, max_len]
+    hs = text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask,
+                      output_hidden_states=True).hidden_states[-2]                   # [B, max_len, D]
+    return [h[m] for h, m in zip(hs, mask)]                                          # B × [L_i, D]
+
+
+def zimage_prompt_tokens(tokenizer, prompt):
+    """Length of the student's templated prompt in tokens (to warn before the encoder truncates it)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+    return len(tokenizer(text).input_ids)
+
+
+@torch.no_grad()
+def vlm_features(vlm, tokenizer, image_processor, image, prompt, max_len=1024, pixels=(512 * 512, 768 * 768)):
+    """The teacher's multimodal features f_mm(p, I): hybrid Qwen3-VL on one user turn [image, caption] -> [L', D].
+
+    image: PIL RGB (the training crop). The VLM sees it at 512²..768² pixels (the paper's processor limits); every
+    token of the turn -- template, image and caption -- is kept, then cut to max_len, exactly where cap_feats go."""
+    dev = next(vlm.parameters()).device
+    pix = image_processor(images=[image], return_tensors="pt",
+                          size={"shortest_edge": pixels[0], "longest_edge": pixels[1]})
+    grid = pix["image_grid_thw"]                                             # [1, 3] = (t, h, w) in 16-px patches
+    n_image = int(grid.prod()) // image_processor.merge_size ** 2            # tokens after the 2×2 patch merger
+    # What Qwen3-VL's chat template renders for this message (no system prompt), with <|image_pad|> already expanded:
+    text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_image + "<|vision_end|>"
+            + prompt + "<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(dev)                      # [1, L']
+    mm_type = (ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()         # 1 = image token, 0 = text
+    hs = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_type,
+             pixel_values=pix["pixel_values"].to(dev, vlm.dtype), image_grid_thw=grid.to(dev),
+             output_hidden_states=True, use_cache=False).hidden_states[-2][0]         # [L', D]
+    return hs[:max_len]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# few-step roll-out
+# The student integrates its own few-step ODE from noise with Euler steps, on the schedule the pipeline samples with.
+# Every family's velocity function returns u = ε - x0 (the scheduler's convention), so the loop is family-free:
+#     x0_hat = x - σ·u,      x_next = x + (σ_next - σ)·u.
+
+
+def zimage_sigmas(num_steps, shift=3.0):
+    """Z-Image-Turbo's schedule in diffusers 0.42: linspace(1, 1/N, N), shifted by 3, then 0. [N+1], fp32.
+
+    N = 4 gives σ = 1, .9, .75, .5, 0: the D-OPSD training roll-out, and steps 0,2,4,6 of the 8-step deploy schedule."""
+    s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    s = shift * s / (1 + (shift - 1) * s)
+    return torch.cat([s, s.new_zeros(1)]).float()
+
+
+def zimage_velocity(transformer, x, sigma, caps):
+    """u = ε - x0 from the Z-Image DiT. x: [B, C, h, w] fp32; sigma: [B]; caps: B × [L_i, D]. Returns [B, C, h, w] fp32.
+
+    Z-Image's model time is t = 1 - σ (1 = clean), kept in fp32 (it is scaled by 1000 inside), and its raw output
+    points towards the data (x0 - ε), so we negate it -- exactly what ZImagePipeline does before scheduler.step."""
+    xs = list(x.to(transformer.dtype).unsqueeze(2).unbind(0))                 # B × [C, 1, h, w] (frame axis F = 1)
+    out = transformer(xs, (1.0 - sigma).float(), caps, return_dict=False)[0]  # B × [C, 1, h, w]
+    return -torch.stack(out).squeeze(2).float()                               # [B, C, h, w]
+
+
+@torch.no_grad()
+def euler_sample(velocity, noise, sigmas):
+    """Plain few-step Euler sampling (what the pipeline does, and what the student rolls out). Returns x at σ = 0."""
+    x = noise
+    for k in range(len(sigmas) - 1):
+        x = x + (sigmas[k + 1] - sigmas[k]) * velocity(x, sigmas[k].expand(x.shape[0]).to(x.device))
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# teacher scoring
+# The teacher is the SAME DiT with the "teacher" adapter active and the multimodal context in place of the caption
+# features. It is evaluated on the student's state under no_grad, and never trained: after each optimizer step its
+# weights move a little towards the student's (EMA). One DiT in memory, two small adapters.
+
+
+def use_adapter(transformer, name):
+    """Switch the active LoRA adapter. peft's set_adapter also flips requires_grad (active -> True, others -> False),
+    which is what we want for the student; the teacher runs under no_grad anyway."""
+    if transformer.active_adapters() != [name]:
+        transformer.set_adapter(name)
+
+
+@torch.no_grad()
+def ema_update(teacher_params, student_params, decay):
+    """φ <- μ·φ + (1-μ)·θ over matching parameter lists (decay = μ). μ = 1 keeps the teacher at its start."""
+    if decay >= 1.0:
+        return
+    for t, s in zip(teacher_params, student_params):
+        t.lerp_(s.to(t.dtype), 1.0 - decay)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# divergence loss
+# (placeholder: the fused section replaces this)
+
+
+def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto"):
+    """mean_b,i w(σ_b)·(u_s - u_t)², w = σ² (x0 space) or 1 (v space); the teacher gets no gradient. Scalar fp32."""
+    w = sigma.float() ** 2 if space == "x0" else torch.ones_like(sigma, dtype=torch.float32)
+    d = v_student.float() - v_teacher.detach().float()
+    return (w.view(-1, *[1] * (d.dim() - 1)) * d * d).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the D-OPSD step
+# K student Euler steps from noise; at each visited (detached) state the teacher scores it and the student is pulled
+# onto the teacher's prediction. Because the state is detached, loss_k depends on θ only through the k-th student
+# forward, so a backward per step gives exactly the gradient of the mean -- with one step's activations in memory.
+
+
+def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, stepwise=True, backend="auto"):
+    """One on-policy roll-out; accumulates grad_scale · ∇(mean_k loss_k) into the student's .grad.
+
+    student, teacher: callables (x [B, ...], sigma [B]) -> u [B, ...]; the teacher is called under no_grad.
+    noise: [B, ...] start state at σ = sigmas[0]; sigmas: [K+1] schedule ending at 0.
+    stepwise=False keeps all K graphs and runs one backward (the public recipe's memory behaviour; for tests/bench).
+    Returns (mean loss over the K steps, detached, fp32 scalar; the final state x at σ = 0)."""
+    K, B = len(sigmas) - 1, noise.shape[0]
+    x, total, graph = noise, noise.new_zeros((), dtype=torch.float32), 0.0
+    for k in range(K):
+        x = x.detach()                                             # no gradient through earlier steps (no BPTT)
+        s = sigmas[k].to(x.device).expand(B)                       # [B]
+        with torch.no_grad():
+            u_t = teacher(x, s)                                    # teacher on the STUDENT's state
+        u_s = student(x, s)                                        # with grad
+        loss = dopsd_loss(u_s, u_t, s, space=space, backend=backend)
+        if stepwise:
+            (loss * (grad_scale / K)).backward()                   # frees this step's activations now
+        else:
+            graph = graph + loss
+        total += loss.detach()
+        x = x + (sigmas[k + 1] - sigmas[k]).to(x.device) * u_s.detach()   # on-policy: the student's own Euler step
+    if not stepwise:
+        (graph * (grad_scale / K)).backward()
+    return total / K, x.detach()
+
+
+def sft_loss(student, x0, noise, sigma, backend="auto"):
+    """Plain flow matching (the SFT baseline): the ground-truth velocity ε - x0 at a random σ. x0, noise: [B, ...]."""
+    s = sigma.view(-1, *[1] * (x0.dim() - 1))
+    x = (1 - s) * x0 + s * noise                                   # x_σ, the interpolation path
+    return dopsd_loss(student(x, sigma), noise - x0, sigma, space="v", backend=backend)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training
+# One flat loop: batch -> roll-out with per-step teacher scoring and backward -> clip -> AdamW -> EMA -> log. Encoders
+# run once, before the loop, and are freed; the loop only ever runs the DiT.
+
+DEPLOY_STEPS = {"zimage": 8}          # Z-Image-Turbo: 8 DiT forwards = num_inference_steps=8 in diffusers 0.42
+MAX_NONFINITE_STREAK = 5
+
+
+@torch.no_grad()
+def zimage_decode(vae, x):
+    """Latents [B, C, h, w] -> list of PIL images, as ZImagePipeline decodes them."""
+    from PIL import Image
+    img = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+    img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)      # [B, 3, H, W]
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in img]
+
+
+@torch.no_grad()
+def zimage_encode(vae, image):
+    """[B, 3, H, W] in [-1, 1] -> latents [B, C, h, w] in the DiT's space (the inverse of zimage_decode's scaling)."""
+    z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
+    return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+
+def save_grid(rows, captions, path, label_width=112, caption_height=24):
+    """rows: [(label, [PIL])] -> one captioned PNG (columns = prompts), written atomically."""
+    from PIL import Image, ImageDraw
+    w, h = rows[0][1][0].size
+    grid = Image.new("RGB", (label_width + w * len(captions), caption_height + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, cap in enumerate(captions):
+        draw.text((label_width + j * w + 2, 4), cap[: max(4, w // 6)], fill="black")
+    for i, (label, images) in enumerate(rows):
+        draw.text((4, caption_height + i * h + h // 2 - 6), label, fill="black")
+        for j, im in enumerate(images):
+            grid.paste(im, (label_width + j * w, caption_height + i * h))
+    tmp = Path(str(path) + ".tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temporary file, flush to disk, then rename: a crash mid-write leaves the previous file intact."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_args(cfg):
+    for name in ("rollout_steps", "rank", "max_steps", "batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.resolution < 64 or cfg.resolution % 16:
+        raise UserError(f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})")
+    for name in ("sample_every", "save_every"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 (never / only at the end) or positive")
+
+
+def train(cfg):
+    """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
+    check_args(cfg)
+    items = scan_dataset(cfg.data, cfg.caption, cfg.trigger)         # bad data stops us before any model is loaded
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    if cfg.resume and not ckpt_path.is_file():
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+    if not cfg.resume and ckpt_path.is_file():
+        raise UserError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    family = pipeline_family(cfg.model)
+    dopsd = cfg.method == "dopsd"
+    device = pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32                 # bf16 weights + autocast on CUDA, fp32 elsewhere
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    print(f"precision: {'bf16 autocast' if cuda else 'fp32'} | method {cfg.method} | roll-out K={cfg.rollout_steps} "
+          f"| deploy {DEPLOY_STEPS[family]} steps, guidance 0 | {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    import diffusers, peft, transformers
+    versions = {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "versions": versions}, indent=2))
+
+    pipe, family = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
+    pipe_cls, tr, vae, text_encoder, tokenizer = type(pipe), pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    del pipe
+    vae.to(device).requires_grad_(False)
+
+    # ---- feature cache: every encoder runs once per (image, caption), here, and never inside the loop
+    buckets = make_buckets(cfg.resolution)
+    crops = []
+    for path, _ in items:
+        im = load_rgb(path)
+        crops.append(crop_to(im, *nearest_bucket(im.height, im.width, buckets)))
+    bucket_of = [(im.height, im.width) for im in crops]
+    text_encoder.to(device).requires_grad_(False)
+    long = [p for p, c in items if zimage_prompt_tokens(tokenizer, c) > 512]
+    if long:
+        print(f"warning: {len(long)} caption(s) longer than the encoder's 512 tokens are truncated ({_names(long)})")
+    caps_s = [zimage_text_features(text_encoder, tokenizer, [c])[0].to(dtype) for _, c in items]   # N × [L, D]
+    caps_t = x0_cache = None
+    if dopsd:
+        vlm, vtok, vproc = load_hybrid_vlm(cfg.vlm, text_encoder, dtype)
+        vlm.to(device)
+        caps_t = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, (_, c) in zip(crops, items)]
+        del vlm
+        print(f"teacher contexts cached: {len(caps_t)} × ~{sum(len(c) for c in caps_t) // len(caps_t)} tokens")
+    else:
+        x0_cache = [zimage_encode(vae, pil_to_tensor(im)[None])[0] for im in crops]           # N × [C, h, w]
+    del text_encoder
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # ---- the two roles: LoRA adapters "student" + "teacher" on one DiT, or (with --full) a frozen EMA copy
+    tr.to(device)
+    grid_cols = list(range(min(4, len(items))))
+    side = cfg.resolution
+    grid_noise = [torch.randn(1, tr.config.in_channels, side // 8, side // 8,
+                              generator=torch.Generator().manual_seed(cfg.seed + 10_000 + j)) for j in grid_cols]
+    deploy = zimage_sigmas(DEPLOY_STEPS[family])
+
+    def render(velocity, caps):
+        with autocast():
+            return [zimage_decode(vae, euler_sample(lambda x, s: velocity(x, s, [caps[i]]), grid_noise[j].to(device),
+                                                    deploy))[0] for j, i in enumerate(grid_cols)]
+
+    tr.requires_grad_(False)
+    base_row = render(lambda x, s, c: zimage_velocity(tr, x, s, c), caps_s)   # the untouched model, rendered once
+    if cfg.full:
+        teacher_model = copy.deepcopy(tr).to(dtype).eval() if dopsd else None   # the EMA copy: one more DiT in memory
+        tr.requires_grad_(True)
+        trainable = list(tr.parameters())
+        teacher_params = list(teacher_model.parameters()) if dopsd else []
+        student = lambda x, s, c: zimage_velocity(tr, x, s, c)
+        teacher = lambda x, s, c: zimage_velocity(teacher_model, x, s, c)
+    else:
+        torch.manual_seed(cfg.seed)                   # LoRA's A factors are drawn from the global RNG
+        n = add_lora_adapters(tr, LORA_TARGETS[family], cfg.rank, cfg.alpha, ("student", "teacher") if dopsd else ("student",))
+        st = adapter_params(tr, "student")
+        trainable = list(st.values())
+        teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
+        print(f"LoRA: {n} linears wrapped (attention q/k/v/out + feed-forward w1/w2/w3), "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters")
+
+        def student(x, s, c):
+            use_adapter(tr, "student")
+            return zimage_velocity(tr, x, s, c)
+
+        def teacher(x, s, c):
+            use_adapter(tr, "teacher")
+            return zimage_velocity(tr, x, s, c)
+    if cuda:
+        tr.enable_gradient_checkpointing()         # recompute activations in backward: memory for compute
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
+
+    def state():
+        return {"step": step, "config": asdict(cfg), "student": [p.detach().cpu() for p in trainable],
+                "teacher": [p.detach().cpu() for p in teacher_params], "optimizer": opt.state_dict(),
+                "nonfinite": nonfinite}
+
+    def save():
+        """Checkpoint + deliverable, both atomic; refuse to write weights that are not finite."""
+        if not all(torch.isfinite(p).all() for p in trainable):
+            print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
+            return
+        atomic_torch_save(state(), ckpt_path)
+        if cfg.full:
+            tmp = out / "transformer.tmp"
+            tr.save_pretrained(tmp)
+            if (out / "transformer").exists():
+                os.replace(out / "transformer", out / "transformer.old")
+            os.replace(tmp, out / "transformer")
+            import shutil
+            shutil.rmtree(out / "transformer.old", ignore_errors=True)
+        else:
+            from peft.utils import get_peft_model_state_dict
+            tmp = out / "lora.tmp"
+            meta = tr.peft_config["student"].to_dict()       # rank and alpha travel with the file, so loaders scale right
+            meta["target_modules"] = LORA_TARGETS[family]
+            pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"),
+                                       transformer_lora_adapter_metadata=meta)
+            os.replace(tmp / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
+            tmp.rmdir()
+
+    def sample_grid():
+        rows = [("base", base_row), ("student", render(student, caps_s))]
+        if dopsd:
+            rows.append(("teacher+image", render(teacher, caps_t)))
+        save_grid(rows, [items[i][1] for i in grid_cols], out / "samples" / f"step_{step:06d}.png")
+
+    step, nonfinite, streak = 0, 0, 0
+    if cfg.resume:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        for key in ("model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"):
+            if ck["config"][key] != getattr(cfg, key):
+                raise UserError(f"--resume: --{key.replace('_', '-')} was {ck['config'][key]!r} in {ckpt_path}, "
+                                f"now {getattr(cfg, key)!r}; use the same value")
+        with torch.no_grad():
+            for p, v in zip(trainable + teacher_params, ck["student"] + ck["teacher"]):
+                p.copy_(v)
+        opt.load_state_dict(ck["optimizer"])
+        step, nonfinite = ck["step"], ck["nonfinite"]
+        print(f"resumed from {ckpt_path} at step {step}")
+
+    from tqdm import tqdm
+    sigmas = zimage_sigmas(cfg.rollout_steps)
+    shift = 3.0
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True)
+    log = open(out / "log.jsonl", "a")
+    code, stop = 0, []
+
+    def on_ctrl_c(signum, frame):
+        # First Ctrl-C: finish the step in flight, so the checkpoint is a consistent state. Second: quit at once.
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print("\nCtrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_ctrl_c) if main_thread else None
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for m in range(cfg.grad_accum):
+                micro = step * cfg.grad_accum + m
+                idx = batch_for_step(bucket_of, cfg.batch_size, cfg.seed, micro)
+                h, w = bucket_of[idx[0]]
+                g = torch.Generator().manual_seed((cfg.seed << 32) + micro)   # noise is a function of (seed, step)
+                noise = torch.randn(len(idx), tr.config.in_channels, h // 8, w // 8, generator=g).to(device)
+                cs = [caps_s[i] for i in idx]
+                with autocast():
+                    if dopsd:
+                        ct = [caps_t[i] for i in idx]
+                        loss, _ = dopsd_rollout(lambda x, s: student(x, s, cs), lambda x, s: teacher(x, s, ct), noise,
+                                                sigmas, cfg.loss_space, 1.0 / cfg.grad_accum, backend=cfg.loss_backend)
+                    else:
+                        u = torch.rand(len(idx), generator=g)
+                        sig = (shift * u / (1 + (shift - 1) * u)).to(device)       # the model's shifted σ density
+                        x0 = torch.stack([x0_cache[i] for i in idx])
+                        loss = sft_loss(lambda x, s: student(x, s, cs), x0, noise, sig, backend=cfg.loss_backend)
+                        (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach() / cfg.grad_accum
+            gnorm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            loss_v, gnorm_v = loss_sum.item(), gnorm.item()          # the one host sync per step, for the log line
+            skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
+            if skipped:                                              # drop this step's gradient, keep the weights
+                opt.zero_grad(set_to_none=True)
+                nonfinite, streak = nonfinite + 1, streak + 1
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ema_update(teacher_params, trainable, cfg.ema_decay)
+                streak = 0
+            step += 1
+            dt = time.perf_counter() - t0
+            log.write(json.dumps({"step": step, "loss": loss_v, "lr": cfg.lr, "grad_norm": gnorm_v, "sec": round(dt, 4),
+                                  "skipped": skipped}) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss_v:.4g}", s_per_step=f"{dt:.2f}", skipped=nonfinite)
+            bar.update(1)
+            if streak >= MAX_NONFINITE_STREAK:
+                print(f"\nerror: the loss was not finite for {streak} steps in a row (up to step {step}); "
+                      "lower --lr, or check the data; the last finite weights are saved", file=sys.stderr)
+                code = 1
+                break
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                sample_grid()
+            if stop:
+                save()
+                print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=sys.stderr)
+                return 130
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+        save()
+        sample_grid()
+    except KeyboardInterrupt:
+        print(f"\nstopped: nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+        log.close()
+        if main_thread:
+            signal.signal(signal.SIGINT, old_handler)
+    if code == 0:
+        print(f"done: {step} steps, {nonfinite} skipped; LoRA and samples in {out}")
+    return code
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sampling
+# The deploy recipe of the family (Z-Image-Turbo: 8 steps, no CFG), with our own Euler loop -- the same function that
+# draws the training grids, and equal to ZImagePipeline's output (test_dopsd.py checks both).
+
+
+def load_weights(pipe, weights):
+    """A LoRA file/folder from `train`, or a --full run folder (it holds transformer/), into the pipeline."""
+    p = Path(weights)
+    if (p / "transformer" / "config.json").is_file():
+        pipe.transformer = type(pipe.transformer).from_pretrained(p / "transformer", dtype=pipe.transformer.dtype)
+    elif p.is_file():
+        pipe.load_lora_weights(str(p.parent), weight_name=p.name)
+    elif (p / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(p))
+    else:
+        raise UserError(f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a dopsd --out folder")
+
+
+def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width=1024, device="auto"):
+    if height % 16 or width % 16 or min(height, width) < 16:
+        raise UserError(f"--height/--width must be multiples of 16 (got {height}×{width})")
+    family = pipeline_family(model)
+    device = pick_device(device)
+    cuda = device.type == "cuda"
+    pipe, family = load_pipeline(model, torch.bfloat16 if cuda else torch.float32)
+    if lora:
+        load_weights(pipe, lora)
+    tr, vae = pipe.transformer.to(device), pipe.vae.to(device)
+    caps = zimage_text_features(pipe.text_encoder.to(device), pipe.tokenizer, [prompt])
+    noise = torch.randn(1, tr.config.in_channels, height // 8, width // 8,
+                        generator=torch.Generator().manual_seed(seed)).to(device)   # CPU generator: same on any device
+    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+        x = euler_sample(lambda x, s: zimage_velocity(tr, x, s, caps), noise, zimage_sigmas(steps or DEPLOY_STEPS[family]))
+        image = zimage_decode(vae, x)[0]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out} ({width}×{height}, {steps or DEPLOY_STEPS[family]} steps, seed {seed})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="dopsd.py", description="D-OPSD: fine-tune a few-step model, keep it few-step.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a LoRA (or the full DiT) with D-OPSD or the SFT baseline")
+    d = TrainConfig(data="")
+    t.add_argument("--data", required=True, help="folder of images (.png .jpg .webp .bmp) with same-name .txt captions, "
+                   "or a metadata.jsonl of {file_name, text} rows")
+    t.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
+    t.add_argument("--model", default=d.model, help="diffusers pipeline, hub id or local folder (default %(default)s)")
+    t.add_argument("--vlm", default=d.vlm, help="teacher's Qwen3-VL, hub id or folder (default %(default)s)")
+    t.add_argument("--method", default=d.method, choices=["dopsd", "sft"], help="dopsd, or sft: the plain flow-matching "
+                   "baseline on the same data and outputs, for comparison")
+    t.add_argument("--caption", help="caption for images without one")
+    t.add_argument("--trigger", help="word that replaces [V] in captions (default: keep [V] literally)")
+    t.add_argument("--resolution", type=int, default=d.resolution, help="bucket size in pixels, multiple of 16 "
+                   "(default %(default)s)")
+    t.add_argument("--rollout-steps", type=int, default=d.rollout_steps, help="K, student Euler steps per roll-out "
+                   "(default %(default)s: σ = 1, .9, .75, .5 -> 0)")
+    t.add_argument("--loss-space", default=d.loss_space, choices=["x0", "v"], help="x0: σ²-weighted velocity MSE "
+                   "(released code); v: plain velocity MSE (paper)")
+    t.add_argument("--ema-decay", type=float, default=d.ema_decay, help="teacher EMA decay per step; 1.0 freezes the "
+                   "teacher at the base model (default %(default)s)")
+    t.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default %(default)s)")
+    t.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha, scale = alpha/rank (default %(default)s)")
+    t.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA, with an EMA copy of "
+                   "the DiT as teacher. Memory: ~18 bytes/parameter (fp32 weights + grads + AdamW, bf16 teacher): "
+                   "~110 GB for Z-Image's 6.2B DiT before activations; LoRA fits one 80 GB GPU")
+    t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate, constant (default %(default)s)")
+    t.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per micro-batch (default %(default)s)")
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default %(default)s)")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed for data order, noise and grids (default %(default)s)")
+    t.add_argument("--device", default=d.device, help="auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
+    t.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids; 0 = only at "
+                   "the end (default %(default)s)")
+    t.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints; 0 = only at the "
+                   "end (default %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    t.add_argument("--loss-backend", default=d.loss_backend, choices=["auto", "triton", "torch"],
+                   help="fused loss: auto = Triton on CUDA if installed, else PyTorch")
+    s = sub.add_parser("sample", help="render one image with the deploy settings")
+    s.add_argument("--model", default=d.model, help="diffusers pipeline, hub id or folder (default %(default)s)")
+    s.add_argument("--lora", help="a train --out folder, or its pytorch_lora_weights.safetensors")
+    s.add_argument("--prompt", required=True, help="text prompt ([V] as in training, or your --trigger word)")
+    s.add_argument("--out", default="sample.png", help="PNG to write (default %(default)s)")
+    s.add_argument("--steps", type=int, help="sampling steps (default: the family's deploy count, Z-Image-Turbo 8)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    s.add_argument("--height", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
+    s.add_argument("--width", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
+    s.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), or e.g. cpu")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "train":
+            return train(TrainConfig(**{k: v for k, v in vars(a).items() if k != "cmd"}))
+        return sample(a.model, a.prompt, a.out, a.lora, a.steps, a.seed, a.height, a.width, a.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
