@@ -51,6 +51,13 @@ from pathlib import Path
 
 import torch
 
+try:  # triton is optional: without it the file imports and the loss runs on the PyTorch path
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
 # --------------------------------------------------------------------------------------------------------------------
 # config
 # One dataclass holds every knob of a training run; argparse in main() fills it and config.json records it.
@@ -435,15 +442,252 @@ def ema_update(teacher_params, student_params, decay):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# divergence loss
-# (placeholder: the fused section replaces this)
+# divergence loss: math -> reference -> fused (Triton kernel + one autograd.Function) -> dispatch
+# The student is pulled toward the (stop-gradient) teacher on the student's own roll-out state. The loss is a plain
+# weighted MSE, so the only thing worth fusing is memory traffic: one pass that reads v_s, v_t and writes the gradient.
+# --------------------------------------------------------------------------------------------------------------------
+#
+# Math. Per roll-out step k, with v_s = v_θ(x_k, t_k, f(p)), v_t = sg[v_φ(x_k, t_k, f_mm(p, I))],
+# σ_b the noise level of sample b, and N = B·C·H·W (any trailing shape; N = numel):
+#
+#     L = (1/N) Σ_{b,i} w(σ_b) · (v_s[b,i] − v_t[b,i])²            (one mean over all N elements, no per-sample mean)
+#
+#     w = σ²   for space="x0": both families predict x̂0 = x ± σ·v (Z-Image +, FLUX −), so x̂0_S − x̂0_T = ±σ(v_s − v_t)
+#              and the released code's x0-space MSE is exactly the σ²-weighted velocity MSE (author, issue #6).
+#     w = 1    for space="v": the paper's velocity MSE.
+#
+#     ∂L/∂v_s = 2 · w · (v_s − v_t) / N          ∂L/∂v_t = 0 (stop-gradient)       ∂L/∂σ = 0 (σ is the schedule)
+#
+# In code: d = v_s − v_t, w is a [B] fp32 vector, and the sample index of flat element j of the contiguous tensor is
+# b = j // (N / B). The fused paths store wd = w·d = (N/2)·∂L/∂v_s in the input dtype and apply 2/N together with
+# grad_output in backward. Why not store 2·w·d/N: in fp16 that is below the smallest subnormal (6e-8) once N ≳ 1e6 or
+# d is small, and a GradScaler multiplies *after* the underflow. w·d keeps the velocities' own magnitude.
+#
+# Memory traffic per element (s = bytes of the input dtype: 4 fp32, 2 bf16; each read or write of an N-sized tensor
+# costs s, or 4 when the op produced fp32). Counted op by op with the dispatch hook in bench_loss.py:
+#   naive eager, ((w * (v_s - v_t)**2).mean()).backward():
+#     forward : sub 3s, pow 2s, mul-by-w 2s, mean s                                       = 8s
+#     backward: mean's g/N 1s, mul-by-w 2s, pow's 2·d·g as pow+mul+mul 2s+2s+3s          = 10s
+#     = 18 accesses: 72 B fp32. With bf16 inputs the fp32 w promotes the tail to fp32 (plus a cast back): 52 B.
+#   fused (Triton): forward reads v_s, v_t, writes wd (3s); backward reads wd, writes the gradient (2s).
+#     = 5s: 20 B fp32, 10 B bf16, 3.6-5× less. Saved for backward: one N-sized tensor (wd), no intermediates.
+#   PyTorch path eager: sub, mul, dot, (cast) — 36 B fp32, 42 B bf16; under torch.compile it becomes one loop.
+#   fused + Euler step (dopsd_loss_and_step): also read x and write x_next = x + dt·v_s while v_s is in registers:
+#     +2s, instead of +3s for a separate fused Euler kernel (reads v_s again) or +5s for eager x + dt.view(B,1,..)*v_s
+#     (which materialises dt·v_s). Saves one read of v_s: 4 B/elem in fp32, 2 B in bf16, and one launch per step.
+
+
+def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
+    """The per-step loss written line for line from the math above, in plain eager PyTorch.
+
+    v_student, v_teacher: (B, ...) float, same shape; sigma: (B,) noise level of each sample.
+    Returns a 0-D tensor in the inputs' dtype. Computes in the inputs' dtype (the tests feed it float64).
+    Note: for numel 0 this is a mean over nothing (NaN); the dispatcher defines that case as 0.
+    """
+    assert space in ("x0", "v"), f"space must be 'x0' or 'v', got {space!r}"
+    B = v_student.shape[0]                                          # batch size
+    w = sigma**2 if space == "x0" else torch.ones_like(sigma)       # (B,)  w(σ_b)
+    w = w.view(B, *([1] * (v_student.dim() - 1)))                   # (B, 1, ..., 1) broadcasts over C, H, W
+    d = v_student - v_teacher.detach()                              # (B, ...)  read 2N, write N   (sg on the teacher)
+    return (w * d**2).mean()                                        # ()  pow: r N w N; mul: r N w N; mean: r N
+
+
+def _divergence_fwd_torch(v_s, v_t, w, x=None, dt=None):
+    """PyTorch forward of the fused op: returns (loss fp32 (), wd = w·d in v_s.dtype, x_next or None).
+
+    v_s, v_t, x: (B, ...) contiguous; w, dt: (B,) fp32. Runs inside autograd.Function.forward, so no graph is built:
+    only wd is kept, not d or d². Eager it is still 3-4 passes; torch.compile fuses it into one loop.
+    """
+    B, N = v_s.shape[0], v_s.numel()
+    ct = torch.promote_types(v_s.dtype, torch.float32)              # fp32 math for bf16/fp16, float64 stays float64
+    bshape = (B,) + (1,) * (v_s.dim() - 1)                          # (B, 1, ..., 1)
+    vs = v_s.to(ct)                                                 # (B, ...) no copy when v_s is already fp32
+    d = vs - v_t                                                    # (B, ...) ct; type promotion upcasts v_t in-loop
+    wd = w.to(ct).view(bshape) * d                                  # (B, ...) w(σ_b)·d = (N/2)·∂L/∂v_s
+    loss = (torch.dot(wd.view(-1), d.view(-1)) / N).float()         # ()  Σ w·d² / N in fp32, one read of each
+    x_next = None
+    if x is not None:  # the roll-out's Euler step, on the detached state x, with the student's velocity value
+        x_next = (x.to(ct) + dt.to(ct).view(bshape) * vs).to(x.dtype)  # (B, ...) in x's dtype
+    return loss, wd.to(v_s.dtype), x_next
+
+
+if HAS_TRITON:  # the kernel only exists when triton imports; defining it under `if` keeps the file importable
+
+    @triton.jit
+    def _divergence_kernel(
+        vs_ptr,          # *[N] student velocity v_s, contiguous, fp32 / bf16 / fp16
+        vt_ptr,          # *[N] teacher velocity v_t, same layout (its own dtype; upcast on load)
+        w_ptr,           # *[B] fp32 per-sample weight w(σ_b)
+        wd_ptr,          # *[N] out: w·(v_s − v_t) in v_s's dtype, = (N/2)·∂L/∂v_s (2/N is applied in backward)
+        partial_ptr,     # *[n_blocks] out: fp32 Σ_block w·d² (summed by torch afterwards; no atomics)
+        x_ptr,           # *[N] roll-out state x (read only when HAS_STEP)
+        dt_ptr,          # *[B] fp32 per-sample Euler step Δ_k (read only when HAS_STEP)
+        xn_ptr,          # *[N] out: x + Δ·v_s in x's dtype (written only when HAS_STEP)
+        N,               # total number of elements; ints are specialised only on ==1 and %16, so few recompiles
+        per_sample,      # N // B; the sample of flat element j is b = j // per_sample
+        HAS_STEP: tl.constexpr,  # compile-time switch: fuse the student's Euler step or not
+        BLOCK: tl.constexpr,     # elements per program
+    ):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)       # int64: N can exceed 2**31 on video latents
+        mask = offs < N                                             # the last block is ragged for odd shapes
+        vs = tl.load(vs_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # upcast: all math in fp32
+        vt = tl.load(vt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = offs // per_sample                                      # sample index; slow int64 div, hidden by the loads
+        w = tl.load(w_ptr + b, mask=mask, other=0.0)                # gather w(σ_b); B floats, stays in L1/L2
+        d = vs - vt
+        wd = w * d                                                  # masked lanes: d = 0 so they add nothing
+        tl.store(wd_ptr + offs, wd.to(wd_ptr.dtype.element_ty), mask=mask)
+        tl.store(partial_ptr + pid, tl.sum(wd * d, axis=0))         # one fp32 partial per block
+        if HAS_STEP:  # v_s is already in registers: x_next costs a read of x and a write, not a second read of v_s
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dt = tl.load(dt_ptr + b, mask=mask, other=0.0)
+            tl.store(xn_ptr + offs, (x + dt * vs).to(xn_ptr.dtype.element_ty), mask=mask)
+
+
+def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
+    """Triton forward of the fused op; same contract as _divergence_fwd_torch.
+
+    block=1024 with 4 warps is 8 elements per thread (two 16-byte loads of fp32, one of bf16): enough bytes in flight
+    per thread for a bandwidth-bound op, and a 1M-element latent still gives ~1000 programs to fill every SM.
+    """
+    B, N = v_s.shape[0], v_s.numel()
+    n_blocks = triton.cdiv(N, block)
+    wd = torch.empty_like(v_s)                                      # (B, ...) input dtype
+    partials = torch.empty(n_blocks, dtype=torch.float32, device=v_s.device)  # (n_blocks,)
+    has_step = x is not None
+    x_next = torch.empty_like(x) if has_step else None
+    # when HAS_STEP is False the x/dt/x_next code is compiled out; any valid pointer fills those slots
+    _divergence_kernel[(n_blocks,)](
+        v_s, v_t, w, wd, partials,
+        x if has_step else v_s, dt if has_step else w, x_next if has_step else wd,
+        N, N // B, HAS_STEP=has_step, BLOCK=block, num_warps=4,
+    )
+    # Two-stage reduction: a few thousand fp32 partials summed by torch (pairwise). I prefer this to atomic_add into
+    # one scalar: it is deterministic run to run, needs no zero-initialised output, and costs 4 bytes per block.
+    loss = partials.sum() / N                                       # () fp32
+    return loss, wd, x_next
+
+
+class DivergenceLoss(torch.autograd.Function):
+    """L and w·d in one forward pass; backward only rescales the stored w·d. Shared by both backends."""
+
+    @staticmethod
+    def forward(ctx, v_s, v_t, w, x, dt, backend):
+        # v_s, v_t, x: (B, ...) any strides; w, dt: (B,) fp32; backend: "triton" | "torch" (already resolved)
+        v_s, v_t = v_s.contiguous(), v_t.contiguous()               # copies only if needed; b = j // (N/B) needs this
+        x = x.contiguous() if x is not None else None
+        ctx.N = v_s.numel()
+        if ctx.N == 0:  # mean over zero elements is defined as 0 (not NaN), with an empty gradient; nothing to launch
+            loss, wd = v_s.new_zeros((), dtype=torch.float32), torch.zeros_like(v_s)
+            x_next = x.clone() if x is not None else None
+        else:
+            fwd = _divergence_fwd_triton if backend == "triton" else _divergence_fwd_torch
+            loss, wd, x_next = fwd(v_s, v_t, w, x, dt)
+        ctx.save_for_backward(wd if ctx.needs_input_grad[0] else None)  # keep N·s bytes only if v_s needs grad
+        if x_next is None:
+            return loss
+        ctx.mark_non_differentiable(x_next)                         # the next state is detached (no BPTT)
+        return loss, x_next
+
+    @staticmethod
+    def backward(ctx, g_loss, *unused):
+        (wd,) = ctx.saved_tensors
+        # ∂/∂v_s = grad_output · 2·w·d / N: the 2/N joins grad_output here, in fp32 (see the fp16 note above)
+        return wd * (g_loss * (2.0 / max(ctx.N, 1))), None, None, None, None, None
+
+
+# Resolved once per device type by backend="auto": {"cpu": "torch", "cuda": "triton", ...}. The only module state the
+# loss reads besides HAS_TRITON; tests clear it to hear the banner again.
+LOSS_BACKEND = {}
+
+
+def _resolve_loss_backend(backend, device, dtype):
+    """Turn "auto" / "triton" / "torch" into the path to run; prints the auto choice (and why) once per device."""
+    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    if backend == "auto":
+        if device.type not in LOSS_BACKEND:
+            use = HAS_TRITON and device.type == "cuda"
+            why = ("CUDA tensor and triton importable" if use else
+                   "triton not installed" if not HAS_TRITON else f"{device.type} tensor, the Triton kernel needs CUDA")
+            LOSS_BACKEND[device.type] = "triton" if use else "torch"
+            print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
+        chosen = LOSS_BACKEND[device.type]
+        return "torch" if dtype not in kernel_dtypes else chosen    # e.g. float64: the kernel's fp32 math would lose it
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("dopsd_loss: backend='triton' but triton is not installed; pip install triton or use "
+                               "backend='torch'")
+        # Off CUDA the kernel can only run in the interpreter, which @triton.jit picks at *decoration* time: setting
+        # the variable after import leaves a compiled kernel that dies with "0 active drivers ([])". Check both.
+        interpreted = not isinstance(_divergence_kernel, triton.runtime.jit.JITFunction)
+        if device.type != "cuda" and (os.environ.get("TRITON_INTERPRET", "0") != "1" or not interpreted):
+            raise RuntimeError(f"dopsd_loss: backend='triton' needs a CUDA tensor, got {device.type}; set "
+                               "TRITON_INTERPRET=1 before triton is imported to run it on CPU, or use backend='torch'")
+        if dtype not in kernel_dtypes:
+            raise RuntimeError(f"dopsd_loss: the Triton kernel supports float32/bfloat16/float16, got {dtype}; "
+                               "use backend='torch'")
+    return backend
+
+
+def _check_divergence_args(v_s, v_t, sigma, space, backend, x=None, dt=None):
+    """Raise ValueError with the expected shape/device/value for anything the fused paths would silently misread."""
+    if space not in ("x0", "v"):
+        raise ValueError(f"dopsd_loss: space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"dopsd_loss: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if not (torch.is_tensor(v_s) and torch.is_tensor(v_t)) or v_s.dim() == 0:
+        raise ValueError("dopsd_loss: v_student and v_teacher must be tensors of shape (B, ...)")
+    if v_s.shape != v_t.shape:
+        raise ValueError(f"dopsd_loss: v_student {tuple(v_s.shape)} and v_teacher {tuple(v_t.shape)} differ in shape")
+    if not (v_s.is_floating_point() and v_t.is_floating_point()):
+        raise ValueError(f"dopsd_loss: velocities must be floating point, got {v_s.dtype} and {v_t.dtype}")
+    B = v_s.shape[0]
+    if not torch.is_tensor(sigma) or tuple(sigma.shape) != (B,):
+        got = tuple(sigma.shape) if torch.is_tensor(sigma) else type(sigma).__name__
+        raise ValueError(f"dopsd_loss: sigma must be a tensor of shape (B,) = ({B},), got {got}")
+    for name, t in (("v_teacher", v_t), ("sigma", sigma), ("x", x), ("dt", dt)):
+        if torch.is_tensor(t) and t.device != v_s.device:
+            raise ValueError(f"dopsd_loss: {name} is on {t.device} but v_student is on {v_s.device}")
+    if x is not None and (not torch.is_tensor(x) or x.shape != v_s.shape):
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"dopsd_loss_and_step: x must have v_student's shape {tuple(v_s.shape)}, got {got}")
+    if torch.is_tensor(dt) and tuple(dt.shape) not in ((), (B,)):
+        raise ValueError(f"dopsd_loss_and_step: dt must be a scalar or shape (B,) = ({B},), got {tuple(dt.shape)}")
+
+
+def _divergence(v_student, v_teacher, sigma, x, dt, space, backend):
+    """Shared body of dopsd_loss / dopsd_loss_and_step: validate, build w and dt, resolve the backend, apply."""
+    _check_divergence_args(v_student, v_teacher, sigma, space, backend, x, dt)
+    B, dev = v_student.shape[0], v_student.device
+    sigma = sigma.detach().to(torch.float32)                        # (B,) the schedule never gets a gradient
+    w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()  # (B,) fp32 w(σ_b)
+    if x is not None:  # dt: python float, 0-D or (B,) tensor -> (B,) fp32
+        dt = torch.as_tensor(dt, dtype=torch.float32, device=dev).detach().expand(B).contiguous()
+        x = x.detach()                                              # the roll-out state is detached every step
+    path = _resolve_loss_backend(backend, dev, v_student.dtype)
+    # v_teacher.detach(): the teacher is a stop-gradient target even if its tensor requires grad
+    return DivergenceLoss.apply(v_student, v_teacher.detach(), w, x, dt, path)
 
 
 def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto"):
-    """mean_b,i w(σ_b)·(u_s - u_t)², w = σ² (x0 space) or 1 (v space); the teacher gets no gradient. Scalar fp32."""
-    w = sigma.float() ** 2 if space == "x0" else torch.ones_like(sigma, dtype=torch.float32)
-    d = v_student.float() - v_teacher.detach().float()
-    return (w.view(-1, *[1] * (d.dim() - 1)) * d * d).mean()
+    """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
+
+    v_student: (B, ...) fp32/bf16/fp16, any strides; v_teacher: same shape (never receives a gradient);
+    sigma: (B,) noise level of each sample. backend: "auto" (Triton on CUDA if importable, else PyTorch; printed
+    once), "triton" or "torch". Returns a 0-D fp32 tensor; numel 0 gives 0.
+    """
+    return _divergence(v_student, v_teacher, sigma, None, None, space, backend)
+
+
+def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend="auto"):
+    """dopsd_loss plus the student's next Euler state x + dt·v_s from the same pass over v_s.
+
+    x: (B, ...) the current roll-out state (detached here: the roll-out never backpropagates across steps);
+    dt: float or (B,) step Δ_k = σ_{k+1} − σ_k (negative: σ falls), since every family's u = ε − x0 here.
+    Returns (loss () fp32, x_next (B, ...) in x's dtype, detached).
+    """
+    return _divergence(v_student, v_teacher, sigma, x, dt, space, backend)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -468,13 +712,13 @@ def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, s
         with torch.no_grad():
             u_t = teacher(x, s)                                    # teacher on the STUDENT's state
         u_s = student(x, s)                                        # with grad
-        loss = dopsd_loss(u_s, u_t, s, space=space, backend=backend)
+        # loss_k, and the student's own Euler step x + (σ_next - σ)·u_s from the same pass over u_s (on-policy)
+        loss, x = dopsd_loss_and_step(u_s, u_t, s, x, sigmas[k + 1] - sigmas[k], space=space, backend=backend)
         if stepwise:
             (loss * (grad_scale / K)).backward()                   # frees this step's activations now
         else:
             graph = graph + loss
         total += loss.detach()
-        x = x + (sigmas[k + 1] - sigmas[k]).to(x.device) * u_s.detach()   # on-policy: the student's own Euler step
     if not stepwise:
         (graph * (grad_scale / K)).backward()
     return total / K, x.detach()
