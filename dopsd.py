@@ -19,7 +19,7 @@ Glossary (code name -> paper symbol)
   sigma (σ)        noise level, 1 = pure noise, 0 = clean.  x_σ = (1-σ)·x0 + σ·ε
   u                velocity in the scheduler's convention, u = ε - x0 = dx/dσ (Z-Image's raw output is -u; we negate it)
   u_s, u_t         student / teacher velocity  (paper: v_θ(x_t, t, f(p)) and v_φ(x_t, t, f_mm(p, I)))
-  caps_s, caps_t   text features f(p) / multimodal features f_mm(p, I), lists of [L_i, D]
+  cond_s, cond_t   student conditioning f(p) / teacher conditioning f_mm(p, I), one entry per training image
   K                number of roll-out steps (--rollout-steps)
   ema_decay (μ)    φ <- μ·φ + (1-μ)·θ after every optimizer step
 
@@ -40,6 +40,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -89,6 +90,7 @@ class TrainConfig:
     save_every: int = 500                   # steps between checkpoints, 0 = only at the end
     resume: bool = False                    # continue from out/checkpoint.pt
     loss_backend: str = "auto"              # fused-loss backend: auto, triton, torch
+    teacher_suffix: str | None = None       # klein: the teacher's instruction after the caption (None = default)
 
 
 class UserError(Exception):
@@ -233,7 +235,7 @@ def batch_for_step(bucket_of, batch_size, seed, index):
 # Device is picked once and announced with the reason. The pipeline comes from diffusers' from_pretrained (hub id or
 # local folder alike); the teacher's VLM from transformers, with its language model swapped for the text encoder.
 
-SUPPORTED_PIPELINES = {"ZImagePipeline": "zimage"}
+SUPPORTED_PIPELINES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "klein"}
 
 
 def pick_device(name="auto"):
@@ -253,13 +255,17 @@ def pipeline_family(model):
     """Read the pipeline class from model_index.json before loading any weights; refuse unsupported ones early."""
     from diffusers import DiffusionPipeline
     try:
-        cls = DiffusionPipeline.load_config(model)["_class_name"]
+        index = DiffusionPipeline.load_config(model)
     except Exception as e:
         raise UserError(f"--model {model}: cannot read model_index.json ({type(e).__name__}); "
                         "pass a diffusers pipeline folder or hub id") from None
+    cls = index["_class_name"]
     if cls not in SUPPORTED_PIPELINES:
-        raise UserError(f"--model {model}: {cls} is not supported; supported families: "
-                        + ", ".join(SUPPORTED_PIPELINES) + " (Z-Image-Turbo)")
+        raise UserError(f"--model {model}: {cls} is not supported; supported families: ZImagePipeline "
+                        "(Z-Image-Turbo), Flux2KleinPipeline (FLUX.2-klein-4B/9B, distilled)")
+    if cls == "Flux2KleinPipeline" and not index.get("is_distilled", False):
+        raise UserError(f"--model {model}: this klein checkpoint is not step-distilled (is_distilled=false, a klein "
+                        "base model): D-OPSD keeps few-step sampling; for a base model use ordinary fine-tuning")
     return SUPPORTED_PIPELINES[cls]
 
 
@@ -296,7 +302,12 @@ def load_hybrid_vlm(vlm_path, text_encoder, dtype):
 
 # The public recipe wrote its Z-Image list with a missing comma and silently lost feed_forward.w1/w2; a regex anchored
 # at the end of the module name, plus a count check in add_lora_adapters(), makes such a miss impossible to overlook.
-LORA_TARGETS = {"zimage": r".*\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$"}
+# For FLUX.2 the public recipe used FLUX.1 names that match nothing, and no single-stream module at all.
+LORA_TARGETS = {
+    "zimage": r".*\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))$",
+    "klein": r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|linear_in|linear_out"
+             r"|to_qkv_mlp_proj)$|.*single_transformer_blocks\.\d+\.attn\.to_out$",   # (fused qkv+mlp in single blocks)
+}
 
 
 def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", "teacher")):
@@ -335,8 +346,9 @@ def adapter_params(transformer, name):
 
 # --------------------------------------------------------------------------------------------------------------------
 # conditioning builders
-# Plain functions with explicit arguments, meant to be copied. Student: the model's own text path. Teacher: the hybrid
-# VLM on [image, caption]. Both return lists of [L_i, D] in the form the Z-Image DiT takes as cap_feats.
+# Plain functions with explicit arguments, meant to be copied. Student: the model's own text path. Teacher, Z-Image:
+# the hybrid VLM on [image, caption] -> features of the text width, where cap_feats go. Teacher, FLUX.2-klein: the
+# target's VAE latents as reference tokens inside the DiT, plus an instruction appended to the caption.
 
 
 @torch.no_grad()
@@ -354,11 +366,31 @@ def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
     return [h[m] for h, m in zip(hs, mask)]                                          # B × [L_i, D]
 
 
-def zimage_prompt_tokens(tokenizer, prompt):
-    """Length of the student's templated prompt in tokens (to warn before the encoder truncates it)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=True)
-    return len(tokenizer(text).input_ids)
+@torch.no_grad()
+def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=512):
+    """FLUX.2-klein's text features: chat template (thinking off) -> Qwen3 -> hidden states of `layers` side by side.
+
+    Returns [B, max_len, len(layers)·D], padding KEPT: the klein DiT has no text mask, so the pad tokens are part of
+    the condition and student, teacher and pipeline must all pad to the same 512 (Flux2KleinPipeline's encoding)."""
+    dev = text_encoder.device
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=False) for p in prompts]
+    tok = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    hs = text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
+                      output_hidden_states=True, use_cache=False).hidden_states       # (layers+1) × [B, L, D]
+    return torch.cat([hs[k] for k in layers], dim=-1)                                # [B, L, 3D]
+
+
+def klein_text_layers(text_encoder):
+    """klein reads its encoder at 1/4, 1/2 and 3/4 depth: (9, 18, 27) for the 36-layer Qwen3-4B/8B of klein-4B/9B."""
+    n = text_encoder.config.num_hidden_layers
+    return (n // 4, n // 2, 3 * n // 4)
+
+
+def prompt_tokens(tokenizer, prompt):
+    """Length of a templated prompt in tokens (to warn once before the encoder truncates it)."""
+    return len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                       add_generation_prompt=True)).input_ids)
 
 
 @torch.no_grad()
@@ -381,6 +413,53 @@ def vlm_features(vlm, tokenizer, image_processor, image, prompt, max_len=1024, p
              pixel_values=pix["pixel_values"].to(dev, vlm.dtype), image_grid_thw=grid.to(dev),
              output_hidden_states=True, use_cache=False).hidden_states[-2][0]         # [L', D]
     return hs[:max_len]
+
+
+def to_pil(image):
+    """VAE output [B, 3, H, W] in [-1, 1] -> list of PIL images, rounded as the diffusers image processor does."""
+    from PIL import Image
+    image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)   # [B, 3, H, W]
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in image]
+
+
+@torch.no_grad()
+def zimage_encode(vae, image):
+    """[B, 3, H, W] in [-1, 1] -> Z-Image latents [B, 16, H/8, W/8] (the DiT's scaling; inverse of zimage_decode)."""
+    z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
+    return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def zimage_decode(vae, x):
+    """Z-Image latents [B, 16, h, w] -> list of PIL images, as ZImagePipeline decodes them."""
+    return to_pil(vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample)
+
+
+def _klein_bn(vae):
+    """klein normalises 2×2-patchified latents with the VAE's BatchNorm running statistics: ([1,4C,1,1], [1,4C,1,1])."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
+    return mean, torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
+
+
+@torch.no_grad()
+def klein_encode(vae, image):
+    """[B, 3, H, W] in [-1, 1] -> normalised klein latents [B, 4C, H/16, W/16], as the pipeline encodes reference
+    images (latent mode, 2×2 patchify, BatchNorm statistics). Used for the teacher's reference tokens and SFT."""
+    z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode().float()       # [B, C, H/8, W/8]
+    B, C, h, w = z.shape
+    z = z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, 4 * C, h // 2, w // 2)
+    mean, std = _klein_bn(vae)
+    return (z - mean) / std                                                           # [B, 4C, H/16, W/16]
+
+
+@torch.no_grad()
+def klein_decode(vae, x):
+    """Normalised klein latents [B, 4C, h, w] -> list of PIL images (un-normalise, un-patchify, decode)."""
+    mean, std = _klein_bn(vae)
+    z = x.float() * std + mean
+    B, C, h, w = z.shape
+    z = z.reshape(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C // 4, 2 * h, 2 * w)
+    return to_pil(vae.decode(z.to(vae.dtype)).sample)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -407,6 +486,42 @@ def zimage_velocity(transformer, x, sigma, caps):
     xs = list(x.to(transformer.dtype).unsqueeze(2).unbind(0))                 # B × [C, 1, h, w] (frame axis F = 1)
     out = transformer(xs, (1.0 - sigma).float(), caps, return_dict=False)[0]  # B × [C, 1, h, w]
     return -torch.stack(out).squeeze(2).float()                               # [B, C, h, w]
+
+
+def klein_sigmas(num_steps, image_seq_len):
+    """FLUX.2-klein's sampling schedule, as Flux2KleinPipeline builds it: linspace(1, 1/N, N), shifted by the
+    resolution-dependent mu, then 0. [N+1] fp32. The public recipe trained on set_timesteps(N, mu) without sigmas
+    (linspace(1, 0.001)), whose last state sits at σ ≈ 0.01 and never visits the σ ≈ 0.7 state inference uses; the
+    roll-out must visit the states the deployed sampler visits, so we train on exactly this schedule."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+    mu = compute_empirical_mu(image_seq_len, num_steps)
+    s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))                          # exponential time shift
+    return torch.cat([s, s.new_zeros(1)]).float()
+
+
+def klein_velocity(transformer, x, sigma, cond):
+    """u = ε - x0 from the FLUX.2 DiT (its raw output already is). x: [B, 4C, h, w] normalised latents; sigma: [B];
+    cond = (prompt_embeds [B, L, 3D], reference latents [B, 4C, h_r, w_r] or None). Returns [B, 4C, h, w] fp32.
+
+    Reference tokens are appended AFTER the noisy tokens with their own position ids (time coordinate T = 10, as the
+    pipeline gives its first reference image), and the output is sliced back to the noisy tokens. Position ids are
+    shared by the batch (the DiT reads ids[0]), so a batch holds one resolution -- the buckets guarantee that."""
+    pe, ref = cond
+    B, C, h, w = x.shape
+    dev, dt = x.device, transformer.dtype
+    ar = lambda n: torch.arange(n, device=dev)
+    ids = torch.cartesian_prod(ar(1), ar(h), ar(w), ar(1))                   # [h·w, 4] = (T, row, col, L)
+    tokens = x.flatten(2).transpose(1, 2)                                      # [B, h·w, 4C]
+    if ref is not None:                                                        # ref: [B, 4C, h_r, w_r], any size
+        ref_ids = torch.cartesian_prod(ar(1) + 10, ar(ref.shape[2]), ar(ref.shape[3]), ar(1))   # [h_r·w_r, 4], T = 10
+        tokens = torch.cat([tokens, ref.flatten(2).transpose(1, 2)], 1)       # [B, h·w + h_r·w_r, 4C]
+        ids = torch.cat([ids, ref_ids])
+    txt_ids = torch.cartesian_prod(ar(1), ar(1), ar(1), ar(pe.shape[1]))     # [L, 4] = (0, 0, 0, l)
+    t = (sigma * 1000).to(dt) / 1000      # as the pipeline: σ·1000 rounded to the DiT dtype (bf16 on GPU), then /1000
+    out = transformer(hidden_states=tokens.to(dt), timestep=t, guidance=None, encoder_hidden_states=pe.to(dt),
+                      txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]      # [B, S, 4C]
+    return out[:, : h * w].float().transpose(1, 2).reshape(B, C, h, w)
 
 
 @torch.no_grad()
@@ -734,32 +849,47 @@ def sft_loss(student, x0, noise, sigma, backend="auto"):
 # --------------------------------------------------------------------------------------------------------------------
 # training
 # One flat loop: batch -> roll-out with per-step teacher scoring and backward -> clip -> AdamW -> EMA -> log. Encoders
-# run once, before the loop, and are freed; the loop only ever runs the DiT.
+# run once, before the loop, and are freed; the loop only ever runs the DiT. The two families differ only in the
+# small pieces listed in FAMILIES; everything else is one code path.
 
-DEPLOY_STEPS = {"zimage": 8}          # Z-Image-Turbo: 8 DiT forwards = num_inference_steps=8 in diffusers 0.42
+FAMILIES = {
+    # deploy: the distilled step count (Z-Image-Turbo: 8 DiT forwards = num_inference_steps=8 in diffusers 0.42;
+    # klein: 4). latent: (channels, pixels per latent cell) of the DiT's state. Neither uses CFG.
+    "zimage": dict(velocity=zimage_velocity, encode=zimage_encode, decode=zimage_decode, deploy=8, cell=8),
+    "klein": dict(velocity=klein_velocity, encode=klein_encode, decode=klein_decode, deploy=4, cell=16),
+}
+# The teacher's instruction for klein, appended to the caption (--teacher-suffix overrides it).
+KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
+                        "same as in the reference image.")
 MAX_NONFINITE_STREAK = 5
 
 
-@torch.no_grad()
-def zimage_decode(vae, x):
-    """Latents [B, C, h, w] -> list of PIL images, as ZImagePipeline decodes them."""
-    from PIL import Image
-    img = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
-    img = ((img.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)      # [B, 3, H, W]
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in img]
+def schedule(family, num_steps, h, w):
+    """σ schedule [N+1] for a latent grid h×w (klein's shift depends on the token count h·w, Z-Image's does not)."""
+    return zimage_sigmas(num_steps) if family == "zimage" else klein_sigmas(num_steps, h * w)
 
 
-@torch.no_grad()
-def zimage_encode(vae, image):
-    """[B, 3, H, W] in [-1, 1] -> latents [B, C, h, w] in the DiT's space (the inverse of zimage_decode's scaling)."""
-    z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
-    return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+def student_features(family, text_encoder, tokenizer, prompts):
+    """Per-prompt student conditioning: Z-Image [L_i, D]; klein ([512, 3D], None) (no reference image)."""
+    if family == "zimage":
+        return zimage_text_features(text_encoder, tokenizer, prompts)
+    pe = klein_text_features(text_encoder, tokenizer, prompts, klein_text_layers(text_encoder))
+    return [(p, None) for p in pe]
+
+
+def collate(conds):
+    """Per-sample conditioning -> the batch the family's velocity takes (built once per batch, not once per step)."""
+    if torch.is_tensor(conds[0]):                        # Z-Image: a list of [L_i, D] (lengths may differ)
+        return list(conds)
+    stack = lambda xs: xs[0][None] if len(xs) == 1 else torch.stack(xs)
+    return stack([c[0] for c in conds]), None if conds[0][1] is None else stack([c[1] for c in conds])
 
 
 def save_grid(rows, captions, path, label_width=112, caption_height=24):
-    """rows: [(label, [PIL])] -> one captioned PNG (columns = prompts), written atomically."""
+    """rows: [(label, [PIL])] -> one captioned PNG (columns = prompts), written atomically. Small images are enlarged."""
     from PIL import Image, ImageDraw
-    w, h = rows[0][1][0].size
+    zoom = max(1, 128 // rows[0][1][0].width)
+    w, h = rows[0][1][0].width * zoom, rows[0][1][0].height * zoom
     grid = Image.new("RGB", (label_width + w * len(captions), caption_height + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for j, cap in enumerate(captions):
@@ -767,7 +897,7 @@ def save_grid(rows, captions, path, label_width=112, caption_height=24):
     for i, (label, images) in enumerate(rows):
         draw.text((4, caption_height + i * h + h // 2 - 6), label, fill="black")
         for j, im in enumerate(images):
-            grid.paste(im, (label_width + j * w, caption_height + i * h))
+            grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, caption_height + i * h))
     tmp = Path(str(path) + ".tmp")
     grid.save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -807,13 +937,13 @@ def train(cfg):
     if not cfg.resume and ckpt_path.is_file():
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     family = pipeline_family(cfg.model)
-    dopsd = cfg.method == "dopsd"
+    fam, dopsd = FAMILIES[family], cfg.method == "dopsd"
     device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32                 # bf16 weights + autocast on CUDA, fp32 elsewhere
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
-    print(f"precision: {'bf16 autocast' if cuda else 'fp32'} | method {cfg.method} | roll-out K={cfg.rollout_steps} "
-          f"| deploy {DEPLOY_STEPS[family]} steps, guidance 0 | {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'}")
+    print(f"{family} | {'bf16 autocast' if cuda else 'fp32'} | method {cfg.method} | roll-out K={cfg.rollout_steps} "
+          f"| deploy {fam['deploy']} steps, no CFG | {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
     import diffusers, peft, transformers
@@ -832,20 +962,25 @@ def train(cfg):
         im = load_rgb(path)
         crops.append(crop_to(im, *nearest_bucket(im.height, im.width, buckets)))
     bucket_of = [(im.height, im.width) for im in crops]
+    captions = [c for _, c in items]
     text_encoder.to(device).requires_grad_(False)
-    long = [p for p, c in items if zimage_prompt_tokens(tokenizer, c) > 512]
+    long = [p for p, c in items if prompt_tokens(tokenizer, c) > 512]
     if long:
         print(f"warning: {len(long)} caption(s) longer than the encoder's 512 tokens are truncated ({_names(long)})")
-    caps_s = [zimage_text_features(text_encoder, tokenizer, [c])[0].to(dtype) for _, c in items]   # N × [L, D]
-    caps_t = x0_cache = None
-    if dopsd:
+    cond_s = [student_features(family, text_encoder, tokenizer, [c])[0] for c in captions]
+    cond_t = x0_cache = None
+    if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
         vlm, vtok, vproc = load_hybrid_vlm(cfg.vlm, text_encoder, dtype)
         vlm.to(device)
-        caps_t = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, (_, c) in zip(crops, items)]
+        cond_t = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
         del vlm
-        print(f"teacher contexts cached: {len(caps_t)} × ~{sum(len(c) for c in caps_t) // len(caps_t)} tokens")
+        print(f"teacher contexts cached: {len(cond_t)} × ~{sum(len(c) for c in cond_t) // len(cond_t)} tokens")
+    elif dopsd:                                      # klein teacher: caption + instruction, image as reference tokens
+        suffix = cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX
+        pe = [student_features(family, text_encoder, tokenizer, [f"{c} {suffix}"])[0][0] for c in captions]
+        cond_t = [(p, klein_encode(vae, pil_to_tensor(im)[None])[0]) for p, im in zip(pe, crops)]   # [4C, h, w]
     else:
-        x0_cache = [zimage_encode(vae, pil_to_tensor(im)[None])[0] for im in crops]           # N × [C, h, w]
+        x0_cache = [fam["encode"](vae, pil_to_tensor(im)[None])[0] for im in crops]           # N × [C, h, w]
     del text_encoder
     gc.collect()
     if cuda:
@@ -853,80 +988,74 @@ def train(cfg):
 
     # ---- the two roles: LoRA adapters "student" + "teacher" on one DiT, or (with --full) a frozen EMA copy
     tr.to(device)
-    grid_cols = list(range(min(4, len(items))))
-    side = cfg.resolution
-    grid_noise = [torch.randn(1, tr.config.in_channels, side // 8, side // 8,
-                              generator=torch.Generator().manual_seed(cfg.seed + 10_000 + j)) for j in grid_cols]
-    deploy = zimage_sigmas(DEPLOY_STEPS[family])
+    C, cell, velocity = tr.config.in_channels, fam["cell"], fam["velocity"]
+    grid_cols, side = list(range(min(4, len(items)))), cfg.resolution
+    grid_noise = [torch.randn(1, C, side // cell, side // cell, generator=torch.Generator().manual_seed(cfg.seed + j))
+                  for j in grid_cols]
+    deploy = schedule(family, fam["deploy"], side // cell, side // cell)
 
-    def render(velocity, caps):
+    def render(v, conds):
         with autocast():
-            return [zimage_decode(vae, euler_sample(lambda x, s: velocity(x, s, [caps[i]]), grid_noise[j].to(device),
+            return [fam["decode"](vae, euler_sample(lambda x, s: v(x, s, collate([conds[i]])), grid_noise[j].to(device),
                                                     deploy))[0] for j, i in enumerate(grid_cols)]
 
     tr.requires_grad_(False)
-    base_row = render(lambda x, s, c: zimage_velocity(tr, x, s, c), caps_s)   # the untouched model, rendered once
+    base_row = render(lambda x, s, c: velocity(tr, x, s, c), cond_s)   # the untouched model, rendered once
     if cfg.full:
         teacher_model = copy.deepcopy(tr).to(dtype).eval() if dopsd else None   # the EMA copy: one more DiT in memory
         tr.requires_grad_(True)
         trainable = list(tr.parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
-        student = lambda x, s, c: zimage_velocity(tr, x, s, c)
-        teacher = lambda x, s, c: zimage_velocity(teacher_model, x, s, c)
+        student = lambda x, s, c: velocity(tr, x, s, c)
+        teacher = lambda x, s, c: velocity(teacher_model, x, s, c)
     else:
         torch.manual_seed(cfg.seed)                   # LoRA's A factors are drawn from the global RNG
         n = add_lora_adapters(tr, LORA_TARGETS[family], cfg.rank, cfg.alpha, ("student", "teacher") if dopsd else ("student",))
         st = adapter_params(tr, "student")
         trainable = list(st.values())
         teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
-        print(f"LoRA: {n} linears wrapped (attention q/k/v/out + feed-forward w1/w2/w3), "
+        print(f"LoRA: {n} linears wrapped (every attention and feed-forward linear), "
               f"{sum(p.numel() for p in trainable):,} trainable parameters")
 
         def student(x, s, c):
             use_adapter(tr, "student")
-            return zimage_velocity(tr, x, s, c)
+            return velocity(tr, x, s, c)
 
         def teacher(x, s, c):
             use_adapter(tr, "teacher")
-            return zimage_velocity(tr, x, s, c)
+            return velocity(tr, x, s, c)
     if cuda:
         tr.enable_gradient_checkpointing()         # recompute activations in backward: memory for compute
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
-
-    def state():
-        return {"step": step, "config": asdict(cfg), "student": [p.detach().cpu() for p in trainable],
-                "teacher": [p.detach().cpu() for p in teacher_params], "optimizer": opt.state_dict(),
-                "nonfinite": nonfinite}
 
     def save():
         """Checkpoint + deliverable, both atomic; refuse to write weights that are not finite."""
         if not all(torch.isfinite(p).all() for p in trainable):
             print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
             return
-        atomic_torch_save(state(), ckpt_path)
+        atomic_torch_save({"step": step, "config": asdict(cfg), "student": [p.detach().cpu() for p in trainable],
+                           "teacher": [p.detach().cpu() for p in teacher_params], "optimizer": opt.state_dict(),
+                           "nonfinite": nonfinite}, ckpt_path)
         if cfg.full:
-            tmp = out / "transformer.tmp"
-            tr.save_pretrained(tmp)
+            tr.save_pretrained(out / "transformer.tmp")
             if (out / "transformer").exists():
                 os.replace(out / "transformer", out / "transformer.old")
-            os.replace(tmp, out / "transformer")
-            import shutil
+            os.replace(out / "transformer.tmp", out / "transformer")
             shutil.rmtree(out / "transformer.old", ignore_errors=True)
         else:
             from peft.utils import get_peft_model_state_dict
-            tmp = out / "lora.tmp"
             meta = tr.peft_config["student"].to_dict()       # rank and alpha travel with the file, so loaders scale right
             meta["target_modules"] = LORA_TARGETS[family]
-            pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"),
-                                       transformer_lora_adapter_metadata=meta)
-            os.replace(tmp / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
-            tmp.rmdir()
+            pipe_cls.save_lora_weights(out / "lora.tmp", transformer_lora_adapter_metadata=meta,
+                                       transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"))
+            os.replace(out / "lora.tmp" / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
+            (out / "lora.tmp").rmdir()
 
     def sample_grid():
-        rows = [("base", base_row), ("student", render(student, caps_s))]
+        rows = [("base", base_row), ("student", render(student, cond_s))]
         if dopsd:
-            rows.append(("teacher+image", render(teacher, caps_t)))
-        save_grid(rows, [items[i][1] for i in grid_cols], out / "samples" / f"step_{step:06d}.png")
+            rows.append(("teacher+image", render(teacher, cond_t)))
+        save_grid(rows, [captions[i] for i in grid_cols], out / "samples" / f"step_{step:06d}.png")
 
     step, nonfinite, streak = 0, 0, 0
     if cfg.resume:
@@ -943,8 +1072,6 @@ def train(cfg):
         print(f"resumed from {ckpt_path} at step {step}")
 
     from tqdm import tqdm
-    sigmas = zimage_sigmas(cfg.rollout_steps)
-    shift = 3.0
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True)
     log = open(out / "log.jsonl", "a")
     code, stop = 0, []
@@ -964,18 +1091,19 @@ def train(cfg):
             for m in range(cfg.grad_accum):
                 micro = step * cfg.grad_accum + m
                 idx = batch_for_step(bucket_of, cfg.batch_size, cfg.seed, micro)
-                h, w = bucket_of[idx[0]]
+                h, w = bucket_of[idx[0]][0] // cell, bucket_of[idx[0]][1] // cell
                 g = torch.Generator().manual_seed((cfg.seed << 32) + micro)   # noise is a function of (seed, step)
-                noise = torch.randn(len(idx), tr.config.in_channels, h // 8, w // 8, generator=g).to(device)
-                cs = [caps_s[i] for i in idx]
+                noise = torch.randn(len(idx), C, h, w, generator=g).to(device)
+                cs = collate([cond_s[i] for i in idx])
                 with autocast():
                     if dopsd:
-                        ct = [caps_t[i] for i in idx]
+                        ct = collate([cond_t[i] for i in idx])
                         loss, _ = dopsd_rollout(lambda x, s: student(x, s, cs), lambda x, s: teacher(x, s, ct), noise,
-                                                sigmas, cfg.loss_space, 1.0 / cfg.grad_accum, backend=cfg.loss_backend)
-                    else:
+                                                schedule(family, cfg.rollout_steps, h, w), cfg.loss_space,
+                                                1.0 / cfg.grad_accum, backend=cfg.loss_backend)
+                    else:                                # SFT: random σ from the model's shifted density (shift 3)
                         u = torch.rand(len(idx), generator=g)
-                        sig = (shift * u / (1 + (shift - 1) * u)).to(device)       # the model's shifted σ density
+                        sig = (3 * u / (1 + 2 * u)).to(device)
                         x0 = torch.stack([x0_cache[i] for i in idx])
                         loss = sft_loss(lambda x, s: student(x, s, cs), x0, noise, sig, backend=cfg.loss_backend)
                         (loss / cfg.grad_accum).backward()
@@ -984,13 +1112,12 @@ def train(cfg):
             loss_v, gnorm_v = loss_sum.item(), gnorm.item()          # the one host sync per step, for the log line
             skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
             if skipped:                                              # drop this step's gradient, keep the weights
-                opt.zero_grad(set_to_none=True)
                 nonfinite, streak = nonfinite + 1, streak + 1
             else:
                 opt.step()
-                opt.zero_grad(set_to_none=True)
                 ema_update(teacher_params, trainable, cfg.ema_decay)
                 streak = 0
+            opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             log.write(json.dumps({"step": step, "loss": loss_v, "lr": cfg.lr, "grad_norm": gnorm_v, "sec": round(dt, 4),
@@ -1003,18 +1130,18 @@ def train(cfg):
                       "lower --lr, or check the data; the last finite weights are saved", file=sys.stderr)
                 code = 1
                 break
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                sample_grid()
             if stop:
                 save()
                 print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=sys.stderr)
                 return 130
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                sample_grid()
             if cfg.save_every and step % cfg.save_every == 0:
                 save()
         save()
         sample_grid()
     except KeyboardInterrupt:
-        print(f"\nstopped: nothing saved since the last checkpoint", file=sys.stderr)
+        print("\nstopped: nothing saved since the last checkpoint", file=sys.stderr)
         return 130
     finally:
         bar.close()
@@ -1028,8 +1155,8 @@ def train(cfg):
 
 # --------------------------------------------------------------------------------------------------------------------
 # sampling
-# The deploy recipe of the family (Z-Image-Turbo: 8 steps, no CFG), with our own Euler loop -- the same function that
-# draws the training grids, and equal to ZImagePipeline's output (test_dopsd.py checks both).
+# The family's deploy recipe (Z-Image-Turbo 8 steps, klein 4; no CFG), with our own Euler loop -- the same function
+# that draws the training grids, and equal to the diffusers pipeline's output (test_dopsd.py checks both).
 
 
 def load_weights(pipe, weights):
@@ -1049,21 +1176,21 @@ def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width
     if height % 16 or width % 16 or min(height, width) < 16:
         raise UserError(f"--height/--width must be multiples of 16 (got {height}×{width})")
     family = pipeline_family(model)
-    device = pick_device(device)
+    fam, device = FAMILIES[family], pick_device(device)
     cuda = device.type == "cuda"
     pipe, family = load_pipeline(model, torch.bfloat16 if cuda else torch.float32)
     if lora:
         load_weights(pipe, lora)
     tr, vae = pipe.transformer.to(device), pipe.vae.to(device)
-    caps = zimage_text_features(pipe.text_encoder.to(device), pipe.tokenizer, [prompt])
-    noise = torch.randn(1, tr.config.in_channels, height // 8, width // 8,
-                        generator=torch.Generator().manual_seed(seed)).to(device)   # CPU generator: same on any device
-    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
-        x = euler_sample(lambda x, s: zimage_velocity(tr, x, s, caps), noise, zimage_sigmas(steps or DEPLOY_STEPS[family]))
-        image = zimage_decode(vae, x)[0]
+    cond = collate(student_features(family, pipe.text_encoder.to(device), pipe.tokenizer, [prompt]))
+    h, w, steps = height // fam["cell"], width // fam["cell"], steps or fam["deploy"]
+    noise = torch.randn(1, tr.config.in_channels, h, w, generator=torch.Generator().manual_seed(seed))
+    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():   # CPU noise: same on any device
+        x = euler_sample(lambda x, s: fam["velocity"](tr, x, s, cond), noise.to(device), schedule(family, steps, h, w))
+        image = fam["decode"](vae, x)[0]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
-    print(f"wrote {out} ({width}×{height}, {steps or DEPLOY_STEPS[family]} steps, seed {seed})")
+    print(f"wrote {out} ({width}×{height}, {steps} steps, seed {seed})")
     return 0
 
 
@@ -1093,6 +1220,8 @@ def main(argv=None):
                    "(released code); v: plain velocity MSE (paper)")
     t.add_argument("--ema-decay", type=float, default=d.ema_decay, help="teacher EMA decay per step; 1.0 freezes the "
                    "teacher at the base model (default %(default)s)")
+    t.add_argument("--teacher-suffix", help="klein: instruction appended to the caption for the teacher "
+                   "(default: keep the reference's subject, details, background and composition)")
     t.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default %(default)s)")
     t.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha, scale = alpha/rank (default %(default)s)")
     t.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA, with an EMA copy of "
@@ -1116,7 +1245,7 @@ def main(argv=None):
     s.add_argument("--lora", help="a train --out folder, or its pytorch_lora_weights.safetensors")
     s.add_argument("--prompt", required=True, help="text prompt ([V] as in training, or your --trigger word)")
     s.add_argument("--out", default="sample.png", help="PNG to write (default %(default)s)")
-    s.add_argument("--steps", type=int, help="sampling steps (default: the family's deploy count, Z-Image-Turbo 8)")
+    s.add_argument("--steps", type=int, help="sampling steps (default: the family's deploy count: Z-Image-Turbo 8, klein 4)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     s.add_argument("--height", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
     s.add_argument("--width", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")

@@ -43,6 +43,7 @@ def tiny(tmp_path_factory):
     mt, root = _make_tiny(), tmp_path_factory.mktemp("tiny")
     mt.make_zimage(root / "zimage")
     mt.make_vlm(root / "vlm")
+    mt.make_klein(root / "klein")
     mt.make_demo_data(root / "data")
     mt.make_demo_data_jsonl(root / "data_jsonl")
     small = root / "small"                                  # 2 images: enough for the train/resume runs, and fast
@@ -51,7 +52,7 @@ def tiny(tmp_path_factory):
         (small / name).write_bytes((root / "data" / name).read_bytes())
         stem = Path(name).stem
         (small / f"{stem}.txt").write_text((root / "data" / f"{stem}.txt").read_text())
-    return {k: root / k for k in ("zimage", "vlm", "data", "data_jsonl", "small")}
+    return {k: root / k for k in ("zimage", "vlm", "klein", "data", "data_jsonl", "small")}
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +61,8 @@ def pipe(tiny):
     return ZImagePipeline.from_pretrained(tiny["zimage"])
 
 
-def train_args(tiny, out, *extra, data="small"):
-    return ["train", "--data", str(tiny[data]), "--model", str(tiny["zimage"]), "--vlm", str(tiny["vlm"]),
+def train_args(tiny, out, *extra, data="small", model="zimage"):
+    return ["train", "--data", str(tiny[data]), "--model", str(tiny[model]), "--vlm", str(tiny["vlm"]),
             "--out", str(out), "--resolution", "64", "--rollout-steps", "2", "--rank", "4", "--sample-every", "0",
             "--lr", "1e-3", *extra]
 
@@ -445,6 +446,133 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tiny, tmp_path, monkey
     assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert len((tmp_path / "o" / "log.jsonl").read_text().splitlines()) == 2
 
+
+
+# ---------------------------------------------------------------------------------------------------- FLUX.2-klein
+# The same battery on the second family: a tiny Flux2KleinPipeline (is_distilled=True) loaded by path.
+
+
+@pytest.fixture(scope="session")
+def klein_pipe(tiny):
+    from diffusers import Flux2KleinPipeline
+    return Flux2KleinPipeline.from_pretrained(tiny["klein"])
+
+
+def test_klein_base_checkpoint_is_refused(tiny, tmp_path, capsys):
+    """A klein checkpoint that is not step-distilled (is_distilled=false) stops with the reason."""
+    base = tmp_path / "klein-base"
+    import shutil
+    shutil.copytree(tiny["klein"], base)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "is_distilled": False}))
+    assert "not step-distilled" in run_bad(["sample", "--model", str(base), "--prompt", "x"], capsys)
+
+
+def test_klein_student_features_match_the_pipeline(klein_pipe):
+    """klein features = the pipeline's encode_prompt at its layers (1/4, 1/2, 3/4 depth): [B, 512, 3D], padded."""
+    layers = dopsd.klein_text_layers(klein_pipe.text_encoder)
+    ours = dopsd.klein_text_features(klein_pipe.text_encoder, klein_pipe.tokenizer, ["a red circle", "b"], layers)
+    with torch.no_grad():
+        ref, _ = klein_pipe.encode_prompt(["a red circle", "b"], device="cpu", text_encoder_out_layers=layers)
+    assert layers == (1, 2, 3) and ours.shape == (2, 512, 96)
+    assert_close(ours, ref, 1e-6, what="klein features")
+
+
+def test_klein_schedule_is_the_pipelines():
+    """The roll-out schedule is the pipeline's own: linspace(1, 1/N, N) with the resolution-dependent shift."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+    for n_tok in (16, 1024, 4096):
+        sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                              base_image_seq_len=256, max_image_seq_len=4096,
+                                              time_shift_type="exponential")
+        sch.set_timesteps(sigmas=np.linspace(1, 1 / 4, 4), mu=compute_empirical_mu(n_tok, 4))
+        assert_close(dopsd.klein_sigmas(4, n_tok), sch.sigmas, 1e-6, what=f"{n_tok} tokens")
+    assert_close(dopsd.klein_sigmas(4, 4096), torch.tensor([1, .9674, .9081, .7672, 0]), 1e-4, what="1024²")
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_klein_rollout_equals_the_pipeline_with_zero_lora(klein_pipe, tiny, hw):
+    """With a zero LoRA, the klein student's 4-step roll-out reproduces Flux2KleinPipeline's latents."""
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    tr = Flux2Transformer2DModel.from_pretrained(tiny["klein"] / "transformer")
+    p = Flux2KleinPipeline(**{**klein_pipe.components, "transformer": tr}, is_distilled=True)
+    cond = dopsd.collate(dopsd.student_features("klein", p.text_encoder, p.tokenizer, ["a red circle", "a cross"]))
+    H, W = hw
+    noise = torch.randn(2, 32, H // 16, W // 16, generator=torch.Generator().manual_seed(0))
+    dopsd.add_lora_adapters(tr, dopsd.LORA_TARGETS["klein"], 4, 8)
+    f = lambda x, s: dopsd.klein_velocity(tr, x, s, cond)
+    _, x = dopsd.dopsd_rollout(f, f, noise, dopsd.klein_sigmas(4, noise[0, 0].numel()), stepwise=False)
+    ref = p(prompt_embeds=cond[0], latents=noise.clone(), num_inference_steps=4, height=H, width=W,
+            guidance_scale=1.0, output_type="latent").images                 # [B, 8, H/8, W/8], un-normalised
+    mean, std = dopsd._klein_bn(p.vae)
+    z = x * std + mean                                                        # ours -> the pipeline's latent layout
+    z = z.reshape(2, 8, 2, 2, H // 16, W // 16).permute(0, 1, 4, 2, 5, 3).reshape(2, 8, H // 8, W // 8)
+    # |latents| reach ~6 here; our σ (float64, then fp32) and the scheduler's differ by 1 ulp (6e-8), which four
+    # steps through the DiT turn into ~3e-5: allow 1e-4.
+    assert_close(z, ref, 1e-4, what="klein roll-out vs pipeline")
+
+
+def test_klein_lora_wraps_every_block_linear(tiny):
+    """Every linear in the double- and single-stream blocks (incl. the fused qkv-mlp projection) gets a LoRA."""
+    from diffusers import Flux2Transformer2DModel
+    tr = Flux2Transformer2DModel.from_pretrained(tiny["klein"] / "transformer")
+    want = {n for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n}
+    n = dopsd.add_lora_adapters(tr, dopsd.LORA_TARGETS["klein"], 4, 8)
+    got = {n.rsplit(".lora_A", 1)[0] for n, _ in tr.named_parameters() if n.endswith("lora_A.student.weight")}
+    assert got == want and n == len(want) == 28
+    assert any("to_qkv_mlp_proj" in g for g in got) and any("single_transformer_blocks" in g for g in got)
+
+
+def test_klein_reference_tokens_enter_the_teacher(klein_pipe, tiny):
+    """Reference latents encode as the pipeline encodes them, and change the teacher's prediction."""
+    img = dopsd.pil_to_tensor(dopsd.crop_to(dopsd.load_rgb(tiny["data"] / "rgb.jpg"), 64, 64))[None]
+    ref = dopsd.klein_encode(klein_pipe.vae, img)                                       # [1, 32, 4, 4]
+    pipe_ref, pipe_ids = klein_pipe.prepare_image_latents([img], 1, None, "cpu", torch.float32)
+    assert_close(ref.flatten(2).transpose(1, 2), pipe_ref, 1e-5, what="reference tokens")
+    assert pipe_ids[0, :, 0].eq(10).all()                                               # T = 10, as ours
+    pe = dopsd.klein_text_features(klein_pipe.text_encoder, klein_pipe.tokenizer, ["a red circle"], (1, 2, 3))
+    x, s = torch.randn(1, 32, 4, 4), torch.tensor([0.9])
+    with torch.no_grad():
+        plain = dopsd.klein_velocity(klein_pipe.transformer, x, s, (pe, None))
+        with_ref = dopsd.klein_velocity(klein_pipe.transformer, x, s, (pe, ref))
+        other = dopsd.klein_velocity(klein_pipe.transformer, x, s, (pe, -ref))
+    assert (with_ref - plain).abs().mean() > 1e-3 and (with_ref - other).abs().mean() > 1e-3
+
+
+@pytest.fixture(scope="session")
+def klein_trained(tiny, tmp_path_factory):
+    """A 3-step D-OPSD run on the tiny klein, through main(argv)."""
+    out = tmp_path_factory.mktemp("klein") / "out"
+    assert dopsd.main(train_args(tiny, out, "--max-steps", "3", model="klein")) == 0
+    return out
+
+
+def test_klein_lora_loads_in_the_pipeline_and_matches_our_sampler(tiny, klein_trained, tmp_path):
+    """Flux2KleinPipeline.load_lora_weights(out) loads every LoRA, changes the image, and equals `dopsd.py sample`."""
+    import numpy as np
+    from diffusers import Flux2KleinPipeline
+    from PIL import Image
+    p = Flux2KleinPipeline.from_pretrained(tiny["klein"])
+    kw = dict(prompt="a red circle in [V] style", num_inference_steps=4, guidance_scale=1.0, height=64, width=64,
+              output_type="np", text_encoder_out_layers=(1, 2, 3))
+    base = p(generator=torch.Generator().manual_seed(5), **kw).images[0]
+    p.load_lora_weights(str(klein_trained))
+    assert sum(1 for n, _ in p.transformer.named_parameters() if "lora_A" in n) == 28
+    tuned = p(generator=torch.Generator().manual_seed(5), **kw).images[0]
+    assert dopsd.main(["sample", "--model", str(tiny["klein"]), "--lora", str(klein_trained), "--prompt",
+                       kw["prompt"], "--out", str(tmp_path / "s.png"), "--seed", "5", "--height", "64",
+                       "--width", "64"]) == 0
+    ours = np.asarray(Image.open(tmp_path / "s.png")).astype(np.float64)
+    assert np.abs(tuned - base).max() > 1e-3
+    assert np.abs(ours - np.round(tuned * 255)).max() <= 1
+
+
+def test_klein_sft_baseline_trains(tiny, tmp_path):
+    """--method sft runs on klein too (VAE latents as targets) and writes a LoRA."""
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "2", "--method", "sft", model="klein")) == 0
+    assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").is_file()
 
 # ---------------------------------------------------------------------------------------------------- fused loss
 # The divergence loss: reference, PyTorch path and Triton kernel agree. The kernel runs on CPU through the Triton
