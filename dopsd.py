@@ -35,6 +35,7 @@ Run as:
 """
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -215,8 +216,9 @@ def pil_to_tensor(im):
 def batch_for_step(bucket_of, batch_size, seed, index):
     """Indices of micro-batch number `index`: each epoch shuffles within buckets, chunks, and shuffles the chunks.
 
-    It is a pure function of (seed, index), so a resumed run sees exactly the batches an uninterrupted one would,
-    without storing any RNG state."""
+    Every batch is full (a bucket's last chunk wraps around to its start), so with several GPUs each rank gets an
+    equal slice. It is a pure function of (seed, index): a resumed run sees exactly the batches an uninterrupted one
+    would, without storing any RNG state."""
     groups = {}
     for i, b in enumerate(bucket_of):
         groups.setdefault(b, []).append(i)
@@ -226,6 +228,7 @@ def batch_for_step(bucket_of, batch_size, seed, index):
     chunks = []
     for key in sorted(groups):
         idx = [groups[key][j] for j in torch.randperm(len(groups[key]), generator=g).tolist()]
+        idx = (idx * batch_size)[: math.ceil(len(idx) / batch_size) * batch_size]        # wrap to full chunks
         chunks += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
     return chunks[torch.randperm(len(chunks), generator=g)[pos].item()]
 
@@ -249,6 +252,32 @@ def pick_device(name="auto"):
         dev, why = torch.device("cpu"), "no CUDA or MPS found"
     print(f"device: {dev} ({why})")
     return dev
+
+
+def setup_distributed(device_name):
+    """(rank, world size, device). Under `torchrun --nproc_per_node N`, one process per GPU (nccl) or per CPU worker
+    (gloo), each on its own data shard; a plain `python dopsd.py` is rank 0 of 1 and needs no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device(device_name.replace("auto", "cpu"))
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() == 0:
+        print(f"distributed: {world} processes, {'nccl' if cuda else 'gloo'}, device {device.type}")
+    return dist.get_rank(), world, device
+
+
+def ranks_agree(tensors):
+    """True when every rank holds the same values: per-tensor float64 sums and abs-sums compared across ranks."""
+    import torch.distributed as dist
+    sums = torch.stack([f(t.detach().double()) for t in tensors for f in (torch.sum, lambda v: v.abs().sum())])
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def pipeline_family(model):
@@ -483,7 +512,8 @@ def zimage_velocity(transformer, x, sigma, caps):
 
     Z-Image's model time is t = 1 - σ (1 = clean), kept in fp32 (it is scaled by 1000 inside), and its raw output
     points towards the data (x0 - ε), so we negate it -- exactly what ZImagePipeline does before scheduler.step."""
-    xs = list(x.to(transformer.dtype).unsqueeze(2).unbind(0))                 # B × [C, 1, h, w] (frame axis F = 1)
+    dtype = getattr(transformer, "module", transformer).dtype                 # (unwrap DistributedDataParallel)
+    xs = list(x.to(dtype).unsqueeze(2).unbind(0))                             # B × [C, 1, h, w] (frame axis F = 1)
     out = transformer(xs, (1.0 - sigma).float(), caps, return_dict=False)[0]  # B × [C, 1, h, w]
     return -torch.stack(out).squeeze(2).float()                               # [B, C, h, w]
 
@@ -509,7 +539,7 @@ def klein_velocity(transformer, x, sigma, cond):
     shared by the batch (the DiT reads ids[0]), so a batch holds one resolution -- the buckets guarantee that."""
     pe, ref = cond
     B, C, h, w = x.shape
-    dev, dt = x.device, transformer.dtype
+    dev, dt = x.device, getattr(transformer, "module", transformer).dtype     # (unwrap DistributedDataParallel)
     ar = lambda n: torch.arange(n, device=dev)
     ids = torch.cartesian_prod(ar(1), ar(h), ar(w), ar(1))                   # [h·w, 4] = (T, row, col, L)
     tokens = x.flatten(2).transpose(1, 2)                                      # [B, h·w, 4C]
@@ -937,18 +967,31 @@ def train(cfg):
     if not cfg.resume and ckpt_path.is_file():
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     family = pipeline_family(cfg.model)
-    fam, dopsd = FAMILIES[family], cfg.method == "dopsd"
-    device = pick_device(cfg.device)
-    cuda = device.type == "cuda"
+    rank, world, device = setup_distributed(cfg.device)
+    if rank > 0:                                     # one voice: only rank 0 prints and writes files
+        return _quietly(train_rank, cfg, items, family, rank, world, device)
+    return train_rank(cfg, items, family, rank, world, device)
+
+
+def _quietly(fn, *args):
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        return fn(*args)
+
+
+def train_rank(cfg, items, family, rank, world, device):
+    """The training run of one process (rank) of `world`; rank 0 alone writes files."""
+    out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
+    ckpt_path, cuda = out / "checkpoint.pt", device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32                 # bf16 weights + autocast on CUDA, fp32 elsewhere
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     print(f"{family} | {'bf16 autocast' if cuda else 'fp32'} | method {cfg.method} | roll-out K={cfg.rollout_steps} "
           f"| deploy {fam['deploy']} steps, no CFG | {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
-    import diffusers, peft, transformers
-    versions = {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "versions": versions}, indent=2))
+    if rank == 0:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        import diffusers, peft, transformers
+        versions = {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world,
+                                                     "versions": versions}, indent=2))
 
     pipe, family = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
     pipe_cls, tr, vae, text_encoder, tokenizer = type(pipe), pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -1000,13 +1043,13 @@ def train(cfg):
                                                     deploy))[0] for j, i in enumerate(grid_cols)]
 
     tr.requires_grad_(False)
-    base_row = render(lambda x, s, c: velocity(tr, x, s, c), cond_s)   # the untouched model, rendered once
+    base_row = render(lambda x, s, c: velocity(tr, x, s, c), cond_s) if rank == 0 else None  # rendered once
     if cfg.full:
         teacher_model = copy.deepcopy(tr).to(dtype).eval() if dopsd else None   # the EMA copy: one more DiT in memory
         tr.requires_grad_(True)
         trainable = list(tr.parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
-        student = lambda x, s, c: velocity(tr, x, s, c)
+        student = lambda x, s, c, model=tr: velocity(model, x, s, c)
         teacher = lambda x, s, c: velocity(teacher_model, x, s, c)
     else:
         torch.manual_seed(cfg.seed)                   # LoRA's A factors are drawn from the global RNG
@@ -1017,19 +1060,36 @@ def train(cfg):
         print(f"LoRA: {n} linears wrapped (every attention and feed-forward linear), "
               f"{sum(p.numel() for p in trainable):,} trainable parameters")
 
-        def student(x, s, c):
+        def student(x, s, c, model=tr):
             use_adapter(tr, "student")
-            return velocity(tr, x, s, c)
+            return velocity(model, x, s, c)
 
         def teacher(x, s, c):
             use_adapter(tr, "teacher")
             return velocity(tr, x, s, c)
     if cuda:
         tr.enable_gradient_checkpointing()         # recompute activations in backward: memory for compute
+    ddp = tr
+    if world > 1:
+        # PyTorch's own DDP: it averages the student's gradients across ranks in backward. We allow that all-reduce
+        # only on the last backward of an optimizer step (require_backward_grad_sync below): K roll-out steps and
+        # --grad-accum micro-batches would otherwise each pay one. Identical gradients -> identical students on
+        # every rank -> identical EMA teachers (checked at every save).
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(tr, device_ids=[device.index] if cuda else None,
+                                      forward_sync_buffers=False)
+        student_fwd = student
+        student = lambda x, s, c: student_fwd(x, s, c, model=ddp)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
 
     def save():
-        """Checkpoint + deliverable, both atomic; refuse to write weights that are not finite."""
+        """Checkpoint + deliverable, both atomic; refuse to write weights that are not finite. Called on every rank."""
+        if world > 1 and not ranks_agree(trainable + teacher_params):
+            raise RuntimeError("ranks hold different weights: distributed training went out of sync")
+        if rank > 0:
+            return
+        if world > 1:
+            print(f"ranks in sync: {world} ranks hold identical student and teacher weights")
         if not all(torch.isfinite(p).all() for p in trainable):
             print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
             return
@@ -1052,6 +1112,8 @@ def train(cfg):
             (out / "lora.tmp").rmdir()
 
     def sample_grid():
+        if rank > 0:
+            return
         rows = [("base", base_row), ("student", render(student, cond_s))]
         if dopsd:
             rows.append(("teacher+image", render(teacher, cond_t)))
@@ -1072,8 +1134,8 @@ def train(cfg):
         print(f"resumed from {ckpt_path} at step {step}")
 
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True)
-    log = open(out / "log.jsonl", "a")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True, disable=rank > 0)
+    log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
     code, stop = 0, []
 
     def on_ctrl_c(signum, frame):
@@ -1090,25 +1152,46 @@ def train(cfg):
             loss_sum = torch.zeros((), device=device)
             for m in range(cfg.grad_accum):
                 micro = step * cfg.grad_accum + m
-                idx = batch_for_step(bucket_of, cfg.batch_size, cfg.seed, micro)
+                # The global batch (batch_size × world) and its noise depend on (seed, step) only; each rank takes its
+                # slice, so N ranks × batch b train exactly like 1 process × batch N·b.
+                idx = batch_for_step(bucket_of, cfg.batch_size * world, cfg.seed, micro)
                 h, w = bucket_of[idx[0]][0] // cell, bucket_of[idx[0]][1] // cell
-                g = torch.Generator().manual_seed((cfg.seed << 32) + micro)   # noise is a function of (seed, step)
-                noise = torch.randn(len(idx), C, h, w, generator=g).to(device)
+                g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
+                mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+                noise = torch.randn(len(idx), C, h, w, generator=g)[mine].to(device)
+                idx = idx[mine]
+                if world > 1:                  # all-reduce the gradients on the step's last backward only
+                    calls, last = [0], m == cfg.grad_accum - 1
+                    backwards = cfg.rollout_steps if dopsd else 1
+
+                    def student_synced(x, s, c, inner=student):
+                        calls[0] += 1
+                        ddp.require_backward_grad_sync = last and calls[0] == backwards
+                        return inner(x, s, c)
+                else:
+                    student_synced = student
                 cs = collate([cond_s[i] for i in idx])
                 with autocast():
                     if dopsd:
                         ct = collate([cond_t[i] for i in idx])
-                        loss, _ = dopsd_rollout(lambda x, s: student(x, s, cs), lambda x, s: teacher(x, s, ct), noise,
+                        loss, _ = dopsd_rollout(lambda x, s: student_synced(x, s, cs), lambda x, s: teacher(x, s, ct), noise,
                                                 schedule(family, cfg.rollout_steps, h, w), cfg.loss_space,
                                                 1.0 / cfg.grad_accum, backend=cfg.loss_backend)
                     else:                                # SFT: random σ from the model's shifted density (shift 3)
-                        u = torch.rand(len(idx), generator=g)
+                        u = torch.rand(cfg.batch_size * world, generator=g)[mine]
                         sig = (3 * u / (1 + 2 * u)).to(device)
                         x0 = torch.stack([x0_cache[i] for i in idx])
-                        loss = sft_loss(lambda x, s: student(x, s, cs), x0, noise, sig, backend=cfg.loss_backend)
+                        loss = sft_loss(lambda x, s: student_synced(x, s, cs), x0, noise, sig, backend=cfg.loss_backend)
                         (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            gnorm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)   # the same on every rank: gradients are synced
+            if world > 1:          # average the loss for the log, and let one rank's Ctrl-C stop every rank together
+                import torch.distributed as dist
+                both = torch.stack([loss_sum / world, torch.tensor(float(bool(stop)), device=device)])
+                dist.all_reduce(both)
+                loss_sum = both[0]
+                if both[1] > 0 and not stop:
+                    stop.append(signal.SIGINT)
             loss_v, gnorm_v = loss_sum.item(), gnorm.item()          # the one host sync per step, for the log line
             skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
             if skipped:                                              # drop this step's gradient, keep the weights
@@ -1148,6 +1231,9 @@ def train(cfg):
         log.close()
         if main_thread:
             signal.signal(signal.SIGINT, old_handler)
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     if code == 0:
         print(f"done: {step} steps, {nonfinite} skipped; LoRA and samples in {out}")
     return code

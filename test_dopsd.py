@@ -448,6 +448,41 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tiny, tmp_path, monkey
 
 
 
+
+def test_encoders_run_only_while_building_the_cache(tiny, tmp_path, monkeypatch):
+    """The text encoder and the VLM run once per (image, caption) before the loop, never inside it."""
+    calls = {"text": 0, "vlm": 0}
+    real_text, real_vlm = dopsd.zimage_text_features, dopsd.vlm_features
+
+    def text(*a, **k):
+        calls["text"] += 1
+        return real_text(*a, **k)
+
+    def vlm(*a, **k):
+        calls["vlm"] += 1
+        return real_vlm(*a, **k)
+    monkeypatch.setattr(dopsd, "zimage_text_features", text)
+    monkeypatch.setattr(dopsd, "vlm_features", vlm)
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "4")) == 0
+    assert calls == {"text": 2, "vlm": 2}                       # 2 images in the folder, 4 steps
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, tmp_path):
+    """torchrun with 2 CPU ranks × batch 1 ends with identical weights on both ranks, equal to 1 process × batch 2."""
+    import subprocess
+    args = train_args(tiny, tmp_path / "ddp", "--max-steps", "2", "--batch-size", "1")[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "dopsd.py"), "train", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ranks in sync: 2 ranks" in run.stdout and "distributed: 2 processes, gloo" in run.stdout
+    assert dopsd.main(train_args(tiny, tmp_path / "one", "--max-steps", "2", "--batch-size", "2")) == 0
+    a, b = lora_weights(tmp_path / "ddp"), lora_weights(tmp_path / "one")
+    for k in a:
+        assert_close(a[k], b[k], 1e-5, what=k)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
 # ---------------------------------------------------------------------------------------------------- FLUX.2-klein
 # The same battery on the second family: a tiny Flux2KleinPipeline (is_distilled=True) loaded by path.
 
