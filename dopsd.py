@@ -6,13 +6,15 @@ D-OPSD (On-Policy Self-Distillation, Jiang et al. 2026, arXiv 2605.05204) uses o
   * the STUDENT sees the caption only (the model's own text features) and rolls out its own few-step Euler trajectory
     from noise -- on-policy, exactly the states it will visit at inference;
   * the TEACHER is the same DiT with a second LoRA adapter (an EMA of the student's), conditioned on the caption AND the
-    target image (for Z-Image: a Qwen3-VL whose language model carries Z-Image's own text-encoder weights).
+    target image (Z-Image: a Qwen3-VL whose language model carries Z-Image's own text-encoder weights; FLUX.2-klein:
+    the target's VAE latents as reference tokens in the DiT, plus an instruction appended to the caption).
 At every state the student visits, the teacher predicts under no_grad and the student is regressed onto it. There is no
 ground-truth denoising target and no reward model; inference is the unchanged few-step pipeline.
 
 References
   1) D-OPSD paper:        https://arxiv.org/abs/2605.05204  (project page: https://vvvvvjdy.github.io/d-opsd/)
-  2) Z-Image-Turbo:       diffusers ZImagePipeline, Tongyi-MAI/Z-Image-Turbo
+  2) Z-Image-Turbo:       diffusers ZImagePipeline, Tongyi-MAI/Z-Image-Turbo;
+     FLUX.2-klein 4B/9B:  diffusers Flux2KleinPipeline, black-forest-labs/FLUX.2-klein-4B / -9B (distilled only)
   3) LoRA through peft, models through diffusers/transformers: we call the libraries rather than re-implementing them.
 
 Glossary (code name -> paper symbol)
@@ -23,14 +25,17 @@ Glossary (code name -> paper symbol)
   K                number of roll-out steps (--rollout-steps)
   ema_decay (μ)    φ <- μ·φ + (1-μ)·θ after every optimizer step
 
-Shape letters: B batch, C latent channels (16), h×w latent grid (H/8 × W/8), H×W pixels, L text tokens, D text width.
+Shape letters: B batch, C latent channels, h×w latent grid (Z-Image H/8×W/8 with C=16; klein H/16×W/16, 2×2-patchified,
+4C=128), H×W pixels, L text tokens, D text width.
 
 Run as:
   python examples/make_tiny.py --out tiny                                   # tiny random models, offline, seconds
   python dopsd.py train --data tiny/data --model tiny/zimage --vlm tiny/vlm --out runs/demo \\
       --resolution 64 --max-steps 20 --rank 4                              # CPU demo, ~1 min
-  python dopsd.py train --data ./imgs --out runs/mystyle                   # the real job: Z-Image-Turbo on one GPU
-  python dopsd.py sample --model Tongyi-MAI/Z-Image-Turbo --lora runs/mystyle --prompt "a cat in [V] style" --out cat.png
+  python dopsd.py train --data ./imgs --out runs/mystyle                   # the real job: Z-Image-Turbo, one GPU
+  python dopsd.py train --data ./imgs --model black-forest-labs/FLUX.2-klein-4B --out runs/klein --lr 2e-5
+  torchrun --nproc_per_node 4 dopsd.py train --data ./imgs --out runs/mystyle         # several GPUs (DDP)
+  python dopsd.py sample --lora runs/mystyle --prompt "a cat in [V] style" --out cat.png   # deploy settings
   python -m pytest -q                                                       # tests, offline, CPU
 """
 
@@ -1284,7 +1289,7 @@ def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width
 # CLI
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="dopsd.py", description="D-OPSD: fine-tune a few-step model, keep it few-step.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a LoRA (or the full DiT) with D-OPSD or the SFT baseline")
@@ -1336,7 +1341,11 @@ def main(argv=None):
     s.add_argument("--height", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
     s.add_argument("--width", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
     s.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), or e.g. cpu")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     try:
         if a.cmd == "train":
             return train(TrainConfig(**{k: v for k, v in vars(a).items() if k != "cmd"}))
