@@ -781,29 +781,24 @@ def _resolve_loss_backend(backend, device, dtype):
 
 
 def _check_divergence_args(v_s, v_t, sigma, space, backend, x=None, dt=None):
-    """Raise ValueError with the expected shape/device/value for anything the fused paths would silently misread."""
-    if space not in ("x0", "v"):
-        raise ValueError(f"dopsd_loss: space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"dopsd_loss: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not (torch.is_tensor(v_s) and torch.is_tensor(v_t)) or v_s.dim() == 0:
-        raise ValueError("dopsd_loss: v_student and v_teacher must be tensors of shape (B, ...)")
-    if v_s.shape != v_t.shape:
-        raise ValueError(f"dopsd_loss: v_student {tuple(v_s.shape)} and v_teacher {tuple(v_t.shape)} differ in shape")
-    if not (v_s.is_floating_point() and v_t.is_floating_point()):
-        raise ValueError(f"dopsd_loss: velocities must be floating point, got {v_s.dtype} and {v_t.dtype}")
-    B = v_s.shape[0]
-    if not torch.is_tensor(sigma) or tuple(sigma.shape) != (B,):
-        got = tuple(sigma.shape) if torch.is_tensor(sigma) else type(sigma).__name__
-        raise ValueError(f"dopsd_loss: sigma must be a tensor of shape (B,) = ({B},), got {got}")
-    for name, t in (("v_teacher", v_t), ("sigma", sigma), ("x", x), ("dt", dt)):
-        if torch.is_tensor(t) and t.device != v_s.device:
-            raise ValueError(f"dopsd_loss: {name} is on {t.device} but v_student is on {v_s.device}")
-    if x is not None and (not torch.is_tensor(x) or x.shape != v_s.shape):
-        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"dopsd_loss_and_step: x must have v_student's shape {tuple(v_s.shape)}, got {got}")
-    if torch.is_tensor(dt) and tuple(dt.shape) not in ((), (B,)):
-        raise ValueError(f"dopsd_loss_and_step: dt must be a scalar or shape (B,) = ({B},), got {tuple(dt.shape)}")
+    """Raise a ValueError naming the expected shape/value for anything the fused paths would silently misread."""
+    B = v_s.shape[0] if torch.is_tensor(v_s) and v_s.dim() else None
+    shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+    problems = [
+        (space not in ("x0", "v"), f"space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}"),
+        (backend not in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {backend!r}"),
+        (B is None or not torch.is_tensor(v_t), "v_student and v_teacher must be tensors of shape (B, ...)"),
+        (B is not None and shape(v_t) != shape(v_s), f"v_student {shape(v_s)} and v_teacher {shape(v_t)} differ"),
+        (B is not None and not (v_s.is_floating_point() and v_t.is_floating_point()), "velocities must be float"),
+        (shape(sigma) != (B,), f"sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}"),
+        (x is not None and shape(x) != shape(v_s), f"x must have v_student's shape {shape(v_s)}, got {shape(x)}"),
+        (torch.is_tensor(dt) and shape(dt) not in ((), (B,)), f"dt must be a scalar or shape ({B},)"),
+    ] + [(torch.is_tensor(t) and torch.is_tensor(v_s) and t.device != v_s.device,
+          f"{n} is on {t.device if torch.is_tensor(t) else ''} but v_student is on {v_s.device}")
+         for n, t in (("v_teacher", v_t), ("sigma", sigma), ("x", x), ("dt", dt))]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(f"dopsd_loss: {message}")
 
 
 def _divergence(v_student, v_teacher, sigma, x, dt, space, backend):
@@ -1050,7 +1045,9 @@ def train_rank(cfg, items, family, rank, world, device):
     tr.requires_grad_(False)
     base_row = render(lambda x, s, c: velocity(tr, x, s, c), cond_s) if rank == 0 else None  # rendered once
     if cfg.full:
-        teacher_model = copy.deepcopy(tr).to(dtype).eval() if dopsd else None   # the EMA copy: one more DiT in memory
+        # The EMA copy: one more DiT in memory, kept in fp32 like the student -- in bf16 the per-step EMA increment
+        # (1-μ)·(θ-φ) ≈ 1e-4 of a difference would round away and the teacher would never move.
+        teacher_model = copy.deepcopy(tr).eval() if dopsd else None
         tr.requires_grad_(True)
         trainable = list(tr.parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
@@ -1316,8 +1313,8 @@ def build_parser():
     t.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default %(default)s)")
     t.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha, scale = alpha/rank (default %(default)s)")
     t.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA, with an EMA copy of "
-                   "the DiT as teacher. Memory: ~18 bytes/parameter (fp32 weights + grads + AdamW, bf16 teacher): "
-                   "~110 GB for Z-Image's 6.2B DiT before activations; LoRA fits one 80 GB GPU")
+                   "the DiT as teacher. Memory: ~20 bytes/parameter (fp32 weights, grads, AdamW and teacher): "
+                   "~125 GB for Z-Image's 6.2B DiT before activations; LoRA fits one 80 GB GPU")
     t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate, constant (default %(default)s)")
     t.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per micro-batch (default %(default)s)")
