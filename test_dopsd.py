@@ -958,3 +958,252 @@ def test_step_state_shape_mismatch_raises():
     """dopsd_loss_and_step with x of the wrong shape is a ValueError."""
     with pytest.raises(ValueError, match="x must have v_student's shape"):
         dopsd_loss_and_step(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 4), 0.1)
+
+
+# ---------------------------------------------------------------------------------------------------- dry run
+# `train --dry-run`: the memory plan is built from config files alone and counts exactly. Groups: parameter counts of
+# the tiny models (vs loading them) -> LoRA count -> --full / sft rows -> no weight file read -> the real configs in
+# examples/configs -> the activation formula vs the bytes autograd actually saves on the tiny DiTs.
+
+import collections  # noqa: E402
+import copy  # noqa: E402
+import functools  # noqa: E402
+import shutil  # noqa: E402
+
+from dopsd import ACT_COEF, dit_activations, format_plan, memory_plan  # noqa: E402
+
+CONFIGS = ROOT / "examples" / "configs"
+nparams = lambda m: sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(scope="session")
+def dry_tiny(tiny):
+    """The folder holding the session's tiny zimage/, klein/ and vlm/ (the dry-run tests address them by name)."""
+    return tiny["zimage"].parent
+
+
+@pytest.fixture(scope="session")
+def tiny_configs(dry_tiny, tmp_path_factory):
+    """The dry_tiny folders with every file but the *.json config files removed: no weights, no tokenizer."""
+    root = tmp_path_factory.mktemp("configs_only")
+    for f in dry_tiny.rglob("*.json"):
+        if "tokenizer" not in f.name:
+            (root / f.relative_to(dry_tiny)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / f.relative_to(dry_tiny))
+    assert not [f for f in root.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt")]
+    return root
+
+
+@pytest.fixture(scope="session")
+def loaded(dry_tiny):
+    """The dry_tiny pipelines and the VLM, loaded for real (weights and all), once."""
+    from diffusers import DiffusionPipeline
+    from transformers import Qwen3VLForConditionalGeneration
+    return {"zimage": DiffusionPipeline.from_pretrained(dry_tiny / "zimage"),
+            "klein": DiffusionPipeline.from_pretrained(dry_tiny / "klein"),
+            "vlm": Qwen3VLForConditionalGeneration.from_pretrained(dry_tiny / "vlm")}
+
+
+def plan_for(root, family, **kw):
+    """memory_plan of a dry_tiny folder at rank 4, 256² px (memoised: a plan is a pure function of files and settings)."""
+    return _plan(root, family, tuple(sorted({"rank": 4, "resolution": 256, **kw}.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(root, family, kw):
+    return memory_plan(root / family, root / "vlm", **dict(kw))
+
+
+# --------------------------------------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_tiny_counts_equal_the_loaded_models(loaded, tiny_configs, family):
+    """Configs on the meta device count exactly what from_pretrained loads; weights are 2 bytes each in bf16."""
+    pipe = loaded[family]
+    plan = plan_for(tiny_configs, family)
+    n = plan["params"]
+    assert n["dit"] == nparams(pipe.transformer) and n["text_encoder"] == nparams(pipe.text_encoder)
+    assert n["vae"] == nparams(pipe.vae)
+    if family == "zimage":                                  # the VLM as dopsd keeps it: .model, no lm_head
+        assert n["vlm"] == nparams(loaded["vlm"].model) > 0
+    else:                                                   # klein's teacher needs no VLM
+        assert n["vlm"] == 0 and plan["vlm"] == 0
+    for row in ("dit", "text_encoder", "vlm", "vae"):
+        assert plan[row] == 2 * n[row]
+    assert plan["peak_caching"] == plan["text_encoder"] + plan["vlm"] + plan["vae"] + plan["cache_per_image"]
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_lora_count_equals_add_lora_adapters(loaded, tiny_configs, family):
+    """Trainable = the student adapter add_lora_adapters attaches to the real DiT; dopsd keeps a teacher copy too."""
+    tr = copy.deepcopy(loaded[family].transformer).requires_grad_(False)
+    dopsd.add_lora_adapters(tr, dopsd.LORA_TARGETS[family], 4, 8)
+    student = sum(p.numel() for p in dopsd.adapter_params(tr, "student").values())
+    plan = plan_for(tiny_configs, family)
+    assert plan["params"]["trainable"] == student > 0
+    assert plan["adapters"] == 4 * 2 * student                      # fp32 student + teacher
+    assert (plan["gradients"], plan["optimizer"]) == (4 * student, 8 * student)   # fp32 grads; AdamW m and v
+    assert plan["autocast_copies"] == 2 * student                   # bf16 copies autocast caches for the roll-out
+    assert plan_for(tiny_configs, family, method="sft")["adapters"] == 4 * student   # no teacher adapter
+    assert plan_for(tiny_configs, family, rank=8)["params"]["trainable"] == 2 * student   # linear in the rank
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_full_trains_the_dit_in_fp32_with_an_fp32_ema_teacher(tiny_configs, family):
+    lora, full = plan_for(tiny_configs, family), plan_for(tiny_configs, family, full=True)
+    n = full["params"]["dit"]
+    assert full["params"]["trainable"] == n != lora["params"]["trainable"]
+    assert (full["dit"], full["adapters"], full["gradients"], full["optimizer"]) == (4 * n, 4 * n, 4 * n, 8 * n)
+    assert full["autocast_copies"] == 2 * n                            # a bf16 copy of the whole fp32 DiT
+    assert plan_for(tiny_configs, family, full=True, method="sft")["adapters"] == 0   # no EMA teacher in SFT
+    assert full["peak_training"] > lora["peak_training"]
+    text = format_plan(full)
+    assert "EMA teacher DiT" in text and "fp32, trained in place" in text and "LoRA factors" not in text
+
+
+def test_peak_rows_add_up_and_activations_do_not_grow_with_k(tiny_configs):
+    p = plan_for(tiny_configs, "klein")
+    resident = sum(p[k] for k in ("dit", "vae", "adapters", "gradients", "optimizer", "autocast_copies"))
+    assert p["peak_training"] == resident + p["cache_per_image"] + p["activations_gc"]
+    assert p["activations_gc"] < p["activations_no_gc"]
+    more = plan_for(tiny_configs, "klein", n_images=3, rollout_steps=8, batch_size=2)   # K does not enter
+    assert more["activations_gc"] == 2 * p["activations_gc"] and more["activations_no_gc"] == 2 * p["activations_no_gc"]
+    assert more["peak_training"] == resident + 3 * p["cache_per_image"] + 2 * p["activations_gc"]
+    assert plan_for(tiny_configs, "klein", grad_checkpointing=False)["peak_training"] == \
+        resident + p["cache_per_image"] + p["activations_no_gc"]
+
+
+def test_no_weight_file_is_read(dry_tiny, tiny_configs):
+    """Same plan from the full dry_tiny folders and from a copy holding nothing but config JSONs."""
+    for family in ("zimage", "klein"):
+        assert plan_for(dry_tiny, family) == plan_for(tiny_configs, family)
+    assert {f.suffix for f in CONFIGS.rglob("*") if f.is_file()} <= {".json", ".md"}
+
+
+def test_unreadable_configs_are_user_errors(tiny_configs, tmp_path):
+    with pytest.raises(dopsd.UserError, match="cannot read config.json"):
+        memory_plan(tiny_configs / "zimage", tmp_path / "no_vlm_here")
+    assert memory_plan(tiny_configs / "zimage", tmp_path / "no_vlm_here", method="sft")["vlm"] == 0   # SFT: no VLM
+    with pytest.raises(dopsd.UserError, match="model_index.json"):
+        memory_plan(tmp_path, None)
+
+
+# --------------------------------------------------------------------------------------------- the real configs
+
+REAL = {  # parameter counts measured on the meta device (diffusers-notes.md §0 for the DiTs)
+    "Z-Image-Turbo": dict(dit="6.155", text_encoder="4.022", vae="0.084", vlm="4.438"),
+    "FLUX.2-klein-4B": dict(dit="3.876", text_encoder="4.022", vae="0.084", vlm="0.000"),
+    "FLUX.2-klein-9B": dict(dit="9.079", text_encoder="8.191", vae="0.084", vlm="0.000"),
+}
+
+
+LORA_R64 = {"Z-Image-Turbo": 158_760_960, "FLUX.2-klein-4B": 96_337_920, "FLUX.2-klein-9B": 174_063_616}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_configs_give_the_published_sizes(name):
+    plan = memory_plan(CONFIGS / name, CONFIGS / "Qwen3-VL-4B-Instruct")
+    assert {k: f"{plan['params'][k] / 1e9:.3f}" for k in REAL[name]} == REAL[name]
+    assert plan["params"]["trainable"] == LORA_R64[name]            # per adapter, every attention and MLP linear
+    assert plan["setup"]["family"] == ("zimage" if name.startswith("Z") else "klein")
+    text = format_plan(plan)
+    assert "peak while training" in text and ("VLM" in text) == name.startswith("Z")
+    assert 8 < plan["peak_training"] / 2**30 < 40        # LoRA r64 at 1024²: a 24-48 GB GPU
+
+
+# --------------------------------------------------------------------------------------------- activation formula
+
+BLOCKS = ("ZImageTransformerBlock", "Flux2TransformerBlock", "Flux2SingleTransformerBlock")
+
+
+def saved_bytes(tr, forward):
+    """{block name or "outside": bytes of the distinct storages autograd saves during forward()}, parameters excluded.
+
+    With gradient checkpointing on, a checkpointed block's inputs are what it saves (they show up here too)."""
+    where, per, seen = ["outside"], collections.Counter(), set()
+    params = {p.untyped_storage().data_ptr() for p in tr.parameters()}
+    hooks = [h for name, m in tr.named_modules() if type(m).__name__ in BLOCKS for h in (
+        m.register_forward_pre_hook(lambda mod, args, name=name: where.__setitem__(0, name)),
+        m.register_forward_hook(lambda mod, args, out: where.__setitem__(0, "outside")))]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            per[where[0]] += t.untyped_storage().nbytes()
+        return t
+    # bf16 weights + bf16 autocast, as on CUDA (CPU autocast keeps LayerNorm in bf16: cuda=False in the formula)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        forward()
+    for h in hooks:
+        h.remove()
+    return per
+
+
+def calibrate(dry_tiny, family, S=256, L=100, full=False):
+    """(measured, formula) bytes of one student forward of the dry_tiny DiT, gradient checkpointing off and on.
+
+    LoRA r4 on a bf16 DiT, or (full) the fp32 DiT trained in place, as train() sets them up on CUDA."""
+    from diffusers import DiffusionPipeline
+    tr = DiffusionPipeline.from_pretrained(dry_tiny / family, dtype=torch.float32 if full else torch.bfloat16).transformer
+    if full:
+        trainable = dict(tr.requires_grad_(True).named_parameters())
+    else:
+        dopsd.add_lora_adapters(tr.requires_grad_(False), dopsd.LORA_TARGETS[family], 4, 8)
+        dopsd.use_adapter(tr, "student")
+        trainable = dopsd.adapter_params(tr, "student")
+    side, g = int(S ** 0.5), torch.Generator().manual_seed(0)
+    if family == "zimage":                                   # latent grid 2·side (2×2 patches), caption of L tokens
+        x, cond = torch.randn(1, 16, 2 * side, 2 * side, generator=g), [torch.randn(L, 32, generator=g)]
+    else:                                                    # packed grid side×side, text padded to L tokens
+        x, cond = torch.randn(1, 32, side, side, generator=g), (torch.randn(1, L, 96, generator=g), None)
+    fwd = lambda: dopsd.FAMILIES[family]["velocity"](tr, x, torch.tensor([0.5]), cond)
+    plain = saved_bytes(tr, fwd)
+    tr.enable_gradient_checkpointing()
+    ckpt = saved_bytes(tr, fwd)                              # block inputs + what is saved outside the blocks
+    lora = {k: 2 * p.numel() for k, p in trainable.items()}   # autocast's bf16 copies of the trainable weights
+    top = max((k for k in plain if k != "outside"), key=plain.get)   # the block recomputed when memory peaks
+    others = sum(b for k, b in lora.items() if not k.startswith(top + "."))
+    # autocast also caches copies it never saves for backward: those of the embedders, whose inputs need no grad
+    # (57% of the dry_tiny Z-Image DiT: its timestep MLP is full-size; 0.02% of the real one)
+    embedders = ("t_embedder", "all_x_embedder", "cap_embedder", "time_guidance_embed", "x_embedder",
+                 "context_embedder")
+    unseen = sum(b for k, b in lora.items() if k.startswith(embedders))
+    measured = {False: sum(plain.values()) + unseen, True: sum(ckpt.values()) + plain[top] + others}
+    formula = {gc: dit_activations(family, tr.config, S, L, 4, full, gc, cuda=False) + sum(lora.values())
+               for gc in (False, True)}
+    return measured, formula
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")   # CPU LayerNorm, bf16 in / fp32 w
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+@pytest.mark.parametrize("family,L", [("zimage", 100), ("klein", 512)])
+def test_activation_formula_matches_saved_tensors(dry_tiny, family, L, full):
+    measured, formula = calibrate(dry_tiny, family, L=L, full=full)
+    print(f"\n{family} {'full' if full else 'LoRA'}: measured {measured}, formula {formula}")
+    assert abs(formula[False] / measured[False] - 1) < 0.05         # whole forward, no checkpointing
+    # With checkpointing the dry_tiny models' RoPE tables (complex64, shared by the blocks) weigh as much as the block
+    # inputs themselves (head_dim 32 vs width 64); at real size they are < 1% of it, and the formula leaves them out.
+    assert abs(formula[True] / measured[True] - 1) < 0.15
+    assert formula[True] < formula[False] / 2
+
+
+def test_formula_coefficients_are_per_token_per_block():
+    """Doubling the tokens doubles the no-checkpointing estimate (Z-Image at multiples of 32, klein always)."""
+    c = dict(num_attention_heads=24, attention_head_dim=128, mlp_ratio=3.0, num_layers=5, num_single_layers=20)
+    assert dit_activations("klein", c, 2048, 512, 64, checkpointing=False) * 2 == \
+        dit_activations("klein", c, 4096, 1024, 64, checkpointing=False)
+    d, f = 3072, 9216
+    expected = 5 * 4608 * (ACT_COEF["klein"][0][0] * d + 8 * f + 12 * 64) + 20 * 4608 * (28 * d + 8 * f + 4 * 64)
+    assert dit_activations("klein", c, 4096, 512, 64, checkpointing=False) == expected
+
+
+@pytest.mark.parametrize("name", ["Z-Image-Turbo", "FLUX.2-klein-4B"])
+def test_dry_run_prints_the_plan_from_config_files_and_exits(name, tmp_path, capsys):
+    """`train --dry-run` on config-only folders prints the plan, exits 0 and writes nothing."""
+    out = tmp_path / "out"
+    assert dopsd.main(["train", "--dry-run", "--data", str(tmp_path), "--out", str(out),
+                       "--model", str(CONFIGS / name), "--vlm", str(CONFIGS / "Qwen3-VL-4B-Instruct")]) == 0
+    text = capsys.readouterr().out
+    assert "peak while training" in text and "DiT weights" in text and not out.exists()

@@ -1,26 +1,531 @@
-"""Benchmarks for dopsd.py. Part 1: the divergence loss, fused paths vs the naive autograd composition.
+"""Benchmarks for dopsd.py: what one D-OPSD optimizer step costs against its floor and against SFT, its memory as K
+grows, what the feature cache saves, whether our sampler adds anything to the diffusers pipeline, and the fused loss.
 
-Run as:  python examples/bench.py [threads]      (CPU: ~15 s on 2 cores; on a CUDA machine it adds the Triton rows)
+Run as:  python examples/bench.py                      # full run: ~6-8 min on 2 CPU cores; uses CUDA when present
+         python examples/bench.py --quick              # smoke run of every measurement on a smaller DiT, ~1.5 min
+         python examples/bench.py --threads 1 --keep /tmp/bench --only train,memory     (see --help)
 
-On every device: median forward+backward time, bytes of tensors saved for backward (saved_tensors_hooks), and bytes
-touched per element (a dispatch hook that adds up the input and output bytes of every non-view aten op; an upper
-bound on DRAM traffic that ignores caches, but it counts exactly the passes the math comment in the loss counts).
-On CUDA only: achieved GB/s of the Triton forward kernel (read v_s, v_t, write w·d) vs a device-to-device copy
-that moves the same number of bytes.
+Prints one table per measurement, PASS/FAIL per goal, then ONE final JSON line with everything (machine, model,
+numbers, goals). The exit code is 0 unless --strict is given and a goal fails.
+
+What it measures, on a Z-Image pipeline built offline in a temp dir (make_tiny's tokenizer, text encoder, VLM and VAE,
+with a bigger DiT so that the DiT dominates every step; no network):
+  1. seconds per optimizer step of the REAL training loop, `dopsd.main(["train", ...])` run in-process, for --method
+     dopsd (K = 4) and --method sft on the same data, batch and seed: the per-step `sec` of OUT/log.jsonl, median after
+     warm-up. Against the floor: nominal 4K/3 forward-equivalents, and the floor measured from this DiT's own forward,
+     forward+backward and teacher-forward times (the teacher's context is longer than the student's).
+  2. the step's own peak memory at K = 2, 4, 8, step-wise backward (dopsd's default) vs one backward over the whole
+     roll-out; one fresh subprocess per configuration.
+  3. a step with the feature cache (what dopsd does) vs re-encoding caption and image every step (the public recipe).
+  4. that no encoder runs inside the training loop (counted during the train runs of 1).
+  5. our sampling path (what `dopsd.sample` runs after loading) vs ZImagePipeline.__call__, same embeds, steps and size.
+  6. the fused divergence loss vs the naive autograd composition (forward+backward time, saved bytes, bytes touched;
+     on CUDA also the Triton kernel's GB/s vs a copy).
+Goals (checked, PASS/FAIL): D-OPSD/SFT step-time ratio <= 6.0 at K = 4 (CPU fp32); peak at K = 8 <= 1.15 x peak at
+K = 2 (step-wise); encoders never run inside the loop; our sampler within 5 % of the pipeline's time.
+Timings on a shared machine are only as good as its idle cores: the CPU time other processes used during each phase
+is measured and printed (foreign_cores), and a warning says when it was large enough to distort the numbers.
 """
+import argparse
+import contextlib
+import ctypes
+import io
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import dopsd  # noqa: E402
 from dopsd import HAS_TRITON, _divergence_fwd_triton, dopsd_loss  # noqa: E402
 
+# --------------------------------------------------------------------------------------------------------------------
+# settings
+# The benchmark DiT. Real Z-Image-Turbo: dim 3840, 30 layers + 2 + 2 refiner layers, 30 heads of 128, 1024 px ->
+# 4096 image tokens, a teacher context of ~600 tokens (576 image + caption) and a student caption of ~100, LoRA r64.
+# What we keep from it, at a size a 2-core CPU runs in minutes:
+#   * the token proportions: 512 px -> 64x64 latent -> 1024 image tokens; the teacher's VLM always sees the crop at
+#     >= 512^2 px (dopsd.vlm_features), i.e. >= 256 image tokens + caption (~300, padded to 320) vs the student's ~45
+#     (padded to 64): teacher/student sequence 1344/1088 = 1.24 (real ~1.13). At 256 px it would be 576/320 = 1.8 and
+#     the teacher forward alone would push the ratio past 6 -- an artefact of a tiny image, not of the method.
+#   * LoRA rank relative to width: r64 on dim 3840 is 1.7 %; r4 on dim 256 is 1.6 % (alpha = 2 r keeps the scale 2).
+#   * head dim 64 with sum(axes_dims) = 16 + 24 + 24 = dim / n_heads; 2 refiner layers like the real model.
+# dim 256 x 4 layers (8.5 M parameters) makes the DiT >> everything else (the tiny encoders are ~0.1 M), yet one
+# K = 4 step stays at a few seconds on 2 cores.
+FULL = dict(dim=256, n_heads=4, n_layers=4, n_refiner_layers=2, axes_dims=[16, 24, 24], resolution=512, rank=4,
+            n_images=4,               # a "handful" of training pairs; all square -> one bucket -> equal step shapes
+            dopsd_steps=12, dopsd_warmup=2,   # train: first steps (AdamW state, lazy inits) are dropped
+            sft_steps=24, sft_warmup=4,
+            mem_ks=(2, 4, 8), reencode_repeats=5, floor_repeats=5, sampler_repeats=5, loss_repeats=20)
+# --quick: every code path once, small and fast; the numbers are NOT meaningful (e.g. at 128 px the teacher's
+# 320-token context dwarfs 64 image tokens, so the ratio goal fails there by construction).
+QUICK = dict(dim=128, n_heads=2, n_layers=2, n_refiner_layers=1, axes_dims=[16, 24, 24], resolution=128, rank=4,
+             n_images=2, dopsd_steps=3, dopsd_warmup=1, sft_steps=4, sft_warmup=1,
+             mem_ks=(2, 8), reencode_repeats=2, floor_repeats=2, sampler_repeats=2, loss_repeats=3)
+K_MAIN = 4                            # the goal's roll-out length (dopsd's default --rollout-steps)
+GOALS = dict(ratio=6.0, mem=1.15, sampler=0.05)
+PROMPT = "a red circle in [V] style"  # sampler prompt (any caption works; the embeds are shared by both paths)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_times(fns, device, repeats, warmup):
+    """{name: [seconds]} of each fn in {name: fn}: `warmup` untimed rounds, then `repeats` rounds, interleaved (the
+    order alternates per round) so that drift and other processes' load hit every path alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[n]()
+            _sync(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# machine and load
+
+def machine_info(device):
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    mem_gb = None
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        mem_gb = round(int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20, 1)
+    import diffusers, peft, transformers
+    info = dict(cpu=cpu, arch=platform.machine(), cores=os.cpu_count(),
+                usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                torch_threads=torch.get_num_threads(), ram_gb=mem_gb, device=str(device),
+                gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
+                versions={m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)},
+                python=platform.python_version(), triton=HAS_TRITON)
+    return info
+
+
+class LoadMeter:
+    """CPU time used by OTHER processes while a phase ran, in cores (0 = the machine was ours alone).
+
+    /proc/stat busy jiffies of the whole machine minus this process's and its waited-for children's CPU time (os.times).
+    On a 2-core machine 0.5 foreign cores already slow a 2-thread torch job by far more than 25 % (threads wait for
+    each other at every op), so anything above ~0.2 is flagged."""
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        busy, own = self._busy(), self._own()
+        self.wall = wall
+        self.foreign = None if busy is None else max(0.0, (busy - self.busy0) - (own - self.own0)) / max(wall, 1e-9)
+        return False
+
+    @staticmethod
+    def _busy():
+        try:
+            f = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        except OSError:
+            return None
+        # user nice system idle iowait irq softirq steal: everything but idle and iowait was unavailable to us
+        return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own():
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the benchmark model
+
+def _load_make_tiny():
+    """examples/make_tiny.py as a module (imported by path: examples/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_tiny", HERE / "make_tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_bench_model(root, s):
+    """root/zimage (make_tiny's Z-Image pipeline with the DiT of `s` swapped in), root/vlm, root/data. Returns info."""
+    from diffusers import ZImageTransformer2DModel
+    mt = _load_make_tiny()
+    pipe = mt.make_zimage(root / "zimage")        # tokenizer, Qwen3 text encoder, VAE, scheduler exactly as make_tiny
+    torch.manual_seed(mt.SEED)
+    # Overridden vs make_tiny: dim / n_layers / n_refiner_layers / n_heads / axes_dims (see FULL). cap_feat_dim must
+    # stay the text encoder's width (32), in_channels 16 (the VAE's latents; the Omni placeholder is 2*2*16).
+    assert sum(s["axes_dims"]) == s["dim"] // s["n_heads"]
+    tr = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=s["dim"],
+                                  n_layers=s["n_layers"], n_refiner_layers=s["n_refiner_layers"], n_heads=s["n_heads"],
+                                  n_kv_heads=s["n_heads"], cap_feat_dim=mt.TEXT["hidden_size"],
+                                  axes_dims=s["axes_dims"], axes_lens=[1536, 512, 512])
+    mt.init_dit_(tr)                                # unit-scale activations, pad tokens non-zero (as make_tiny)
+    shutil.rmtree(root / "zimage" / "transformer")
+    tr.save_pretrained(root / "zimage" / "transformer")
+    mt.make_vlm(root / "vlm")
+    # Data: make_tiny's drawings, cropped square to exactly the bucket size, so every batch has the same shape and the
+    # per-step times are comparable (mixed aspect ratios would make the step time depend on the batch drawn).
+    data = root / "data"
+    data.mkdir(parents=True)
+    R = s["resolution"]
+    for i in range(s["n_images"]):
+        img, caption = mt.draw_sample(i)
+        dopsd.crop_to(img, R, R).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(caption + "\n")
+    return dict(dit_params=mt.n_params(tr), text_encoder_params=mt.n_params(pipe.text_encoder),
+                vae_params=mt.n_params(pipe.vae), dim=s["dim"], n_layers=s["n_layers"],
+                n_refiner_layers=s["n_refiner_layers"], n_heads=s["n_heads"], resolution=R,
+                image_tokens=(R // 16) ** 2, n_images=s["n_images"], lora_rank=s["rank"], lora_alpha=2 * s["rank"])
+
+
+class Harness:
+    """train()'s set-up and optimizer step, assembled from dopsd's own functions so that ONE step can be run alone
+    (memory), with encoders in the loop (re-encoding) or in pieces (floor). Mirrors dopsd.train line for line:
+    dtype/autocast/gradient checkpointing per device, feature builders, LoRA adapters, closures, clip, AdamW, EMA.
+    The train-loop timing itself never uses this: it runs dopsd.main; the harness's cached step is checked against it."""
+
+    def __init__(self, root, s, device, keep_encoders=False):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32       # as train(): bf16 + autocast on CUDA
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.cuda else nullcontext
+        pipe, family = dopsd.load_pipeline(str(root / "zimage"), self.dtype)
+        self.tr, self.vae, te, tok = pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        items = dopsd.scan_dataset(str(root / "data"))
+        buckets = dopsd.make_buckets(s["resolution"])
+        self.crops = []
+        for p, _ in items:
+            im = dopsd.load_rgb(p)
+            self.crops.append(dopsd.crop_to(im, *dopsd.nearest_bucket(im.height, im.width, buckets)))
+        self.captions = [c for _, c in items]
+        te.to(device).requires_grad_(False)
+        vlm, vtok, vproc = dopsd.load_hybrid_vlm(str(root / "vlm"), te, self.dtype)
+        vlm.to(device)
+        self.encode_s = lambda i: dopsd.student_features("zimage", te, tok, [self.captions[i]])[0]
+        self.encode_t = lambda i: dopsd.vlm_features(vlm, vtok, vproc, self.crops[i], self.captions[i]).to(self.dtype)
+        self.cond_s = [self.encode_s(i) for i in range(len(items))]
+        self.cond_t = [self.encode_t(i) for i in range(len(items))]
+        if not keep_encoders:                       # train() frees them after the cache; so does the memory child
+            del te, vlm, self.encode_s, self.encode_t
+        self.tr.to(device).requires_grad_(False)
+        self.C = self.tr.config.in_channels
+        self.h = self.w = s["resolution"] // dopsd.FAMILIES["zimage"]["cell"]
+        torch.manual_seed(0)
+        dopsd.add_lora_adapters(self.tr, dopsd.LORA_TARGETS["zimage"], s["rank"], 2 * s["rank"])
+        st = dopsd.adapter_params(self.tr, "student")
+        self.trainable = list(st.values())
+        self.teacher_params = [dopsd.adapter_params(self.tr, "teacher")[k] for k in st]
+        if self.cuda:
+            self.tr.enable_gradient_checkpointing()
+        self.opt = torch.optim.AdamW(self.trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                     fused=self.cuda)
+
+    def student(self, x, s, c):
+        dopsd.use_adapter(self.tr, "student")
+        return dopsd.zimage_velocity(self.tr, x, s, c)
+
+    def teacher(self, x, s, c):
+        dopsd.use_adapter(self.tr, "teacher")
+        return dopsd.zimage_velocity(self.tr, x, s, c)
+
+    def conds(self, i, reencode=False):
+        """(student, teacher) conditioning of pair i, collated for a batch of one: from the cache, or recomputed."""
+        if reencode:
+            return dopsd.collate([self.encode_s(i)]), dopsd.collate([self.encode_t(i)])
+        return dopsd.collate([self.cond_s[i]]), dopsd.collate([self.cond_t[i]])
+
+    def noise(self, index):
+        g = torch.Generator().manual_seed(index)
+        return torch.randn(1, self.C, self.h, self.w, generator=g).to(self.device)
+
+    def step(self, K, index=0, stepwise=True, reencode=False):
+        """One D-OPSD optimizer step on pair index % n, exactly as train()'s loop body (batch 1, grad_accum 1)."""
+        i = index % len(self.captions)
+        cs, ct = self.conds(i, reencode)
+        with self.autocast():
+            loss, _ = dopsd.dopsd_rollout(lambda x, s: self.student(x, s, cs), lambda x, s: self.teacher(x, s, ct),
+                                          self.noise(index), dopsd.schedule("zimage", K, self.h, self.w), "x0", 1.0,
+                                          stepwise=stepwise)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        loss.item(), gnorm.item()                   # train()'s one host sync per step
+        self.opt.step()
+        dopsd.ema_update(self.teacher_params, self.trainable, 0.9999)
+        self.opt.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1 + 4. step time of the real training loop, with every encoder call counted
+
+class EncoderCalls:
+    """Counts forwards of the text encoder (Qwen3Model), the VLM (Qwen3VLModel) and the VAE encoder while active, and
+    snapshots the counts when the training loop starts (the first dopsd_rollout / sft_loss call).
+
+    Class-level wraps of exactly those three forwards (the DiT is untouched, so timing is unaffected), plus wraps of
+    the two module globals train() calls once per micro-batch; everything is restored on exit."""
+
+    def __enter__(self):
+        from diffusers.models.autoencoders.vae import Encoder
+        from transformers import Qwen3Model, Qwen3VLModel
+        self.calls = {"text_encoder": 0, "vlm": 0, "vae_encoder": 0}
+        self.at_loop_start = None
+        self._saved = []
+        for key, cls in (("text_encoder", Qwen3Model), ("vlm", Qwen3VLModel), ("vae_encoder", Encoder)):
+            self._wrap(cls, "forward", self._counting(key, cls.forward))
+        for name in ("dopsd_rollout", "sft_loss"):
+            self._wrap(dopsd, name, self._loop_marker(getattr(dopsd, name)))
+        return self
+
+    def _wrap(self, owner, name, fn):
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, fn)
+
+    def _counting(self, key, fwd):
+        def forward(*args, **kwargs):
+            self.calls[key] += 1
+            return fwd(*args, **kwargs)
+        return forward
+
+    def _loop_marker(self, fn):
+        def wrapped(*args, **kwargs):
+            if self.at_loop_start is None:
+                self.at_loop_start = dict(self.calls)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def __exit__(self, *exc):
+        for owner, name, orig in reversed(self._saved):
+            setattr(owner, name, orig)
+        return False
+
+    def summary(self):
+        start = self.at_loop_start or dict(self.calls)
+        return {"before_loop": start, "in_loop": {k: self.calls[k] - start[k] for k in self.calls}}
+
+
+def bench_train(root, s, device, method, work):
+    """Run `dopsd.py train` in-process for a few steps; return the per-step seconds from log.jsonl and encoder counts."""
+    out = work / f"train_{method}"
+    steps, warmup = s[f"{method}_steps"], s[f"{method}_warmup"]
+    argv = ["train", "--data", str(root / "data"), "--model", str(root / "zimage"), "--vlm", str(root / "vlm"),
+            "--out", str(out), "--method", method, "--device", str(device),
+            "--resolution", str(s["resolution"]),      # the data is exactly this size: one bucket
+            "--rollout-steps", str(K_MAIN),            # K = 4 (the default; explicit because it is the goal's K)
+            "--rank", str(s["rank"]), "--alpha", str(2 * s["rank"]),   # LoRA r4 for dim 256, see FULL
+            "--max-steps", str(steps),
+            "--batch-size", "1", "--seed", "0",        # same data, batch and seed for both methods
+            "--sample-every", "0",                     # 0 = no grid inside the loop (dopsd still renders the base row
+                                                       # before and one grid after it: outside the timed steps)
+            "--save-every", "0"]                       # 0 = save only at the end, after the last timed step
+    log = io.StringIO()
+    with EncoderCalls() as enc, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        t0 = time.perf_counter()
+        rc = dopsd.main(argv)
+        wall = time.perf_counter() - t0
+    (work / f"train_{method}.log").write_text(log.getvalue())
+    if rc != 0:
+        raise RuntimeError(f"dopsd train --method {method} exited {rc}:\n{log.getvalue()[-3000:]}")
+    secs = [json.loads(l)["sec"] for l in (out / "log.jsonl").read_text().splitlines() if l.strip()]
+    timed = secs[warmup:]
+    return dict(method=method, K=K_MAIN if method == "dopsd" else None, sec_per_step=statistics.median(timed),
+                sec_min=min(timed), sec_max=max(timed), timed_steps=len(timed), warmup_steps=warmup,
+                all_secs=secs, run_wall_s=wall, encoder_calls=enc.summary(), n_pairs=s["n_images"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# floor: this DiT's own forward / backward / teacher-forward times, so the ratio can be judged against what the
+# method must do rather than against a rule of thumb
+
+def bench_floor(h, s):
+    """Median seconds of the pieces one D-OPSD step is made of, at a mid-schedule state, with the cached contexts.
+
+    fwd_s: student forward, no grad (one forward-equivalent); fwdbwd_s: student forward + loss + backward (what one
+    SFT step computes, and what each roll-out step computes for the student); fwd_t: teacher forward, no grad, with
+    its longer multimodal context. Floor of one D-OPSD step = K (fwdbwd_s + fwd_t); of one SFT step = fwdbwd_s."""
+    cs, ct = h.conds(0)
+    x = h.noise(0)
+    sig = dopsd.schedule("zimage", K_MAIN, h.h, h.w)[1].expand(1).to(h.device)
+    target = torch.zeros_like(x)
+
+    def fwd_s():
+        with torch.no_grad(), h.autocast():
+            h.student(x, sig, cs)
+
+    def fwd_t():
+        with torch.no_grad(), h.autocast():
+            h.teacher(x, sig, ct)
+
+    def fwdbwd_s():
+        with h.autocast():
+            dopsd_loss(h.student(x, sig, cs), target, sig).backward()
+        h.opt.zero_grad(set_to_none=True)
+
+    t = _median_times({"fwd_s": fwd_s, "fwdbwd_s": fwdbwd_s, "fwd_t": fwd_t}, h.device, s["floor_repeats"], 1)
+    r = {k: statistics.median(v) for k, v in t.items()}
+    r["bwd_over_fwd"] = (r["fwdbwd_s"] - r["fwd_s"]) / r["fwd_s"]
+    r["teacher_over_student_fwd"] = r["fwd_t"] / r["fwd_s"]
+    r["dopsd_step_floor_s"] = K_MAIN * (r["fwdbwd_s"] + r["fwd_t"])
+    r["sft_step_floor_s"] = r["fwdbwd_s"]
+    r["ratio_floor_measured"] = r["dopsd_step_floor_s"] / r["sft_step_floor_s"]
+    r["ratio_floor_nominal"] = 4 * K_MAIN / 3      # the issue's rule of thumb: bwd = 2 fwd, teacher = student
+    r["tokens_student_caption"] = len(h.cond_s[0])
+    r["tokens_teacher_context"] = len(h.cond_t[0])
+    return r
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. feature cache vs re-encoding every step
+
+def bench_reencode(h, s):
+    """Median seconds of one K = 4 optimizer step with the cached features vs with the student's text features and the
+    teacher's VLM features recomputed for the batch inside the step (what the public recipe does every step). The same
+    pairs and noise in both; runs interleaved. Also the encoders alone, per pair.
+
+    With make_tiny's 0.05 M-parameter encoders the overhead here is small; with Z-Image's real ones (Qwen3-4B text
+    encoder, Qwen3-VL-4B on a >= 512^2 image, each a 4B forward against 4 x 2 passes of the 6B DiT) it is not."""
+    n, it = len(h.captions), iter(range(10**9))
+    t = _median_times({"cached": lambda: h.step(K_MAIN, next(it) % n),
+                       "reencode": lambda: h.step(K_MAIN, next(it) % n, reencode=True)},
+                      h.device, s["reencode_repeats"], 1)
+    enc = _median_times({"text": lambda: h.encode_s(0), "vlm": lambda: h.encode_t(0)}, h.device,
+                        s["reencode_repeats"], 1)
+    r = {"cached_s": statistics.median(t["cached"]), "reencode_s": statistics.median(t["reencode"]),
+         "text_encoder_s": statistics.median(enc["text"]), "vlm_s": statistics.median(enc["vlm"])}
+    r["overhead"] = r["reencode_s"] / r["cached_s"] - 1
+    return r
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. peak memory of one step, step-wise vs one backward, in a fresh process per configuration
+
+def _memory_child(args):
+    """In a fresh process: set up, one warm-up step, then ONE measured step; print its memory as a JSON line.
+
+    CPU: the step's own transient memory = VmHWM (peak RSS, reset via /proc/self/clear_refs just before the step)
+    minus VmRSS just before it. Counted: everything the step allocates and touches -- autograd activations of the
+    student graph(s), teacher forward transients, the fused loss's saved w*d, the LoRA gradients (re-allocated every
+    step: zero_grad(set_to_none=True)), AdamW/EMA temporaries. Not counted: weights, cached features, AdamW state
+    (allocated by the warm-up step), the interpreter. The parent runs us with a fixed glibc mmap threshold (64 KiB),
+    so every tensor of 64 KiB or more is its own mapping and goes back to the OS when freed: RSS then follows live
+    tensor bytes instead of hiding reused heap pages that the warm-up step left resident.
+    CUDA: max_memory_allocated - memory_allocated, after reset_peak_memory_stats (tensor bytes, no allocator cache)."""
+    cfg = json.loads(args)
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    with contextlib.redirect_stdout(sys.stderr):    # keep stdout for the one JSON line
+        h = Harness(Path(cfg["root"]), cfg["s"], device)
+        h.step(cfg["K"], 0, stepwise=cfg["stepwise"])                 # warm-up: AdamW state, lazy inits
+        import gc
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            h.step(cfg["K"], 1, stepwise=cfg["stepwise"])
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)             # hand back what the heap still holds
+            status = lambda key: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key))) * 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                                          # reset VmHWM to the current RSS
+            before = status("VmRSS:")
+            h.step(cfg["K"], 1, stepwise=cfg["stepwise"])
+            peak = status("VmHWM:")
+    print(json.dumps({"K": cfg["K"], "stepwise": cfg["stepwise"], "before_bytes": before, "peak_bytes": peak,
+                      "step_bytes": peak - before}))
+
+
+def bench_memory(root, s, device, threads):
+    """{stepwise|one_backward: {K: step MB}} from one subprocess per (K, mode), run one after another."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",     # fixed (not adaptive) threshold, see _memory_child
+               MALLOC_TRIM_THRESHOLD_="131072")                 # and give freed heap tops back promptly
+    res = {"stepwise": {}, "one_backward": {}, "peak_rss_mb": {"stepwise": {}, "one_backward": {}}}
+    for K in s["mem_ks"]:
+        for stepwise in (True, False):
+            arg = json.dumps({"root": str(root), "s": s, "device": str(device), "K": K, "stepwise": stepwise,
+                              "threads": threads})
+            p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-child", arg], env=env,
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"memory child K={K} stepwise={stepwise} failed:\n{p.stderr[-3000:]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            mode = "stepwise" if stepwise else "one_backward"
+            res[mode][K] = r["step_bytes"] / 2**20
+            res["peak_rss_mb"][mode][K] = r["peak_bytes"] / 2**20
+    ks = list(s["mem_ks"])
+    sw, ob = res["stepwise"], res["one_backward"]
+    res["k8_over_k2_stepwise"] = sw[ks[-1]] / sw[ks[0]]
+    res["k8_over_k2_one_backward"] = ob[ks[-1]] / ob[ks[0]]
+    # sanity: one backward keeps K graphs, so it must grow with K (by roughly one step's activations per step);
+    # step-wise keeps one, so it must not. If not, the measurement (not the code) is suspect.
+    res["sane"] = bool(all(ob[a] < ob[b] for a, b in zip(ks, ks[1:])) and ob[ks[-1]] > 1.5 * sw[ks[-1]])
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. our sampler vs the diffusers pipeline
+
+def bench_sampler(root, s, device):
+    """Median seconds of dopsd's sampling path vs ZImagePipeline.__call__: same prompt embeds, 8 steps, size, seed,
+    no CFG, both ending in a PIL image. Ours is the code dopsd.sample runs after loading the model and encoding the
+    prompt (euler_sample over the family's velocity, then the family's decode); model loading and prompt encoding are
+    left out of both. Interleaved runs; also the largest pixel difference between the two images (expect <= 1)."""
+    from diffusers import ZImagePipeline
+    cuda = device.type == "cuda"
+    pipe = ZImagePipeline.from_pretrained(str(root / "zimage"), torch_dtype=torch.bfloat16 if cuda else torch.float32)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    fam, R, seed = dopsd.FAMILIES["zimage"], s["resolution"], 0
+    tr, vae = pipe.transformer, pipe.vae
+    cond = dopsd.collate(dopsd.student_features("zimage", pipe.text_encoder, pipe.tokenizer, [PROMPT]))
+    h = w = R // fam["cell"]
+    steps = fam["deploy"]                                               # 8, Z-Image-Turbo's deploy count
+
+    def ours():                                                         # = dopsd.sample after its loading lines
+        noise = torch.randn(1, tr.config.in_channels, h, w, generator=torch.Generator().manual_seed(seed))
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+            x = dopsd.euler_sample(lambda x, s: fam["velocity"](tr, x, s, cond), noise.to(device),
+                                   dopsd.schedule("zimage", steps, h, w))
+            return fam["decode"](vae, x)[0]
+
+    def theirs():
+        return pipe(prompt_embeds=cond, num_inference_steps=steps, guidance_scale=0.0, height=R, width=R,
+                    generator=torch.Generator().manual_seed(seed)).images[0]
+
+    import numpy as np
+    diff = int(np.abs(np.asarray(ours(), np.int16) - np.asarray(theirs(), np.int16)).max())
+    t = _median_times({"ours": ours, "pipeline": theirs}, device, s["sampler_repeats"], 1)
+    r = {"ours_s": statistics.median(t["ours"]), "pipeline_s": statistics.median(t["pipeline"]), "steps": steps,
+         "max_pixel_diff": diff, "ours_all": t["ours"], "pipeline_all": t["pipeline"]}
+    r["rel_diff"] = r["ours_s"] / r["pipeline_s"] - 1
+    return r
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. the fused divergence loss (unchanged from the first version of this file)
 
 def _time_ms(fns, device, repeats, warmup):
     """Median wall time in ms of each fn in {name: fn}, runs interleaved so that load from other processes hits every
@@ -141,28 +646,218 @@ def bench_loss(device="cpu", shape=(4, 16, 128, 128), dtype=torch.float32, repea
     return res
 
 
+def print_loss_table(r):
+    print(f"{r['device']} {r['dtype']} shape {r['shape']} ({r['numel'] / 1e6:.2f}M elements)")
+    print(f"  {'path':8s} | {'fwd+bwd ms':>10s} | {'saved MB':>8s} | {'B/elem touched':>14s}")
+    for p in ("naive", "torch", "triton"):
+        if f"{p}_ms" in r:
+            print(f"  {p:8s} | {r[p + '_ms']:10.2f} | {r[p + '_saved_bytes'] / 2**20:8.2f} | "
+                  f"{r[p + '_bytes_per_elem']:14.1f}")
+    print(f"  torch path speed-up over naive: {r['speedup_torch_vs_naive']:.2f}x")
+    if "triton_fwd_gbps" in r:
+        print(f"  triton fwd kernel {r['triton_fwd_gbps']:.0f} GB/s vs copy {r['copy_gbps']:.0f} GB/s "
+              f"({100 * r['triton_fraction_of_copy']:.0f}% of copy)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# goals and report
+
+def check_goals(res, device):
+    """{goal: {value, limit, pass}}; pass is None when the measurement did not run (skipped or failed)."""
+    goals = {}
+    tr = res.get("train", {})
+    ratio = None
+    if "dopsd" in tr and "sft" in tr:
+        ratio = tr["dopsd"]["sec_per_step"] / tr["sft"]["sec_per_step"]
+    goals["ratio_dopsd_over_sft_k4"] = dict(value=ratio, limit=f"<= {GOALS['ratio']}", pass_=ratio is not None and ratio <= GOALS["ratio"],
+                                            note="CPU fp32 goal" + ("" if device.type == "cpu" else "; measured on CUDA bf16"))
+    mem = res.get("memory", {})
+    m = mem.get("k8_over_k2_stepwise") if isinstance(mem, dict) else None
+    goals["mem_k8_over_k2_stepwise"] = dict(value=m, limit=f"<= {GOALS['mem']}", pass_=m is not None and m <= GOALS["mem"])
+    enc = None
+    if "dopsd" in tr and "sft" in tr:
+        in_loop = sum(sum(tr[k]["encoder_calls"]["in_loop"].values()) for k in ("dopsd", "sft"))
+        n = tr["dopsd"]["n_pairs"]
+        cache_ok = (tr["dopsd"]["encoder_calls"]["before_loop"] == {"text_encoder": n, "vlm": n, "vae_encoder": 0}
+                    and tr["sft"]["encoder_calls"]["before_loop"] == {"text_encoder": n, "vlm": 0, "vae_encoder": n})
+        enc = dict(in_loop_calls=in_loop, cache_once_per_pair=cache_ok)
+    goals["encoders_outside_loop"] = dict(value=enc, limit="0 calls in the loop; one per pair before it",
+                                          pass_=enc is not None and enc["in_loop_calls"] == 0 and enc["cache_once_per_pair"])
+    sm = res.get("sampler", {})
+    d = sm.get("rel_diff") if isinstance(sm, dict) else None
+    goals["sampler_within_5pct"] = dict(value=d, limit=f"|ours/pipeline - 1| <= {GOALS['sampler']} (slower only counts)",
+                                        pass_=d is not None and d <= GOALS["sampler"])
+    for k, g in goals.items():
+        ran = g["value"] is not None
+        g["pass"] = g.pop("pass_") if ran else None
+    return goals
+
+
+def _phase(res, name, fn, loads):
+    """Run one measurement; record its result (or its error: the other measurements still run) and foreign load."""
+    print(f"\n== {name} ==", flush=True)
+    with LoadMeter() as lm:
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 - a broken measurement is reported in the JSON, not fatal
+            traceback.print_exc()
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+    loads[name] = dict(wall_s=round(lm.wall, 1), foreign_cores=None if lm.foreign is None else round(lm.foreign, 2))
+    warn = lm.foreign is not None and lm.foreign > 0.2
+    print(f"   ({lm.wall:.0f} s; other processes used {lm.foreign if lm.foreign is not None else float('nan'):.2f} "
+          f"cores meanwhile{' -- TIMINGS DISTORTED, rerun on an idle machine' if warn else ''})", flush=True)
+    return res[name]
+
+
+def _ok(r):
+    return isinstance(r, dict) and "error" not in r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small DiT, few repeats: a smoke run (~1.5 min), numbers "
+                   "not meaningful")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's default, one per core)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
+    p.add_argument("--only", default="train,floor,reencode,memory,sampler,loss",
+                   help="comma-separated subset of: train,floor,reencode,memory,sampler,loss (default: all)")
+    p.add_argument("--keep", metavar="DIR", help="build the model / runs in DIR and keep them (default: a temp dir, "
+                   "removed at the end)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a goal fails")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)      # internal: one memory measurement
+    a = p.parse_args(argv)
+    if a.memory_child:
+        return _memory_child(a.memory_child)
+    t_start = time.perf_counter()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    s = dict(QUICK if a.quick else FULL)
+    only = set(a.only.split(","))
+    from diffusers.utils import logging as d_logging
+    from transformers.utils import logging as t_logging
+    d_logging.disable_progress_bar()
+    t_logging.disable_progress_bar()
+    t_logging.set_verbosity_error()
+
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dopsd_bench_"))
+    if a.keep and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    root = work / "model"
+    res, loads = {"quick": a.quick, "settings": {k: v for k, v in s.items()}}, {}
+    res["machine"] = m = machine_info(device)
+    print(f"machine: {m['cpu']} ({m['arch']}), {m['cores']} cores ({m['usable_cores']} usable), {m['ram_gb']} GB RAM, "
+          f"torch {m['torch_threads']} threads, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU")
+          + f" | bench device {device} | " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+          + (" | QUICK run: numbers are not meaningful" if a.quick else ""))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            res["model"] = mi = build_bench_model(root, s)
+        print(f"model: Z-Image DiT dim {mi['dim']}, {mi['n_layers']} layers + {mi['n_refiner_layers']}+"
+              f"{mi['n_refiner_layers']} refiner, {mi['n_heads']} heads, {mi['dit_params'] / 1e6:.2f} M params "
+              f"(text encoder {mi['text_encoder_params'] / 1e6:.2f} M, VAE {mi['vae_params'] / 1e6:.2f} M) | "
+              f"{mi['resolution']}x{mi['resolution']} px -> {mi['image_tokens']} image tokens | LoRA r{mi['lora_rank']} "
+              f"alpha {mi['lora_alpha']} | {mi['n_images']} training pairs, batch 1, seed 0, K = {K_MAIN}")
+
+        if "train" in only:
+            def train_both():
+                r = {m_: bench_train(root, s, device, m_, work) for m_ in ("dopsd", "sft")}
+                for m_, x in r.items():
+                    print(f"   {m_:5s} {'K=' + str(x['K']) if x['K'] else '   ':4s} {x['sec_per_step']:8.3f} s/step "
+                          f"(median of {x['timed_steps']} after {x['warmup_steps']} warm-up; min {x['sec_min']:.3f} "
+                          f"max {x['sec_max']:.3f}) | encoder calls before loop {x['encoder_calls']['before_loop']}, "
+                          f"in loop {x['encoder_calls']['in_loop']}")
+                r["ratio"] = r["dopsd"]["sec_per_step"] / r["sft"]["sec_per_step"]
+                print(f"   ratio dopsd/sft = {r['ratio']:.2f}  (nominal floor 4K/3 = {4 * K_MAIN / 3:.2f})")
+                return r
+            _phase(res, "train", train_both, loads)
+
+        if only & {"floor", "reencode"}:
+            with contextlib.redirect_stdout(io.StringIO()):
+                h = Harness(root, s, device, keep_encoders="reencode" in only)
+            if "floor" in only:
+                def floor():
+                    r = bench_floor(h, s)
+                    print(f"   student fwd {r['fwd_s']:.3f} s | student fwd+bwd {r['fwdbwd_s']:.3f} s (bwd = "
+                          f"{r['bwd_over_fwd']:.2f} fwd; LoRA: no weight gradients for the base) | teacher fwd "
+                          f"{r['fwd_t']:.3f} s (= {r['teacher_over_student_fwd']:.2f} student fwd; context "
+                          f"{r['tokens_teacher_context']} vs {r['tokens_student_caption']} caption tokens)")
+                    print(f"   floor: dopsd step K(fwd+bwd + teacher fwd) = {r['dopsd_step_floor_s']:.3f} s, sft step "
+                          f"= {r['sft_step_floor_s']:.3f} s -> ratio floor {r['ratio_floor_measured']:.2f} measured "
+                          f"({r['ratio_floor_nominal']:.2f} nominal)")
+                    tr = res.get("train", {})
+                    if _ok(tr):
+                        r["dopsd_over_floor"] = tr["dopsd"]["sec_per_step"] / r["dopsd_step_floor_s"] - 1
+                        r["sft_over_floor"] = tr["sft"]["sec_per_step"] / r["sft_step_floor_s"] - 1
+                        print(f"   train loop above floor: dopsd {100 * r['dopsd_over_floor']:+.1f} %, sft "
+                              f"{100 * r['sft_over_floor']:+.1f} %")
+                    return r
+                _phase(res, "floor", floor, loads)
+            if "reencode" in only:
+                def reencode():
+                    r = bench_reencode(h, s)
+                    print(f"   cached step {r['cached_s']:.3f} s | re-encoding step {r['reencode_s']:.3f} s "
+                          f"({100 * r['overhead']:+.1f} %) | encoders per pair: text {r['text_encoder_s'] * 1e3:.1f} ms, "
+                          f"VLM {r['vlm_s'] * 1e3:.1f} ms")
+                    tr = res.get("train", {})
+                    if _ok(tr):
+                        r["harness_vs_train"] = r["cached_s"] / tr["dopsd"]["sec_per_step"] - 1
+                        print(f"   (harness cached step vs train loop step: {100 * r['harness_vs_train']:+.1f} %)")
+                    return r
+                _phase(res, "reencode", reencode, loads)
+            del h
+
+        if "memory" in only:
+            def memory():
+                r = bench_memory(root, s, device, torch.get_num_threads())
+                print(f"   {'K':>3s} | {'step-wise MB':>12s} | {'one backward MB':>15s}   (the step's own peak; "
+                      f"{'VmHWM - VmRSS before' if device.type == 'cpu' else 'max_allocated - allocated'})")
+                for K in s["mem_ks"]:
+                    print(f"   {K:3d} | {r['stepwise'][K]:12.1f} | {r['one_backward'][K]:15.1f}")
+                print(f"   K{s['mem_ks'][-1]}/K{s['mem_ks'][0]}: step-wise {r['k8_over_k2_stepwise']:.2f}, one backward "
+                      f"{r['k8_over_k2_one_backward']:.2f} | sanity (one-backward grows with K, step-wise does not): "
+                      f"{'ok' if r['sane'] else 'FAILED -- memory numbers suspect'}")
+                return r
+            _phase(res, "memory", memory, loads)
+
+        if "sampler" in only:
+            def sampler():
+                r = bench_sampler(root, s, device)
+                print(f"   ours {r['ours_s']:.3f} s | ZImagePipeline.__call__ {r['pipeline_s']:.3f} s | "
+                      f"{100 * r['rel_diff']:+.1f} % ({r['steps']} steps, {s['resolution']} px; images differ by at "
+                      f"most {r['max_pixel_diff']} / 255)")
+                return r
+            _phase(res, "sampler", sampler, loads)
+
+        if "loss" in only:
+            def loss():
+                out = []
+                for dev in ["cpu"] + (["cuda"] if device.type == "cuda" else []):
+                    for dt in (torch.float32, torch.bfloat16):
+                        r = bench_loss(dev, dtype=dt, repeats=s["loss_repeats"])
+                        print_loss_table(r)
+                        out.append(r)
+                return out
+            _phase(res, "loss", loss, loads)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    res["load"] = loads
+    res["goals"] = goals = check_goals(res, device)
+    print("\n== goals ==")
+    fmt = lambda v: (f"{v:.3f}" if isinstance(v, float) else json.dumps(v))
+    for k, g in goals.items():
+        verdict = "SKIP" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
+        print(f"   {verdict}  {k}: {fmt(g['value'])} (goal {g['limit']})" + (f" [{g['note']}]" if g.get("note") else ""))
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    distorted = [k for k, v in loads.items() if v["foreign_cores"] and v["foreign_cores"] > 0.2]
+    print(f"   total wall time {res['wall_s']:.0f} s" + (f"; other processes loaded the CPU during: "
+                                                       f"{', '.join(distorted)}" if distorted else ""))
+    print(json.dumps(res, default=lambda o: str(o)))
+    return 1 if a.strict and any(g["pass"] is False for g in goals.values()) else 0
+
+
 if __name__ == "__main__":
-    import sys
-    if len(sys.argv) > 1:  # python bench_loss.py 1: one thread, steadier when another process holds a core
-        torch.set_num_threads(int(sys.argv[1]))
-    torch.manual_seed(0)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
-          + f" | torch {torch.__version__}, triton: {HAS_TRITON}")
-    results = []
-    for dev in devices:
-        for dt in (torch.float32, torch.bfloat16):
-            r = bench_loss(dev, dtype=dt)
-            results.append(r)
-            print(f"\n{r['device']} {r['dtype']} shape {r['shape']} ({r['numel'] / 1e6:.2f}M elements)")
-            print(f"{'path':8s} | {'fwd+bwd ms':>10s} | {'saved MB':>8s} | {'B/elem touched':>14s}")
-            for p in ("naive", "torch", "triton"):
-                if f"{p}_ms" in r:
-                    print(f"{p:8s} | {r[p + '_ms']:10.2f} | {r[p + '_saved_bytes'] / 2**20:8.2f} | "
-                          f"{r[p + '_bytes_per_elem']:14.1f}")
-            print(f"torch path speed-up over naive: {r['speedup_torch_vs_naive']:.2f}x")
-            if "triton_fwd_gbps" in r:
-                print(f"triton fwd kernel {r['triton_fwd_gbps']:.0f} GB/s vs copy {r['copy_gbps']:.0f} GB/s "
-                      f"({100 * r['triton_fraction_of_copy']:.0f}% of copy)")
-    print(json.dumps({"loss": results}))
+    sys.exit(main())
