@@ -277,11 +277,11 @@ def two_role_dit(tiny):
     ctx = [torch.randn(20, 32, generator=torch.Generator().manual_seed(2)), torch.randn(25, 32)]
 
     def student(x, s):
-        dopsd.use_adapter(tr, "student")
+        dopsd.use_adapter(dopsd.lora_layers(tr), "student")
         return dopsd.zimage_velocity(tr, x, s, caps)
 
     def teacher(x, s):
-        dopsd.use_adapter(tr, "teacher")
+        dopsd.use_adapter(dopsd.lora_layers(tr), "teacher")
         return dopsd.zimage_velocity(tr, x, s, ctx)
     return tr, student, teacher
 
@@ -1151,7 +1151,7 @@ def calibrate(dry_tiny, family, S=256, L=100, full=False):
         trainable = dict(tr.requires_grad_(True).named_parameters())
     else:
         dopsd.add_lora_adapters(tr.requires_grad_(False), dopsd.LORA_TARGETS[family], 4, 8)
-        dopsd.use_adapter(tr, "student")
+        dopsd.use_adapter(dopsd.lora_layers(tr), "student")
         trainable = dopsd.adapter_params(tr, "student")
     side, g = int(S ** 0.5), torch.Generator().manual_seed(0)
     if family == "zimage":                                   # latent grid 2·side (2×2 patches), caption of L tokens
