@@ -305,11 +305,10 @@ def pipeline_family(model):
 
 
 def load_pipeline(model, dtype, transformer_dtype=None):
-    """The diffusers pipeline, weights in `dtype` (the DiT in `transformer_dtype` if given, e.g. fp32 for --full)."""
+    """The diffusers pipeline, weights in `dtype` (the DiT in `transformer_dtype` if given, e.g. fp32 for --full).
+    Call pipeline_family(model) first: it refuses unsupported checkpoints before any weight is read."""
     from diffusers import DiffusionPipeline
-    family = pipeline_family(model)
-    dtypes = {"default": dtype, "transformer": transformer_dtype or dtype}
-    return DiffusionPipeline.from_pretrained(model, dtype=dtypes), family
+    return DiffusionPipeline.from_pretrained(model, dtype={"default": dtype, "transformer": transformer_dtype or dtype})
 
 
 def load_hybrid_vlm(vlm_path, text_encoder, dtype):
@@ -563,9 +562,9 @@ def klein_velocity(transformer, x, sigma, cond):
 @torch.no_grad()
 def euler_sample(velocity, noise, sigmas):
     """Plain few-step Euler sampling (what the pipeline does, and what the student rolls out). Returns x at σ = 0."""
-    x = noise
+    x, sigmas = noise, sigmas.to(noise.device)
     for k in range(len(sigmas) - 1):
-        x = x + (sigmas[k + 1] - sigmas[k]) * velocity(x, sigmas[k].expand(x.shape[0]).to(x.device))
+        x = x + (sigmas[k + 1] - sigmas[k]) * velocity(x, sigmas[k].expand(x.shape[0]))
     return x
 
 
@@ -863,10 +862,11 @@ def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, s
     stepwise=False keeps all K graphs and runs one backward (the public recipe's memory behaviour; for tests/bench).
     Returns (mean loss over the K steps, detached, fp32 scalar; the final state x at σ = 0)."""
     K, B = len(sigmas) - 1, noise.shape[0]
+    sigmas = sigmas.to(noise.device)                               # once, not a host->device copy per step
     x, total, graph = noise, noise.new_zeros((), dtype=torch.float32), 0.0
     for k in range(K):
         x = x.detach()                                             # no gradient through earlier steps (no BPTT)
-        s = sigmas[k].to(x.device).expand(B)                       # [B]
+        s = sigmas[k].expand(B)                                    # [B]
         with torch.no_grad():
             u_t = teacher(x, s)                                    # teacher on the STUDENT's state
         u_s = student(x, s)                                        # with grad
@@ -1013,7 +1013,7 @@ def train_rank(cfg, items, family, rank, world, device):
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world,
                                                      "versions": versions}, indent=2))
 
-    pipe, family = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
+    pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
     pipe_cls, tr, vae, text_encoder, tokenizer = type(pipe), pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer
     del pipe
     vae.to(device).requires_grad_(False)
@@ -1426,7 +1426,7 @@ def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width
     family = pipeline_family(model)
     fam, device = FAMILIES[family], pick_device(device)
     cuda = device.type == "cuda"
-    pipe, family = load_pipeline(model, torch.bfloat16 if cuda else torch.float32)
+    pipe = load_pipeline(model, torch.bfloat16 if cuda else torch.float32)
     if lora:
         load_weights(pipe, lora)
     tr, vae = pipe.transformer.to(device), pipe.vae.to(device)

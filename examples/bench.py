@@ -216,7 +216,7 @@ class Harness:
         self.device, self.cuda = device, device.type == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32       # as train(): bf16 + autocast on CUDA
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.cuda else nullcontext
-        pipe, family = dopsd.load_pipeline(str(root / "zimage"), self.dtype)
+        pipe = dopsd.load_pipeline(str(root / "zimage"), self.dtype)
         self.tr, self.vae, te, tok = pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer
         items = dopsd.scan_dataset(str(root / "data"))
         buckets = dopsd.make_buckets(s["resolution"])
