@@ -401,18 +401,26 @@ def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
 
 
 @torch.no_grad()
-def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=512):
+def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=None):
     """FLUX.2-klein's text features: chat template (thinking off) -> Qwen3 -> hidden states of `layers` side by side.
 
     Returns [B, max_len, len(layers)·D], padding KEPT: the klein DiT has no text mask, so the pad tokens are part of
-    the condition and student, teacher and pipeline must all pad to the same 512 (Flux2KleinPipeline's encoding)."""
-    dev = text_encoder.device
+    the condition and student, teacher and pipeline must all pad to the same length (Flux2KleinPipeline's
+    max_sequence_length). max_len=None: klein_text_len(tokenizer), 512 for the real checkpoints."""
+    dev, max_len = text_encoder.device, max_len or klein_text_len(tokenizer)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True, enable_thinking=False) for p in prompts]
     tok = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
     hs = text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
                       output_hidden_states=True, use_cache=False).hidden_states       # (layers+1) × [B, L, D]
     return torch.cat([hs[k] for k in layers], dim=-1)                                # [B, L, 3D]
+
+
+def klein_text_len(tokenizer):
+    """klein's text length: the pipeline's max_sequence_length default, 512, unless the tokenizer says it reads less
+    (the real Qwen3 tokenizer says 131072; the CPU toy model of examples/toy says 48, and sampling it in diffusers
+    takes max_sequence_length=48)."""
+    return min(512, tokenizer.model_max_length)
 
 
 def klein_text_layers(text_encoder):
@@ -897,10 +905,16 @@ def sft_loss(student, x0, noise, sigma, backend="auto"):
 
 FAMILIES = {
     # deploy: the distilled step count (Z-Image-Turbo: 8 DiT forwards = num_inference_steps=8 in diffusers 0.42;
-    # klein: 4). latent: (channels, pixels per latent cell) of the DiT's state. Neither uses CFG.
-    "zimage": dict(velocity=zimage_velocity, encode=zimage_encode, decode=zimage_decode, deploy=8, cell=8),
-    "klein": dict(velocity=klein_velocity, encode=klein_encode, decode=klein_decode, deploy=4, cell=16),
+    # klein: 4). Neither uses CFG.
+    "zimage": dict(velocity=zimage_velocity, encode=zimage_encode, decode=zimage_decode, deploy=8),
+    "klein": dict(velocity=klein_velocity, encode=klein_encode, decode=klein_decode, deploy=4),
 }
+
+
+def latent_cell(family, vae):
+    """Pixels per cell of the DiT's state grid: the VAE's downsampling (8 for the real VAEs, 2^(blocks-1)), times 2
+    for klein, whose state is 2×2-packed latents. The toy klein of examples/toy has a 4× VAE: cell 8."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) * (2 if family == "klein" else 1)
 # The teacher's instruction for klein, appended to the caption (--teacher-suffix overrides it).
 KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
                         "same as in the reference image.")
@@ -913,7 +927,7 @@ def schedule(family, num_steps, h, w):
 
 
 def student_features(family, text_encoder, tokenizer, prompts):
-    """Per-prompt student conditioning: Z-Image [L_i, D]; klein ([512, 3D], None) (no reference image)."""
+    """Per-prompt student conditioning: Z-Image [L_i, D]; klein ([L, 3D], None) (no reference image)."""
     if family == "zimage":
         return zimage_text_features(text_encoder, tokenizer, prompts)
     pe = klein_text_features(text_encoder, tokenizer, prompts, klein_text_layers(text_encoder))
@@ -1027,9 +1041,10 @@ def train_rank(cfg, items, family, rank, world, device):
     bucket_of = [(im.height, im.width) for im in crops]
     captions = [c for _, c in items]
     text_encoder.to(device).requires_grad_(False)
-    long = [p for p, c in items if prompt_tokens(tokenizer, c) > 512]
+    limit = klein_text_len(tokenizer) if family == "klein" else 512
+    long = [p for p, c in items if prompt_tokens(tokenizer, c) > limit]
     if long:
-        print(f"warning: {len(long)} caption(s) longer than the encoder's 512 tokens are truncated ({_names(long)})")
+        print(f"warning: {len(long)} caption(s) longer than the encoder's {limit} tokens are truncated ({_names(long)})")
     cond_s = [student_features(family, text_encoder, tokenizer, [c])[0] for c in captions]
     cond_t = x0_cache = None
     if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
@@ -1051,7 +1066,7 @@ def train_rank(cfg, items, family, rank, world, device):
 
     # ---- the two roles: LoRA adapters "student" + "teacher" on one DiT, or (with --full) a frozen EMA copy
     tr.to(device)
-    C, cell, velocity = tr.config.in_channels, fam["cell"], fam["velocity"]
+    C, cell, velocity = tr.config.in_channels, latent_cell(family, vae), fam["velocity"]
     grid_cols, side = list(range(min(4, len(items)))), cfg.resolution
     grid_noise = [torch.randn(1, C, side // cell, side // cell, generator=torch.Generator().manual_seed(cfg.seed + j))
                   for j in grid_cols]
@@ -1431,7 +1446,8 @@ def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width
         load_weights(pipe, lora)
     tr, vae = pipe.transformer.to(device), pipe.vae.to(device)
     cond = collate(student_features(family, pipe.text_encoder.to(device), pipe.tokenizer, [prompt]))
-    h, w, steps = height // fam["cell"], width // fam["cell"], steps or fam["deploy"]
+    cell = latent_cell(family, vae)
+    h, w, steps = height // cell, width // cell, steps or fam["deploy"]
     noise = torch.randn(1, tr.config.in_channels, h, w, generator=torch.Generator().manual_seed(seed))
     with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():   # CPU noise: same on any device
         x = euler_sample(lambda x, s: fam["velocity"](tr, x, s, cond), noise.to(device), schedule(family, steps, h, w))

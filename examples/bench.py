@@ -238,7 +238,7 @@ class Harness:
             del te, vlm, self.encode_s, self.encode_t
         self.tr.to(device).requires_grad_(False)
         self.C = self.tr.config.in_channels
-        self.h = self.w = s["resolution"] // dopsd.FAMILIES["zimage"]["cell"]
+        self.h = self.w = s["resolution"] // dopsd.latent_cell("zimage", self.vae)
         torch.manual_seed(0)
         dopsd.add_lora_adapters(self.tr, dopsd.LORA_TARGETS["zimage"], s["rank"], 2 * s["rank"])
         self.layers = dopsd.lora_layers(self.tr)
@@ -580,7 +580,7 @@ def bench_sampler(root, s, device):
     fam, R, seed = dopsd.FAMILIES["zimage"], s["resolution"], 0
     tr, vae = pipe.transformer, pipe.vae
     cond = dopsd.collate(dopsd.student_features("zimage", pipe.text_encoder, pipe.tokenizer, [PROMPT]))
-    h = w = R // fam["cell"]
+    h = w = R // dopsd.latent_cell("zimage", vae)
     steps = fam["deploy"]                                               # 8, Z-Image-Turbo's deploy count
 
     def ours():                                                         # = dopsd.sample after its loading lines
