@@ -915,6 +915,8 @@ def latent_cell(family, vae):
     """Pixels per cell of the DiT's state grid: the VAE's downsampling (8 for the real VAEs, 2^(blocks-1)), times 2
     for klein, whose state is 2×2-packed latents. The toy klein of examples/toy has a 4× VAE: cell 8."""
     return 2 ** (len(vae.config.block_out_channels) - 1) * (2 if family == "klein" else 1)
+
+
 # The teacher's instruction for klein, appended to the caption (--teacher-suffix overrides it).
 KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
                         "same as in the reference image.")
