@@ -456,14 +456,6 @@ class Sampler:
         return dopsd.klein_decode(self.vae, x)
 
 
-def pix(images):
-    return np.stack([np.asarray(im, dtype=np.float64) / 255 for im in images])
-
-
-def rms(a, b):
-    return float(np.sqrt(((pix(a) - pix(b)) ** 2).mean()))
-
-
 def validate_metrics(rng):
     """The statistics on real world images: same style vs other styles, and sharpness vs a blurred copy."""
     from PIL import ImageFilter
@@ -496,7 +488,7 @@ def stage_gate(work, out):
         [world.colour_distance(a, b) for a, b in pairs])
     gate["metric_validation_on_world_images"]["vae_roundtrip_texture"] = mean_std(
         [world.texture_distance(a, b) for a, b in pairs])
-    gate["metric_validation_on_world_images"]["vae_roundtrip_rms"] = round(rms(ims, rec), 4)
+    gate["metric_validation_on_world_images"]["vae_roundtrip_rms"] = round(world.rms(ims, rec), 4)
     log(f"metric validation: {gate['metric_validation_on_world_images']}")
     prompts = [world.caption(*combos[(7 * i) % len(combos)]) for i in range(16)]
 
@@ -510,8 +502,8 @@ def stage_gate(work, out):
         for seed in range(SEEDS):
             b32, b4 = sampler(base, prompts, seed, MANY), sampler(base, prompts, seed, DEPLOY)
             t4, t32 = sampler(turbo, prompts, seed, DEPLOY), sampler(turbo, prompts, seed, MANY)
-            rows["turbo4_vs_base32"].append(rms(t4, b32)), rows["base4_vs_base32"].append(rms(b4, b32))
-            rows["turbo4_vs_turbo32"].append(rms(t4, t32))
+            rows["turbo4_vs_base32"].append(world.rms(t4, b32)), rows["base4_vs_base32"].append(world.rms(b4, b32))
+            rows["turbo4_vs_turbo32"].append(world.rms(t4, t32))
             for k, ims in (("sharp_turbo4", t4), ("sharp_base4", b4), ("sharp_base32", b32)):
                 rows[k].append(np.mean([world.sharpness(im) for im in ims]))
             real = [world.render(world.random_style(rng), *combos[(7 * i) % len(combos)], rng) for i in range(16)]

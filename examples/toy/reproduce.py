@@ -125,11 +125,9 @@ class Evaluator:
                 self.pipe.unload_lora_weights()
         style, contrast = self.style(ims_new)
         sharp = lambda ims: np.mean([world.sharpness(im) for im in ims])
-        pix = lambda ims: np.stack([np.asarray(im, dtype=np.float64) / 255 for im in ims])
-        rms = lambda a, b: float(np.sqrt(((pix(a) - pix(b)) ** 2).mean()))
         m = dict(style=style, contrast=contrast, sharpness=sharp(ims_new) / sharp(reference["teacher"]),
-                 agree_4_32=rms(ims_new, ims_many), colour_new=colour_err(ims_new, prompts or world.NEW_PROMPTS),
-                 retention=rms(ims_old, reference["old"]), leak_style=self.style(ims_old)[0],
+                 agree_4_32=world.rms(ims_new, ims_many), colour_new=colour_err(ims_new, prompts or world.NEW_PROMPTS),
+                 retention=world.rms(ims_old, reference["old"]), leak_style=self.style(ims_old)[0],
                  colour_old=colour_err(ims_old, OLD_PROMPTS))
         return m, ims_new, ims_old
 

@@ -164,6 +164,12 @@ def colour_error(image, colour):
     return float(np.percentile(d, 10))
 
 
+def rms(a, b):
+    """Pixel RMS distance between two equally long lists of images, in [0, 1] units."""
+    pix = lambda ims: np.stack([np.asarray(im, dtype=np.float64) / 255 for im in ims])
+    return float(np.sqrt(((pix(a) - pix(b)) ** 2).mean()))
+
+
 def sharpness(image):
     """Mean absolute difference between neighbouring pixels (both axes), [0, 1] units: blur lowers it."""
     a = np.asarray(image, dtype=np.float64) / 255.0
