@@ -46,6 +46,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -53,7 +54,7 @@ import threading
 import warnings
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,12 +87,15 @@ class TrainConfig:
     rank: int = 64                          # LoRA rank
     alpha: float = 128.0                    # LoRA alpha (scale = alpha / rank)
     full: bool = False                      # train every DiT weight instead of a LoRA
-    lr: float = 1e-4                        # AdamW learning rate, constant
+    lr: float | None = None                 # AdamW learning rate, constant; None = the family's (DEFAULT_LR)
     max_steps: int = 2000                   # optimizer steps
     batch_size: int = 1                     # images per micro-batch (one aspect bucket)
     grad_accum: int = 1                     # micro-batches per optimizer step
     seed: int = 0                           # data order, noise and sample grids all derive from it
     device: str = "auto"                    # auto = cuda -> mps -> cpu
+    precision: str = "auto"                 # auto = bf16 weights + autocast on an accelerator, fp32 on CPU; fp32; bf16
+    grad_checkpointing: str = "auto"        # auto = on on an accelerator, off on CPU; on; off
+    dist_timeout: float = 60.0              # minutes a rank waits in a collective (torchrun) before it gives up
     sample_every: int = 250                 # steps between sample grids, 0 = only at the end
     save_every: int = 500                   # steps between checkpoints, 0 = only at the end
     resume: bool = False                    # continue from out/checkpoint.pt
@@ -248,32 +252,68 @@ SUPPORTED_PIPELINES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "klein"
 
 
 def pick_device(name="auto"):
+    """The torch.device to run on, announced with the reason. An explicit cuda:N also becomes the *current* CUDA
+    device: Triton launches its kernels on the current device, not on the tensors' (triton/runtime/jit.py), so
+    without this `--device cuda:1` would run the loss kernel on GPU 0 against GPU 1's memory."""
     if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
+        dev, why = torch.device(name), "--device"
+    elif torch.cuda.is_available():
         dev, why = torch.device("cuda"), f"CUDA found ({torch.cuda.get_device_name()})"
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         dev, why = torch.device("mps"), "Apple MPS found, no CUDA"
     else:
         dev, why = torch.device("cpu"), "no CUDA or MPS found"
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
     print(f"device: {dev} ({why})")
     return dev
 
 
-def setup_distributed(device_name):
+def pick_precision(device, precision="auto", checkpointing="auto"):
+    """(weight dtype, autocast context factory, gradient checkpointing on?) for a device, printed with the reason
+    (checkpointing=None: not training, not printed).
+
+    auto: on any accelerator (cuda, mps) bf16 weights + bf16 autocast + checkpointing, the only way a 6B DiT and its
+    roll-out fit; on CPU fp32 and no checkpointing (CPU bf16 is slow, and there memory is rarely the limit). The CPU
+    bf16 path is the accelerator path minus the device: the tests run it to stand in for CUDA."""
+    accel = device.type != "cpu"
+    bf16 = precision == "bf16" or (precision == "auto" and accel)
+    ckpt = checkpointing == "on" or (checkpointing == "auto" and accel)
+    why = lambda flag, v: f"--{flag}" if v != "auto" else f"{'accelerator' if accel else 'CPU'} default"
+    print(f"precision: {'bf16 weights + bf16 autocast' if bf16 else 'fp32'} ({why('precision', precision)})"
+          + (f"; gradient checkpointing {'on' if ckpt else 'off'} ({why('grad-checkpointing', checkpointing)})"
+             if checkpointing else ""))
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    return (torch.bfloat16 if bf16 else torch.float32), autocast, ckpt
+
+
+def setup_distributed(device_name, timeout_min=60.0):
     """(rank, world size, device). Under `torchrun --nproc_per_node N`, one process per GPU (nccl) or per CPU worker
-    (gloo), each on its own data shard; a plain `python dopsd.py` is rank 0 of 1 and needs no process group."""
+    (gloo), each on its own data shard; a plain `python dopsd.py` is rank 0 of 1 and needs no process group.
+
+    The timeout bounds every collective: a rank that waits longer (a dead peer, or rank 0 writing a 120 GB --full
+    checkpoint to slow storage) raises instead of hanging. NCCL's default is 10 minutes, too short for that save."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, pick_device(device_name)
+    import datetime
     import torch.distributed as dist
-    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device(device_name.replace("auto", "cpu"))
+    if device_name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {device_name} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda "
+                        "(choose the GPUs with CUDA_VISIBLE_DEVICES) or --device cpu")
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if device_name == "auto" and not cuda and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        raise UserError("torchrun on Apple MPS: there is no multi-process backend for mps; run one process "
+                        "(python dopsd.py train ...), or pass --device cpu to train on the CPU")
+    if device_name == "cuda" and not cuda:
+        raise UserError("--device cuda: no CUDA device is visible; pass --device cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     if dist.get_rank() == 0:
-        print(f"distributed: {world} processes, {'nccl' if cuda else 'gloo'}, device {device.type}")
+        print(f"distributed: {world} processes, {'nccl' if cuda else 'gloo'}, device {device.type}, "
+              f"collective timeout {timeout_min:g} min")
     return dist.get_rank(), world, device
 
 
@@ -349,7 +389,6 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
 
     LoRA factors are kept in fp32 even when the DiT is bf16: the EMA adds (1-μ)=1e-4 of a difference each step, which
     bf16's 8-bit mantissa would round away."""
-    import re
     from peft import LoraConfig
     expected = [n for n, m in transformer.named_modules()
                 if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n)]
@@ -366,6 +405,12 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
         for n, p in lora.items():
             if f".{names[0]}." in n and len(names) > 1:
                 lora[n.replace(f".{names[0]}.", f".{names[1]}.")].copy_(p)
+    # peft casts each LoRA layer's input to the factors' dtype (fp32). Under bf16 autocast that makes every LoRA'd
+    # linear save its own fresh bf16 copy of its input for backward (fp32 -> autocast -> bf16), instead of sharing the
+    # activation the base linear already saved. Autocast does the casting here, so peft's is switched off, for good:
+    # peft.helpers.disable_input_dtype_casting does the same, but only inside a `with` block. No effect in fp32.
+    for layer in lora_layers(transformer):
+        layer.cast_input_dtype_enabled = False
     wrapped = sum(1 for n in lora if n.endswith(f"lora_A.{names[0]}.weight"))
     if wrapped != len(expected) or wrapped == 0:
         raise RuntimeError(f"LoRA wrapped {wrapped} modules but {len(expected)} linears match the target list")
@@ -429,18 +474,26 @@ def klein_text_layers(text_encoder):
     return (n // 4, n // 2, 3 * n // 4)
 
 
-def prompt_tokens(tokenizer, prompt):
+def prompt_tokens(tokenizer, prompt, **template):
     """Length of a templated prompt in tokens (to warn once before the encoder truncates it)."""
     return len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True)).input_ids)
+                                                       add_generation_prompt=True, **template)).input_ids)
+
+
+def warn_long(what, paths, limit):
+    """One warning line naming every image whose `what` is cut at `limit` tokens, and the fix."""
+    if paths:
+        print(f"warning: the {what} of {len(paths)} image(s) is longer than {limit} tokens and is cut "
+              f"({_names(paths)}): shorten those captions")
 
 
 @torch.no_grad()
-def vlm_features(vlm, tokenizer, image_processor, image, prompt, max_len=1024, pixels=(512 * 512, 768 * 768)):
+def vlm_features(vlm, tokenizer, image_processor, image, prompt, pixels=(512 * 512, 768 * 768)):
     """The teacher's multimodal features f_mm(p, I): hybrid Qwen3-VL on one user turn [image, caption] -> [L', D].
 
     image: PIL RGB (the training crop). The VLM sees it at 512²..768² pixels (the paper's processor limits); every
-    token of the turn -- template, image and caption -- is kept, then cut to max_len, exactly where cap_feats go."""
+    token of the turn -- template, image and caption -- is kept. They go where cap_feats go, which the caller cuts to
+    VLM_CONTEXT tokens (and says so when it has to)."""
     dev = next(vlm.parameters()).device
     pix = image_processor(images=[image], return_tensors="pt",
                           size={"shortest_edge": pixels[0], "longest_edge": pixels[1]})
@@ -454,7 +507,7 @@ def vlm_features(vlm, tokenizer, image_processor, image, prompt, max_len=1024, p
     hs = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_type,
              pixel_values=pix["pixel_values"].to(dev, vlm.dtype), image_grid_thw=grid.to(dev),
              output_hidden_states=True, use_cache=False).hidden_states[-2][0]         # [L', D]
-    return hs[:max_len]
+    return hs
 
 
 def to_pil(image):
@@ -589,16 +642,17 @@ def lora_layers(transformer):
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def use_adapter(layers, name):
-    """Make adapter `name` the active one on every LoRA layer (from lora_layers()).
+def use_adapter(layers, name, trainable=True):
+    """Make adapter `name` the active one on every LoRA layer (from lora_layers()); trainable=False freezes it.
 
     transformer.set_adapter(name) does the same but walks all modules and re-checks peft's version on each call, 2K
     times per step (7 ms a switch on the benchmark's 900-module DiT; this loop: 2.5 ms). peft's layer-level
-    set_adapter also flips requires_grad (active -> trainable, others frozen): right for the student, harmless for the
-    teacher, which runs under no_grad."""
+    set_adapter also sets requires_grad: the active adapter trainable unless inference_mode, all others frozen. The
+    teacher is activated frozen: it can never collect a gradient, and autocast does not cache bf16 copies of weights
+    that need no grad, so the teacher's casts do not live through the whole roll-out."""
     for layer in layers:
-        if layer.active_adapters != [name]:
-            layer.set_adapter(name)
+        if layer.active_adapters != [name] or layer.lora_A[name].weight.requires_grad != trainable:
+            layer.set_adapter(name, inference_mode=not trainable)
 
 
 @torch.no_grad()
@@ -727,12 +781,14 @@ def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
     partials = torch.empty(n_blocks, dtype=torch.float32, device=v_s.device)  # (n_blocks,)
     has_step = x is not None
     x_next = torch.empty_like(x) if has_step else None
-    # when HAS_STEP is False the x/dt/x_next code is compiled out; any valid pointer fills those slots
-    _divergence_kernel[(n_blocks,)](
-        v_s, v_t, w, wd, partials,
-        x if has_step else v_s, dt if has_step else w, x_next if has_step else wd,
-        N, N // B, HAS_STEP=has_step, BLOCK=block, num_warps=4,
-    )
+    # when HAS_STEP is False the x/dt/x_next code is compiled out; any valid pointer fills those slots. Triton
+    # launches on the *current* CUDA device and stream, so make that the tensors' device (a no-op when it already is).
+    with torch.cuda.device(v_s.device) if v_s.is_cuda else nullcontext():
+        _divergence_kernel[(n_blocks,)](
+            v_s, v_t, w, wd, partials,
+            x if has_step else v_s, dt if has_step else w, x_next if has_step else wd,
+            N, N // B, HAS_STEP=has_step, BLOCK=block, num_warps=4,
+        )
     # Two-stage reduction: a few thousand fp32 partials summed by torch (pairwise). I prefer this to atomic_add into
     # one scalar: it is deterministic run to run, needs no zero-initialised output, and costs 4 bytes per block.
     loss = partials.sum() / N                                       # () fp32
@@ -772,14 +828,28 @@ class DivergenceLoss(torch.autograd.Function):
 LOSS_BACKEND = {}
 
 
+def triton_probe(device):
+    """(ok, why): launch the kernel once on a 4-element tensor of `device`. A Triton that imports can still fail at
+    its first launch: it compiles a C launcher stub with the host's compiler, which slim CUDA runtime images lack
+    ("Failed to find C compiler", triton/runtime/build.py). Better to learn that here than at the first loss."""
+    try:
+        v = torch.ones(1, 4, device=device)
+        loss, wd, _ = _divergence_fwd_triton(v, v * 0, torch.ones(1, device=device))
+        ok = math.isclose(loss.item(), 1.0) and bool((wd == 1).all())
+        return ok, "test launch passed" if ok else "test launch gave a wrong result"
+    except Exception as e:                              # anything at all: the PyTorch path is always there
+        return False, f"test launch failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}"
+
+
 def _resolve_loss_backend(backend, device, dtype):
     """Turn "auto" / "triton" / "torch" into the path to run; prints the auto choice (and why) once per device."""
     kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
         if device.type not in LOSS_BACKEND:
-            use = HAS_TRITON and device.type == "cuda"
-            why = ("CUDA tensor and triton importable" if use else
-                   "triton not installed" if not HAS_TRITON else f"{device.type} tensor, the Triton kernel needs CUDA")
+            use, why = HAS_TRITON and device.type == "cuda", "triton not installed" if not HAS_TRITON else \
+                f"{device.type} tensor, the Triton kernel needs CUDA"
+            if use:
+                use, why = triton_probe(device)
             LOSS_BACKEND[device.type] = "triton" if use else "torch"
             print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
         chosen = LOSS_BACKEND[device.type]
@@ -921,6 +991,8 @@ def latent_cell(family, vae):
 KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
                         "same as in the reference image.")
 MAX_NONFINITE_STREAK = 5
+VLM_CONTEXT = 1024            # Z-Image teacher: tokens of the VLM turn kept (image tokens sit at RoPE position ≤ 1025)
+DEFAULT_LR = {"zimage": 1e-4, "klein": 2e-5}   # klein: the authors' released recipe; Z-Image: theirs too
 
 
 def schedule(family, num_steps, h, w):
@@ -1003,25 +1075,51 @@ def train(cfg):
     if not cfg.resume and ckpt_path.is_file():
         raise UserError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     family = pipeline_family(cfg.model)
-    rank, world, device = setup_distributed(cfg.device)
-    if rank > 0:                                     # one voice: only rank 0 prints and writes files
-        return _quietly(train_rank, cfg, items, family, rank, world, device)
-    return train_rank(cfg, items, family, rank, world, device)
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=DEFAULT_LR[family])
+        print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
+    rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
+    if world == 1:
+        return train_rank(cfg, items, family, rank, world, device)
+    return train_distributed(cfg, items, family, rank, world, device)
 
 
-def _quietly(fn, *args):
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        return fn(*args)
+def train_distributed(cfg, items, family, rank, world, device):
+    """train_rank on every rank, then a teardown that always ends. Only rank 0 prints to stdout.
+
+    All ranks meet at a barrier before teardown, and the DDP wrapper (its Reducer holds the process group) is gone
+    before the group is destroyed: destroying the group first, then dropping the last Reducer, could leave a rank
+    blocked for good in ~ProcessGroupGloo's thread join after rank 0 had exited. A rank that loses its peers (one
+    died, or the collective timeout passed) says so in one line and exits 1; the checkpoints are atomic, so the
+    last one stays loadable."""
+    import torch.distributed as dist
+    code = 1
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null) if rank > 0 else nullcontext():
+            code = train_rank(cfg, items, family, rank, world, device)
+        gc.collect()                                  # frees the DDP wrapper even if a reference cycle held it
+        dist.barrier()
+    except (dist.DistError, RuntimeError) as e:       # gloo raises RuntimeError, nccl DistBackendError
+        if not isinstance(e, dist.DistError) and not re.search(r"gloo|onnection|imeout|imed out", str(e)):
+            raise                                     # not a lost peer: a real bug, keep its traceback
+        why = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [""])[0])[:120]   # drop gloo's source path
+        print(f"error: rank {rank} of {world} lost contact with the other ranks (one died, or a collective waited "
+              f"over --dist-timeout {cfg.dist_timeout:g} min: {why}); the last checkpoint in {cfg.out} is intact, "
+              "continue with --resume", file=sys.stderr)
+        code = 1
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+    return code
 
 
 def train_rank(cfg, items, family, rank, world, device):
     """The training run of one process (rank) of `world`; rank 0 alone writes files."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
     ckpt_path, cuda = out / "checkpoint.pt", device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32                 # bf16 weights + autocast on CUDA, fp32 elsewhere
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
-    print(f"{family} | {'bf16 autocast' if cuda else 'fp32'} | method {cfg.method} | roll-out K={cfg.rollout_steps} "
-          f"| deploy {fam['deploy']} steps, no CFG | {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'}")
+    dtype, autocast, checkpointing = pick_precision(device, cfg.precision, cfg.grad_checkpointing)
+    print(f"{family} | method {cfg.method} | roll-out K={cfg.rollout_steps} | deploy {fam['deploy']} steps, no CFG "
+          f"| {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'} | lr {cfg.lr:g}")
     if rank == 0:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         import diffusers, peft, transformers
@@ -1044,19 +1142,22 @@ def train_rank(cfg, items, family, rank, world, device):
     captions = [c for _, c in items]
     text_encoder.to(device).requires_grad_(False)
     limit = klein_text_len(tokenizer) if family == "klein" else 512
-    long = [p for p, c in items if prompt_tokens(tokenizer, c) > limit]
-    if long:
-        print(f"warning: {len(long)} caption(s) longer than the encoder's {limit} tokens are truncated ({_names(long)})")
+    warn_long("caption", [p for p, c in items if prompt_tokens(tokenizer, c) > limit], f"the encoder's {limit}")
     cond_s = [student_features(family, text_encoder, tokenizer, [c])[0] for c in captions]
     cond_t = x0_cache = None
     if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
         vlm, vtok, vproc = load_hybrid_vlm(cfg.vlm, text_encoder, dtype)
         vlm.to(device)
         cond_t = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
+        warn_long("teacher context (template + image + caption)", [p for (p, _), f in zip(items, cond_t)
+                                                                   if len(f) > VLM_CONTEXT], f"{VLM_CONTEXT}")
+        cond_t = [f[:VLM_CONTEXT] for f in cond_t]
         del vlm
         print(f"teacher contexts cached: {len(cond_t)} × ~{sum(len(c) for c in cond_t) // len(cond_t)} tokens")
     elif dopsd:                                      # klein teacher: caption + instruction, image as reference tokens
         suffix = cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX
+        warn_long("teacher text (caption + instruction)", [p for p, c in items if prompt_tokens(
+            tokenizer, f"{c} {suffix}", enable_thinking=False) > limit], f"the encoder's {limit}")
         pe = [student_features(family, text_encoder, tokenizer, [f"{c} {suffix}"])[0][0] for c in captions]
         cond_t = [(p, klein_encode(vae, pil_to_tensor(im)[None])[0]) for p, im in zip(pe, crops)]   # [4C, h, w]
     else:
@@ -1088,8 +1189,7 @@ def train_rank(cfg, items, family, rank, world, device):
         tr.requires_grad_(True)
         trainable = list(tr.parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
-        student = lambda x, s, c, model=tr: velocity(model, x, s, c)
-        teacher = lambda x, s, c: velocity(teacher_model, x, s, c)
+        student_layers = None
     else:
         torch.manual_seed(cfg.seed)                   # LoRA's A factors are drawn from the global RNG
         n = add_lora_adapters(tr, LORA_TARGETS[family], cfg.rank, cfg.alpha, ("student", "teacher") if dopsd else ("student",))
@@ -1098,37 +1198,57 @@ def train_rank(cfg, items, family, rank, world, device):
         teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
         print(f"LoRA: {n} linears wrapped (every attention and feed-forward linear), "
               f"{sum(p.numel() for p in trainable):,} trainable parameters")
+        teacher_model, student_layers = tr, lora_layers(tr)
 
-        layers = lora_layers(tr)
-
-        def student(x, s, c, model=tr):
-            use_adapter(layers, "student")
+    # Autocast wraps each forward, not the backward (PyTorch advises against backward inside the region), and the
+    # teacher hands the DiT back with the student adapter active: a student backward after a teacher switch would
+    # find its LoRA frozen and silently collect no gradient at all.
+    def student(x, s, c, model=tr):
+        if student_layers:
+            use_adapter(student_layers, "student", trainable=True)
+        with autocast():
             return velocity(model, x, s, c)
 
-        def teacher(x, s, c):
-            use_adapter(layers, "teacher")
-            return velocity(tr, x, s, c)
-    if cuda:
+    def teacher(x, s, c):
+        if student_layers:
+            use_adapter(student_layers, "teacher", trainable=False)
+        with autocast():
+            u = velocity(teacher_model, x, s, c)
+        if student_layers:
+            use_adapter(student_layers, "student", trainable=True)
+        return u
+    if checkpointing:
         tr.enable_gradient_checkpointing()         # recompute activations in backward: memory for compute
     ddp = tr
     if world > 1:
         # PyTorch's own DDP: it averages the student's gradients across ranks in backward. We allow that all-reduce
         # only on the last backward of an optimizer step (require_backward_grad_sync below): K roll-out steps and
         # --grad-accum micro-batches would otherwise each pay one. Identical gradients -> identical students on
-        # every rank -> identical EMA teachers (checked at every save).
+        # every rank -> identical EMA teachers (checked at every save). gradient_as_bucket_view: the gradients live
+        # in DDP's all-reduce buckets instead of beside them (a second copy: 25 GB for --full Z-Image); that needs
+        # zero_grad(set_to_none=False) below. The frozen weights (base DiT, teacher) are left out of DDP's start-up
+        # broadcast: every rank loads them from the same files and seeds the LoRA alike, and ranks_agree() checks.
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(tr, device_ids=[device.index] if cuda else None,
-                                      forward_sync_buffers=False)
+        frozen = [n for n, p in tr.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(tr, frozen)
+        ddp = DistributedDataParallel(tr, device_ids=[device.index] if cuda else None, forward_sync_buffers=False,
+                                      gradient_as_bucket_view=True)
         student_fwd = student
         student = lambda x, s, c: student_fwd(x, s, c, model=ddp)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
 
     def save():
-        """Checkpoint + deliverable, both atomic; refuse to write weights that are not finite. Called on every rank."""
+        """Checkpoint + deliverable, both atomic; refuse to write weights that are not finite. Called on every rank:
+        the others wait in a barrier while rank 0 writes, a known place bounded by --dist-timeout."""
         if world > 1 and not ranks_agree(trainable + teacher_params):
             raise RuntimeError("ranks hold different weights: distributed training went out of sync")
-        if rank > 0:
-            return
+        if rank == 0:
+            write_checkpoint()
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def write_checkpoint():
         if world > 1:
             print(f"ranks in sync: {world} ranks hold identical student and teacher weights")
         if not all(torch.isfinite(p).all() for p in trainable):
@@ -1177,7 +1297,7 @@ def train_rank(cfg, items, family, rank, world, device):
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True, disable=rank > 0)
     log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
-    code, stop = 0, []
+    code, stop, first_step = 0, [], step
 
     def on_ctrl_c(signum, frame):
         # First Ctrl-C: finish the step in flight, so the checkpoint is a consistent state. Second: quit at once.
@@ -1212,18 +1332,17 @@ def train_rank(cfg, items, family, rank, world, device):
                 else:
                     student_synced = student
                 cs = collate([cond_s[i] for i in idx])
-                with autocast():
-                    if dopsd:
-                        ct = collate([cond_t[i] for i in idx])
-                        loss, _ = dopsd_rollout(lambda x, s: student_synced(x, s, cs), lambda x, s: teacher(x, s, ct), noise,
-                                                schedule(family, cfg.rollout_steps, h, w), cfg.loss_space,
-                                                1.0 / cfg.grad_accum, backend=cfg.loss_backend)
-                    else:                                # SFT: random σ from the model's shifted density (shift 3)
-                        u = torch.rand(cfg.batch_size * world, generator=g)[mine]
-                        sig = (3 * u / (1 + 2 * u)).to(device)
-                        x0 = torch.stack([x0_cache[i] for i in idx])
-                        loss = sft_loss(lambda x, s: student_synced(x, s, cs), x0, noise, sig, backend=cfg.loss_backend)
-                        (loss / cfg.grad_accum).backward()
+                if dopsd:
+                    ct = collate([cond_t[i] for i in idx])
+                    loss, _ = dopsd_rollout(lambda x, s: student_synced(x, s, cs), lambda x, s: teacher(x, s, ct), noise,
+                                            schedule(family, cfg.rollout_steps, h, w), cfg.loss_space,
+                                            1.0 / cfg.grad_accum, backend=cfg.loss_backend)
+                else:                                    # SFT: random σ from the model's shifted density (shift 3)
+                    u = torch.rand(cfg.batch_size * world, generator=g)[mine]
+                    sig = (3 * u / (1 + 2 * u)).to(device)
+                    x0 = torch.stack([x0_cache[i] for i in idx])
+                    loss = sft_loss(lambda x, s: student_synced(x, s, cs), x0, noise, sig, backend=cfg.loss_backend)
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
             gnorm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)   # the same on every rank: gradients are synced
             if world > 1:          # average the loss for the log, and let one rank's Ctrl-C stop every rank together
@@ -1235,13 +1354,17 @@ def train_rank(cfg, items, family, rank, world, device):
                     stop.append(signal.SIGINT)
             loss_v, gnorm_v = loss_sum.item(), gnorm.item()          # the one host sync per step, for the log line
             skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
+            if gnorm_v == 0 and step == first_step:              # the student's LoRA got no gradient at all
+                print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
+                      "switched away before backward, so training would silently do nothing", file=sys.stderr)
+                return 1
             if skipped:                                              # drop this step's gradient, keep the weights
                 nonfinite, streak = nonfinite + 1, streak + 1
             else:
                 opt.step()
                 ema_update(teacher_params, trainable, cfg.ema_decay)
                 streak = 0
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=world == 1)     # under DDP .grad are views into its buckets: keep them
             step += 1
             dt = time.perf_counter() - t0
             log.write(json.dumps({"step": step, "loss": loss_v, "lr": cfg.lr, "grad_norm": gnorm_v, "sec": round(dt, 4),
@@ -1272,9 +1395,6 @@ def train_rank(cfg, items, family, rank, world, device):
         log.close()
         if main_thread:
             signal.signal(signal.SIGINT, old_handler)
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
     if code == 0:
         print(f"done: {step} steps, {nonfinite} skipped; LoRA and samples in {out}")
     return code
@@ -1437,13 +1557,13 @@ def load_weights(pipe, weights):
         raise UserError(f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a dopsd --out folder")
 
 
-def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width=1024, device="auto"):
+def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width=1024, device="auto", precision="auto"):
     if height % 16 or width % 16 or min(height, width) < 16:
         raise UserError(f"--height/--width must be multiples of 16 (got {height}×{width})")
     family = pipeline_family(model)
     fam, device = FAMILIES[family], pick_device(device)
-    cuda = device.type == "cuda"
-    pipe = load_pipeline(model, torch.bfloat16 if cuda else torch.float32)
+    dtype, autocast, _ = pick_precision(device, precision, None)
+    pipe = load_pipeline(model, dtype)
     if lora:
         load_weights(pipe, lora)
     tr, vae = pipe.transformer.to(device), pipe.vae.to(device)
@@ -1451,7 +1571,7 @@ def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width
     cell = latent_cell(family, vae)
     h, w, steps = height // cell, width // cell, steps or fam["deploy"]
     noise = torch.randn(1, tr.config.in_channels, h, w, generator=torch.Generator().manual_seed(seed))
-    with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():   # CPU noise: same on any device
+    with autocast():                                                        # CPU noise: same on any device
         x = euler_sample(lambda x, s: fam["velocity"](tr, x, s, cond), noise.to(device), schedule(family, steps, h, w))
         image = fam["decode"](vae, x)[0]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -1493,12 +1613,19 @@ def build_parser():
     t.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA, with an EMA copy of "
                    "the DiT as teacher. Memory: ~22 bytes/parameter (fp32 weights, grads, AdamW and teacher, bf16 autocast "
                    "copies): ~130 GB for Z-Image's 6.2B DiT; LoRA needs ~17 GB (see --dry-run)")
-    t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate, constant (default %(default)s)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate, constant (default: Z-Image 1e-4, klein 2e-5, the "
+                   "authors' recipes)")
     t.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per micro-batch (default %(default)s)")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default %(default)s)")
     t.add_argument("--seed", type=int, default=d.seed, help="seed for data order, noise and grids (default %(default)s)")
     t.add_argument("--device", default=d.device, help="auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
+    t.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"], help="auto = bf16 weights + "
+                   "bf16 autocast (fp32 LoRA) on cuda/mps, fp32 on CPU")
+    t.add_argument("--grad-checkpointing", default=d.grad_checkpointing, choices=["auto", "on", "off"],
+                   help="recompute activations in backward: auto = on for cuda/mps, off on CPU")
+    t.add_argument("--dist-timeout", type=float, default=d.dist_timeout, help="torchrun: minutes a rank waits for "
+                   "the others (a dead rank, a long --full save) before it exits with an error (default %(default)s)")
     t.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids; 0 = only at "
                    "the end (default %(default)s)")
     t.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints; 0 = only at the "
@@ -1518,6 +1645,8 @@ def build_parser():
     s.add_argument("--height", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
     s.add_argument("--width", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
     s.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), or e.g. cpu")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on cuda/mps, "
+                   "fp32 on CPU")
     return p
 
 
@@ -1526,7 +1655,7 @@ def main(argv=None):
     try:
         if a.cmd == "train":
             return train(TrainConfig(**{k: v for k, v in vars(a).items() if k != "cmd"}))
-        return sample(a.model, a.prompt, a.out, a.lora, a.steps, a.seed, a.height, a.width, a.device)
+        return sample(a.model, a.prompt, a.out, a.lora, a.steps, a.seed, a.height, a.width, a.device, a.precision)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -467,14 +467,31 @@ def test_encoders_run_only_while_building_the_cache(tiny, tmp_path, monkeypatch)
     assert calls == {"text": 2, "vlm": 2}                       # 2 images in the folder, 4 steps
 
 
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, tmp_path):
-    """torchrun with 2 CPU ranks × batch 1 ends with identical weights on both ranks, equal to 1 process × batch 2."""
+def run_bounded(cmd, timeout, env=None):
+    """Run cmd in its own process group; past `timeout` s kill the whole group (no orphaned rank) and fail."""
+    import signal
     import subprocess
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[:6]} did not end within {timeout} s; its process group was killed\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(n, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            str(ROOT / "dopsd.py"), "train", *args]
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, tmp_path):
+    """torchrun with 2 CPU ranks × batch 1 ends (bounded) with identical weights on both ranks, equal to 1 process ×
+    batch 2."""
     args = train_args(tiny, tmp_path / "ddp", "--max-steps", "2", "--batch-size", "1")[1:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "dopsd.py"), "train", *args], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = run_bounded(torchrun(2, *args), 120, {**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ranks in sync: 2 ranks" in run.stdout and "distributed: 2 processes, gloo" in run.stdout
     assert dopsd.main(train_args(tiny, tmp_path / "one", "--max-steps", "2", "--batch-size", "2")) == 0

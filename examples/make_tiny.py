@@ -128,8 +128,11 @@ def n_params(model):
 # -----------------------------------------------------------------------------
 # Models
 
-def make_zimage(path):
-    """Save a tiny ZImagePipeline (Z-Image-Turbo layout) to path and return it."""
+def make_zimage(path, dit=None):
+    """Save a tiny ZImagePipeline (Z-Image-Turbo layout) to path and return it.
+
+    dit: optional ZImageTransformer2DModel arguments that replace the tiny ones (e.g. a wider DiT for a GPU check;
+    keep sum(axes_dims) = dim / n_heads and cap_feat_dim = 32). None builds exactly the tiny model."""
     torch.manual_seed(SEED)  # each builder seeds itself, so results do not depend on call order
     tok = build_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
@@ -142,9 +145,9 @@ def make_zimage(path):
     text_encoder = Qwen3Model(text_config(tok)).eval()
     # sum(axes_dims) must equal dim / n_heads = 32 (even per axis); cap_feat_dim = text hidden size;
     # in_channels stays 16 because the Omni placeholder is hard-coded to 2*2*16.
-    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64,
-                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
-                                           axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
+    config = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+                  n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
+    transformer = ZImageTransformer2DModel(**{**config, **(dit or {})})
     init_dit_(transformer)  # fills x_pad_token, cap_pad_token
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                           transformer=transformer)
@@ -152,8 +155,11 @@ def make_zimage(path):
     return pipe
 
 
-def make_klein(path):
+def make_klein(path, dit=None):
     """Save a tiny distilled Flux2KleinPipeline (FLUX.2-klein-4B layout) to path and return it.
+
+    dit: optional Flux2Transformer2DModel arguments that replace the tiny ones (keep sum(axes_dims_rope) =
+    attention_head_dim and joint_attention_dim = 96). None builds exactly the tiny model.
 
     Sample / encode with text_encoder_out_layers=KLEIN_TEXT_LAYERS: the default (9, 18, 27) raises IndexError here.
     """
@@ -172,11 +178,11 @@ def make_klein(path):
     text_encoder = Qwen3ForCausalLM(text_config(tok)).eval()
     # Packed latents have 4 * 8 = 32 channels; joint_attention_dim = len(KLEIN_TEXT_LAYERS) * text hidden = 96;
     # sum(axes_dims_rope) = attention_head_dim.
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=2, num_single_layers=2,
-                                          attention_head_dim=16, num_attention_heads=4,
-                                          joint_attention_dim=len(KLEIN_TEXT_LAYERS) * TEXT["hidden_size"],
-                                          timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4),
-                                          rope_theta=2000, guidance_embeds=False)
+    config = dict(patch_size=1, in_channels=32, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                  num_attention_heads=4, joint_attention_dim=len(KLEIN_TEXT_LAYERS) * TEXT["hidden_size"],
+                  timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), rope_theta=2000,
+                  guidance_embeds=False)
+    transformer = Flux2Transformer2DModel(**{**config, **(dit or {})})
     init_dit_(transformer)  # mostly for the adaLN gates, see init_dit_
     pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
                               transformer=transformer, is_distilled=True)  # registered in model_index.json
