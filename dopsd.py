@@ -1408,24 +1408,27 @@ def train_rank(cfg, items, family, rank, world, device):
 #
 # Activations of ONE student forward with grad: the roll-out backpropagates step by step, so K does not enter. Bytes
 # per token per block that autograd saves under CUDA bf16 autocast (d = DiT width, f = MLP width, r = LoRA rank):
-#   Z-Image       56d + 8f + 14r  six RMSNorms keep a bf16 input and an fp32 copy (36d); each LoRA'd linear keeps a
-#                                 fresh bf16 copy of its input (peft casts it to fp32, autocast back: 12d + 2f);
-#                                 attention keeps q, k, v, out (8d); SwiGLU w1·x, w3·x, silu (6f); 7 rank-r hiddens
-#   klein double  34d + 8f + 12r  per token of either stream: 2 LayerNorms, fp32 under CUDA autocast (8d), qk-norms
-#                                 in fp32 (8d), 6 LoRA input copies (10d + 2f), attention (8d), linear_in + silu (6f)
+#   Z-Image       48d + 8f + 14r  six RMSNorms keep a bf16 input and an fp32 copy (36d); the linears' bf16 inputs,
+#                                 attention's q, k, v, out (8d); SwiGLU w1·x, w3·x, silu (6f); 7 rank-r hiddens
+#   klein double  28d + 8f + 12r  per token of either stream: 2 LayerNorms, fp32 under CUDA autocast (8d), qk-norms
+#                                 in fp32 (8d), attention (8d), linear_in + silu (6f), the linears' bf16 inputs
 #   klein single  28d + 8f + 4r   LayerNorm (4d), the fused qkv+MLP output kept whole (6d + 4f), qk-norms (8d), rope
-#                                 q, k and attention out (6d), silu (2f), 2 LoRA input copies (4d + 2f)
-#   --full        + 40d / + 14d   norm and modulation multiplies also keep their other operand (tiny DiTs, CPU)
+#                                 q, k and attention out (6d), silu (2f), bf16 casts of the LoRA'd linears' inputs
+#   --full        96d / 48d / 42d + 8f: no LoRA, but norm and modulation multiplies also keep their other operand
+# peft's own input cast is off (add_lora_adapters), so a LoRA'd linear whose input is already bf16 shares the copy its
+# base linear saves. With the cast on, each kept its own: measured 8d more per token for Z-Image, 6d for klein's
+# double blocks; the single blocks' LoRA inputs come out of fp32 ops, so autocast casts them afresh either way.
 # S = (H/16)(W/16) image tokens, L = 512 text tokens (the encoders' limit: exact for klein, which pads; an upper bound
 # for Z-Image captions). Z-Image pads both to multiples of 32 and refines each alone before the joint layers.
 # Gradient checkpointing keeps each block's input (2d per token) and recomputes one block at a time. Apart from this,
-# autocast caches a bf16 copy of every trainable fp32 weight until its region ends, and train() opens one region per
-# roll-out: 2 bytes per trainable parameter (the "autocast copies" row; for --full a second DiT).
-# Calibration (test_dryrun.py; calibrate_real_width.py): CPU bf16 autocast, one student forward, bytes of the distinct
+# autocast caches a bf16 copy of every trainable fp32 weight while a student forward runs, and linear saves it for
+# backward: 2 bytes per trainable parameter (the "autocast copies" row; for --full a second DiT). The teacher's
+# adapter is frozen while it runs, so its casts are not cached.
+# Calibration (test_dopsd.py, "activation formula"): CPU bf16 autocast, one student forward, bytes of the distinct
 # storages saved_tensors_hooks sees (CPU autocast keeps LayerNorm in bf16: cuda=False drops 2d per LayerNorm). Tiny
-# DiTs: whole forward within 2.5%, LoRA and --full. Real width (Z-Image d=3840, klein-4B d=3072, LoRA r64): every
-# block whose input carries grad within 0.3%; the first block of a stream keeps 1-10% less, so the formula errs high.
-ACT_COEF = {"zimage": [(56, 40, 14, 0)], "klein": [(34, 14, 12, 2), (28, 14, 4, 1)]}   # (d, d if full, r, LayerNorms)
+# DiTs: whole forward within 5%, LoRA and --full. The version with peft's cast on was also checked at real width
+# (Z-Image d=3840, klein-4B d=3072, LoRA r64): every block whose input carries grad within 0.3%.
+ACT_COEF = {"zimage": [(48, 48, 14, 0)], "klein": [(28, 20, 12, 2), (28, 14, 4, 1)]}   # (d, d more if full, r, LNs)
 
 
 def dit_activations(family, c, S, L, rank, full=False, checkpointing=True, cuda=True):
@@ -1534,8 +1537,8 @@ def format_plan(plan):
             f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}")
     body = [f"  {a:<21} {b:<76} {size(c)}" for a, b, c in rows if c or a in ("gradients", "AdamW state")]
     return "\n".join([head, *body, "  not included: CUDA context and allocator slack (~1-2 GiB), the VAE's transient "
-                      "encode/decode buffers;", "  with torchrun every GPU holds all of the above, plus DDP's gradient "
-                      "buckets (about the gradients row)"])
+                      "encode/decode buffers;", "  with torchrun every GPU holds all of the above; the gradients are views "
+                      "into DDP's all-reduce buckets, no second copy"])
 
 
 # --------------------------------------------------------------------------------------------------------------------

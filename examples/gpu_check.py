@@ -389,3 +389,336 @@ def check_auto(ctx):
     cuda = ctx.device.type == "cuda"
     good = (chosen == "triton" and ok) if cuda else chosen == "torch"
     return result(good, f"auto = {chosen}; probe {'ok' if ok else 'failed'}", why, chosen=chosen, probe=[ok, why])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# models and data: make_tiny's builders, the mid-size DiTs through their optional dit= argument
+
+def make_data(mt, folder, size, long_captions=False):
+    """N_IMAGES square images of make_tiny's drawings at exactly `size` px (one bucket, equal steps), with captions.
+
+    long_captions: ~450 characters. The byte-level tiny tokenizer makes that ~480 tokens, near the 512 that
+    memory_plan assumes for a Z-Image caption (an upper bound), so the memory row tests the formula, not the caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(N_IMAGES):
+        img, caption = mt.draw_sample(i)
+        if long_captions:
+            caption = (caption + ", drawn large on a textured background, flat colours, soft light" * 8)[:450]
+        dopsd.crop_to(img, size, size).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption + "\n")
+    return folder
+
+
+def build_models(ctx):
+    """{zimage, klein, vlm, data}: paths of the tiny models and data (built once, by ctx.models())."""
+    mt, root = ctx.make_tiny, ctx.work / "tiny"
+    for name, build in (("zimage", mt.make_zimage), ("klein", mt.make_klein), ("vlm", mt.make_vlm)):
+        build(root / name)
+    make_data(mt, root / "data", TINY_RES)
+    return {k: root / k for k in ("zimage", "klein", "vlm", "data")}
+
+
+def build_mid(ctx, family):
+    """(model folder, data folder) of the mid-size DiT of `family`; its text encoder and VAE stay tiny."""
+    mt, root = ctx.make_tiny, ctx.work / "mid"
+    build = mt.make_zimage if family == "zimage" else mt.make_klein
+    build(root / family, dit=(MID_QUICK if ctx.args.quick else MID)[family])
+    if not (root / "data").is_dir():
+        make_data(mt, root / "data", ctx.mid_res, long_captions=True)
+    return root / family, root / "data"
+
+
+class Ctx:
+    """What the checks share: options, device, work dir, and the memoised model builds and training runs."""
+
+    def __init__(self, args, device, work):
+        self.args, self.device, self.work = args, device, work
+        self.mid_res = MID_RES_QUICK if args.quick else MID_RES
+        self.make_tiny = load_make_tiny()
+        self.models = once(lambda: build_models(self))
+        self.mid = once(lambda family: build_mid(self, family))
+        self.train_tiny = once(self._train_tiny)
+        self.train_mid = once(self._train_mid)
+
+    def _train_tiny(self, family):
+        m = self.models()
+        return run_train(self, m[family], m["vlm"], m["data"], self.work / f"train_{family}_tiny", TINY_RES,
+                         self.device)
+
+    def _train_mid(self, family):
+        model, data = self.mid(family)
+        return run_train(self, model, self.models()["vlm"], data, self.work / f"train_{family}_mid", self.mid_res,
+                         self.device, rank=MID_RANK)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2./3. one training step through the CLI, with a spy on the EMA update; the memory of that run against the plan
+
+def train_argv(model, vlm, data, out, resolution, device, rank=4, max_steps=1, extra=()):
+    return ["train", "--data", str(data), "--model", str(model), "--vlm", str(vlm), "--out", str(out),
+            "--resolution", str(resolution), "--rollout-steps", "2", "--rank", str(rank), "--max-steps", str(max_steps),
+            "--sample-every", "0", "--lr", "1e-3", "--precision", "bf16", "--grad-checkpointing", "on",
+            "--device", str(device), *extra]
+
+
+def grad_spy(seen):
+    """A stand-in for dopsd.ema_update that records the gradients as opt.step() left them, then calls the real one."""
+    real = dopsd.ema_update
+
+    def ema_update(teacher_params, student_params, decay):
+        grads = [p.grad for p in student_params]
+        seen.update(ema_calls=seen.get("ema_calls", 0) + 1, teacher_params=len(teacher_params),
+                    teacher_grads=sum(p.grad is not None for p in teacher_params), student_params=len(grads),
+                    student_grads_missing=sum(g is None for g in grads),
+                    student_grads_finite=all(bool(torch.isfinite(g).all()) for g in grads if g is not None),
+                    student_grads_nonzero=sum(bool(g.abs().sum() > 0) for g in grads if g is not None))
+        return real(teacher_params, student_params, decay)
+    return ema_update
+
+
+def run_train(ctx, model, vlm, data, out, resolution, device, rank=4, extra=()):
+    """One step of dopsd.main(train ...) in this process. Returns what the spies and log.jsonl saw, and on CUDA the
+    run's own peak of allocated memory (max_memory_allocated minus what was allocated before it)."""
+    seen, real_ema, real_load = {}, dopsd.ema_update, dopsd.load_pipeline
+
+    def load_pipeline(*a, **k):                           # keep a handle on the DiT to read its state afterwards
+        pipe = real_load(*a, **k)
+        seen["dit"] = pipe.transformer
+        return pipe
+    cuda = torch.device(device).type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    dopsd.ema_update, dopsd.load_pipeline = grad_spy(seen), load_pipeline
+    try:
+        code = dopsd.main(train_argv(model, vlm, data, out, resolution, device, rank, extra=extra))
+        if cuda:
+            torch.cuda.synchronize()
+            seen["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    finally:
+        dopsd.ema_update, dopsd.load_pipeline = real_ema, real_load
+    if code != 0:
+        raise RuntimeError(f"dopsd.main(train) returned {code}")
+    dit = seen.pop("dit")
+    seen["checkpointing"] = bool(dit.is_gradient_checkpointing)
+    seen["dit_dtype"] = str(next(p.dtype for n, p in dit.named_parameters() if ".lora_" not in n))
+    del dit
+    log = [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+    seen.update(log=log, loss=log[-1]["loss"], grad_norm=log[-1]["grad_norm"], skipped=log[-1]["skipped"])
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return seen
+
+
+def train_verdict(s):
+    """PASS when the step ran, the loss and gradients are sane, the teacher got none, and checkpointing was on."""
+    problems = [
+        (s["skipped"], "the step was skipped (non-finite loss or gradient)"),
+        (not (math.isfinite(s["loss"]) and s["loss"] > 0), f"loss {s['loss']} is not finite and > 0"),
+        (not (math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0), f"grad_norm {s['grad_norm']} not finite, > 0"),
+        (s.get("ema_calls") != 1, f"ema_update ran {s.get('ema_calls', 0)} times, expected once"),
+        (s.get("teacher_params", 0) == 0, "no teacher parameters reached ema_update"),
+        (s.get("teacher_grads", 0) > 0, f"{s.get('teacher_grads')} teacher parameters have a .grad"),
+        (s.get("student_grads_missing", 1) > 0, f"{s.get('student_grads_missing')} of {s.get('student_params')} "
+                                                "student parameters have no .grad"),
+        (not s.get("student_grads_finite", False), "a student gradient is not finite"),
+        (s.get("student_grads_nonzero", 0) == 0, "every student gradient is zero"),
+        (not s["checkpointing"], "gradient checkpointing is off in the DiT despite --grad-checkpointing on"),
+    ]
+    bad = [why for cond, why in problems if cond]
+    detail = "; ".join(bad) or (f"{s['student_grads_nonzero']}/{s['student_params']} student grads non-zero, "
+                                f"{s['teacher_params']} teacher grads None, DiT {s['dit_dtype']}, checkpointing on")
+    facts = {k: v for k, v in s.items() if k != "log"}
+    return result(not bad, f"loss {s['loss']:.3g}, grad norm {s['grad_norm']:.3g}", detail, **facts)
+
+
+def check_train_tiny(ctx, family):
+    return train_verdict(ctx.train_tiny(family))
+
+
+def check_train_mid(ctx, family):
+    need_cuda(ctx, "mid-size DiT")
+    return train_verdict(ctx.train_mid(family))
+
+
+def check_memory(ctx, family):
+    """The mid-size run's peak of allocated CUDA memory against dopsd.memory_plan for the same setup."""
+    need_cuda(ctx, "memory")
+    s = ctx.train_mid(family)
+    model, _ = ctx.mid(family)
+    plan = dopsd.memory_plan(str(model), str(ctx.models()["vlm"]), method="dopsd", rank=MID_RANK,
+                             resolution=ctx.mid_res, batch_size=1, n_images=N_IMAGES, rollout_steps=2,
+                             grad_checkpointing=True)
+    planned = max(plan["peak_training"], plan["peak_caching"])
+    ratio = s["peak_bytes"] / planned
+    gib = lambda b: f"{b / 2**30:.2f}"
+    rows = {k: v for k, v in plan.items() if isinstance(v, (int, float))}
+    return result(MEMORY_BAND[0] <= ratio <= MEMORY_BAND[1], f"{ratio:.2f} ({gib(s['peak_bytes'])} / {gib(planned)} GiB)",
+                  f"measured {s['peak_bytes']:,} B, plan {planned:,} B", measured=s["peak_bytes"], plan=rows,
+                  params=plan.get("params"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. dopsd.py sample against the diffusers pipeline, both in bf16
+
+def check_sample(ctx, family):
+    """Our sampler (with the train row's LoRA, if that row wrote one) vs the pipeline with the same LoRA and seed."""
+    import numpy as np
+    from diffusers import Flux2KleinPipeline, ZImagePipeline
+    from PIL import Image
+    model, dev = ctx.models()[family], ctx.device
+    lora = ctx.work / f"train_{family}_tiny"
+    lora = lora if (lora / "pytorch_lora_weights.safetensors").is_file() else None
+    png = ctx.work / f"sample_{family}.png"
+    argv = ["sample", "--model", str(model), "--prompt", PROMPT, "--out", str(png), "--height", "64", "--width", "64",
+            "--seed", "5", "--precision", "bf16", "--device", str(dev)] + (["--lora", str(lora)] if lora else [])
+    code = dopsd.main(argv)
+    if code != 0:
+        raise RuntimeError(f"dopsd.main(sample) returned {code}")
+    ours = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
+    pipe = (ZImagePipeline if family == "zimage" else Flux2KleinPipeline).from_pretrained(
+        model, torch_dtype=torch.bfloat16).to(dev)
+    if lora:
+        pipe.load_lora_weights(str(lora))
+    kw = dict(prompt=PROMPT, height=64, width=64, num_inference_steps=dopsd.FAMILIES[family]["deploy"],
+              output_type="np")                           # 8 steps for Z-Image-Turbo, 4 for klein
+    if family == "zimage":
+        kw.update(guidance_scale=0.0)                     # > 0 would turn CFG on
+    else:                                                 # the tiny 4-layer encoder: read layers 1, 2, 3
+        kw.update(guidance_scale=1.0, text_encoder_out_layers=dopsd.klein_text_layers(pipe.text_encoder))
+    diffs = {}
+    # dopsd's sampler runs under bf16 autocast (pick_precision), so the like-for-like pipeline run does too; the
+    # plain run (what a diffusers user gets) is reported beside it.
+    for how, ac in (("autocast", torch.autocast(dev.type, dtype=torch.bfloat16)), ("plain", contextlib.nullcontext())):
+        with ac:
+            img = pipe(generator=torch.Generator().manual_seed(5), **kw).images[0]
+        diffs[how] = float(np.abs(ours - np.round(img * 255)).max())
+    del pipe
+    return result(diffs["autocast"] <= GREY_GOAL, f"{diffs['autocast']:.0f} grey levels",
+                  f"{'with' if lora else 'without'} LoRA; plain (no autocast) pipeline: {diffs['plain']:.0f}", **diffs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. two GPUs: the kernel on cuda:1, and a 2-rank nccl run
+
+def check_cuda1(ctx):
+    """One step on cuda:1 with the Triton kernel and one with the PyTorch loss: the same loss."""
+    need_two_gpus(ctx)
+    m, losses = ctx.models(), {}
+    try:
+        for backend in ("triton", "torch"):
+            s = run_train(ctx, m["zimage"], m["vlm"], m["data"], ctx.work / f"cuda1_{backend}", TINY_RES, "cuda:1",
+                          extra=["--loss-backend", backend])
+            losses[backend] = s["loss"]
+    finally:
+        torch.cuda.set_device(ctx.device)                 # pick_device("cuda:1") made cuda:1 this process's current GPU
+    rel = abs(losses["triton"] - losses["torch"]) / max(abs(losses["torch"]), 1e-30)
+    return result(rel <= CUDA1_RTOL, f"rel. diff {rel:.1e}", f"loss triton {losses['triton']:.6g}, torch "
+                  f"{losses['torch']:.6g}", losses=losses)
+
+
+def check_nccl(ctx):
+    """torchrun --nproc_per_node 2 dopsd.py train: both ranks finish and agree on the weights."""
+    need_two_gpus(ctx)
+    m = ctx.models()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "dopsd.py"), *train_argv(m["zimage"], m["vlm"], m["data"], ctx.work / "nccl", TINY_RES, "cuda",
+                                               max_steps=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}         # PYTHONPATH carries --wheels' site dir to the ranks
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)      # its own process group: a timeout kills launcher and ranks
+    try:
+        out, err = proc.communicate(timeout=NCCL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        print(out[-2000:], err[-2000:])
+        raise RuntimeError(f"torchrun did not finish in {NCCL_TIMEOUT_S} s (killed)") from None
+    print(out[-2000:], err[-2000:])                       # into the row's log
+    synced = "ranks in sync: 2 ranks" in out
+    why = "" if proc.returncode == 0 else (err.strip().splitlines() or [""])[-1][:200]
+    return result(proc.returncode == 0 and synced, f"exit {proc.returncode}, {'in sync' if synced else 'no sync line'}",
+                  why)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the libraries, the list of rows, CLI
+
+def check_libraries(ctx):
+    """diffusers / transformers / peft at requirements.txt's pins (a GPU image's own versions would test another set)."""
+    import diffusers, peft, transformers
+    pins = dict(l.strip().split("==") for l in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in l and not l.lstrip().startswith("#"))
+    have = {m.__name__: m.__version__ for m in (diffusers, transformers, peft)}
+    off = [f"{k} {have[k]} (pinned {pins[k]})" for k in PINNED if k in pins and have[k] != pins[k]]
+    return result(not off, "as pinned" if not off else f"{len(off)} off the pins", "; ".join(off) or
+                  ", ".join(f"{k} {v}" for k, v in have.items()) + "; --wheels DIR brings the pinned ones", **have)
+
+
+def checks(ctx):
+    """(name, goal, function) of every row, in the order they run: cheap first, the 2-GPU runs last."""
+    tol = lambda d: f"<= {LOSS_TOL[d]:g} x max|ref|: loss, grad, x_next"
+    band = f"{MEMORY_BAND[0]}..{MEMORY_BAND[1]} x memory_plan's peak"
+    rows = [("libraries", "diffusers, transformers, peft as pinned", lambda: check_libraries(ctx)),
+            ("loss fp32 (triton)", tol("float32"), lambda: check_loss(ctx, torch.float32)),
+            ("loss bf16 (triton)", tol("bfloat16"), lambda: check_loss(ctx, torch.bfloat16)),
+            ("loss float64 (auto)", tol("float64"), lambda: check_loss(ctx, torch.float64)),
+            ("kernel GB/s fp32", f">= {BANDWIDTH_GOAL:.0%} of a device copy's GB/s",
+             lambda: check_bandwidth(ctx, torch.float32)),
+            ("kernel GB/s bf16", f">= {BANDWIDTH_GOAL:.0%} of a device copy's GB/s",
+             lambda: check_bandwidth(ctx, torch.bfloat16)),
+            ("loss auto backend", "triton, probe ok" if ctx.device.type == "cuda" else "torch on CPU",
+             lambda: check_auto(ctx))]
+    for f in ("zimage", "klein"):
+        rows.append((f"train {f} tiny", "finite loss, grads: student ok, teacher none", lambda f=f: check_train_tiny(ctx, f)))
+    for f in ("zimage", "klein"):
+        rows.append((f"train {f} mid", "finite loss, grads: student ok, teacher none", lambda f=f: check_train_mid(ctx, f)))
+        rows.append((f"memory {f} mid", band, lambda f=f: check_memory(ctx, f)))
+    for f in ("zimage", "klein"):
+        rows.append((f"sample {f}", f"<= {GREY_GOAL} grey levels vs the pipeline (bf16)", lambda f=f: check_sample(ctx, f)))
+    rows += [("2 GPUs: cuda:1", f"loss triton = torch (rel. {CUDA1_RTOL:g})", lambda: check_cuda1(ctx)),
+             ("2 GPUs: nccl", 'exit 0, "ranks in sync: 2 ranks"', lambda: check_nccl(ctx))]
+    return rows
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="write the JSON report here (rewritten after every row)")
+    p.add_argument("--cpu", action="store_true", help="CPU mode: the kernel under the Triton interpreter, CUDA-only "
+                   "rows SKIP (~25 s on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="CUDA: smaller kernel tensors and mid-size DiT (~1 min)")
+    p.add_argument("--wheels", metavar="DIR", help="pip-install DIR/*.whl (no index, no deps; never torch/triton) "
+                   "into a temp dir and import diffusers/transformers/peft from there")
+    p.add_argument("--keep", metavar="DIR", help="build models and runs in DIR and keep them (default: a temp dir)")
+    p.add_argument("--verbose", action="store_true", help="show dopsd's output instead of capturing it")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    wheels = install_wheels(args.wheels) if args.wheels else None   # before anything imports transformers
+    device = import_stack(args.cpu)
+    args.cpu = device.type == "cpu"
+    report = Report(args, {**machine(device), "wheels": wheels})
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        ctx = Ctx(args, device, work)
+        for name, goal, fn in checks(ctx):
+            report.check(name, goal, fn)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        if wheels:
+            shutil.rmtree(wheels["target"], ignore_errors=True)
+    report.write()
+    print(report.table())
+    return 1 if any(r["status"] == "FAIL" for r in report.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
