@@ -95,6 +95,7 @@ MID = {"zimage": dict(dim=1536, n_heads=12, n_kv_heads=12, n_layers=4, n_refiner
 MID_QUICK = {"zimage": dict(MID["zimage"], dim=1024, n_heads=8, n_kv_heads=8, n_layers=2),
              "klein": dict(MID["klein"], num_attention_heads=8, num_layers=1, num_single_layers=2)}
 LOSS_TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float64": 1e-12}   # max error / max|reference|, as test_dopsd.py
+LOSS_TOL_LOSS64 = 1e-6                    # the loss itself is an fp32 scalar, also for float64 inputs
 BANDWIDTH_GOAL, MEMORY_BAND, GREY_GOAL, CUDA1_RTOL, NCCL_TIMEOUT_S = 0.8, (0.7, 1.3), 3, 1e-3, 240
 PINNED = ("diffusers", "transformers", "peft")
 PROTECTED_WHEELS = ("torch", "triton", "torchvision", "torchaudio")  # never shadow the machine's CUDA builds
@@ -325,14 +326,19 @@ def check_loss(ctx, dtype):
         if ctx.device.type == "cuda" and kind != "compiled":
             raise RuntimeError("the kernel is interpreted on CUDA: unset TRITON_INTERPRET and rerun")
     shapes = [(2, 4099), (1, 7, 13, 17), (3, 5, 37, 29)] + ([(4, 16, 128, 128)] if ctx.device.type == "cuda" else [])
-    worst, where = 0.0, ""
+    worst = {"loss": (0.0, ""), "tensor": (0.0, "")}     # the scalar loss; the gradient and x_next
     for i, shape in enumerate(shapes):
         for what, e in loss_errors(ctx.device, dtype, shape, backend, seed=i).items():
-            if not e <= worst:                            # NaN counts as worst too
-                worst, where = e, f"{what} on {shape}"
+            group = "loss" if "loss" in what else "tensor"
+            if not e <= worst[group][0]:                  # NaN counts as worst too
+                worst[group] = (e, f"{what} on {shape}")
+    # the loss comes back in fp32 by contract, also for float64 inputs: its tolerance is fp32's there
+    tol = {"loss": max(LOSS_TOL[name], LOSS_TOL_LOSS64), "tensor": LOSS_TOL[name]}
+    ok = all(worst[g][0] <= tol[g] for g in worst)
     path = f"{kind} kernel" if backend == "triton" else "auto -> PyTorch path"
-    return result(worst <= LOSS_TOL[name], f"max err {worst:.1e}", f"{path}; worst: {where}; {len(shapes)} shapes",
-                  worst=worst, where=where, kernel=kind)
+    return result(ok, f"loss {worst['loss'][0]:.1e}, grad/x {worst['tensor'][0]:.1e}",
+                  f"{path}; worst: {worst['loss'][1]}, {worst['tensor'][1]}; {len(shapes)} shapes",
+                  worst={g: list(v) for g, v in worst.items()}, tolerance=tol, kernel=kind)
 
 
 def cuda_ms(fn, reps):
@@ -565,10 +571,33 @@ def check_memory(ctx, family):
 # --------------------------------------------------------------------------------------------------------------------
 # 4. dopsd.py sample against the diffusers pipeline, both in bf16
 
-def check_sample(ctx, family):
-    """Our sampler (with the train row's LoRA, if that row wrote one) vs the pipeline with the same LoRA and seed."""
+def pipeline_image(family, model, lora, device, dtype, autocast):
+    """The diffusers pipeline's image at the deploy settings, seed 5, as grey levels (float64 in 0..255)."""
     import numpy as np
     from diffusers import Flux2KleinPipeline, ZImagePipeline
+    pipe = (ZImagePipeline if family == "zimage" else Flux2KleinPipeline).from_pretrained(model, dtype=dtype).to(device)
+    if lora:
+        pipe.load_lora_weights(str(lora))
+    kw = dict(prompt=PROMPT, height=64, width=64, num_inference_steps=dopsd.FAMILIES[family]["deploy"],
+              output_type="np")                           # 8 steps for Z-Image-Turbo, 4 for klein
+    if family == "zimage":
+        kw.update(guidance_scale=0.0)                     # > 0 would turn CFG on
+    else:                                                 # the tiny 4-layer encoder: read layers 1, 2, 3
+        kw.update(guidance_scale=1.0, text_encoder_out_layers=dopsd.klein_text_layers(pipe.text_encoder))
+    with torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        img = pipe(generator=torch.Generator().manual_seed(5), **kw).images[0]
+    return np.round(img.astype(np.float64) * 255)
+
+
+def check_sample(ctx, family):
+    """`dopsd.py sample --precision bf16` (with the train row's LoRA, if that row wrote one) vs the pipeline in bf16.
+
+    In fp32 the two agree to 1 grey level (test_dopsd.py). In bf16 the random-weight tiny models amplify rounding:
+    the pipeline's own bf16 image sits several grey levels from its fp32 image (on CPU: Z-Image 5, klein ~20; klein's
+    pipeline also keeps its latents in bf16 between steps, dopsd in fp32). Call that the floor. Two bf16 samplers, each
+    within the floor of the fp32 image, are within 2 x floor of each other, so the goal is max(3, 2 x floor) grey
+    levels; a wrong schedule, time convention or dtype costs tens."""
+    import numpy as np
     from PIL import Image
     model, dev = ctx.models()[family], ctx.device
     lora = ctx.work / f"train_{family}_tiny"
@@ -580,26 +609,17 @@ def check_sample(ctx, family):
     if code != 0:
         raise RuntimeError(f"dopsd.main(sample) returned {code}")
     ours = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
-    pipe = (ZImagePipeline if family == "zimage" else Flux2KleinPipeline).from_pretrained(
-        model, torch_dtype=torch.bfloat16).to(dev)
-    if lora:
-        pipe.load_lora_weights(str(lora))
-    kw = dict(prompt=PROMPT, height=64, width=64, num_inference_steps=dopsd.FAMILIES[family]["deploy"],
-              output_type="np")                           # 8 steps for Z-Image-Turbo, 4 for klein
-    if family == "zimage":
-        kw.update(guidance_scale=0.0)                     # > 0 would turn CFG on
-    else:                                                 # the tiny 4-layer encoder: read layers 1, 2, 3
-        kw.update(guidance_scale=1.0, text_encoder_out_layers=dopsd.klein_text_layers(pipe.text_encoder))
-    diffs = {}
-    # dopsd's sampler runs under bf16 autocast (pick_precision), so the like-for-like pipeline run does too; the
-    # plain run (what a diffusers user gets) is reported beside it.
-    for how, ac in (("autocast", torch.autocast(dev.type, dtype=torch.bfloat16)), ("plain", contextlib.nullcontext())):
-        with ac:
-            img = pipe(generator=torch.Generator().manual_seed(5), **kw).images[0]
-        diffs[how] = float(np.abs(ours - np.round(img * 255)).max())
-    del pipe
-    return result(diffs["autocast"] <= GREY_GOAL, f"{diffs['autocast']:.0f} grey levels",
-                  f"{'with' if lora else 'without'} LoRA; plain (no autocast) pipeline: {diffs['plain']:.0f}", **diffs)
+    # dopsd's sampler runs under bf16 autocast (pick_precision), so the like-for-like pipeline run does too; the plain
+    # bf16 run (what a diffusers user gets) and the fp32 run (the floor's reference) are reported beside it.
+    runs = {"autocast": (torch.bfloat16, True), "plain": (torch.bfloat16, False), "fp32": (torch.float32, False)}
+    img = {k: pipeline_image(family, model, lora, dev, dt, ac) for k, (dt, ac) in runs.items()}
+    diff = lambda a, b: float(np.abs(a - b).max())
+    d, floor = diff(ours, img["autocast"]), diff(img["plain"], img["fp32"])
+    goal = max(GREY_GOAL, 2 * floor)
+    return result(d <= goal, f"{d:.0f} grey levels (bf16 floor {floor:.0f})",
+                  f"{'with' if lora else 'without'} LoRA; vs plain bf16 pipeline {diff(ours, img['plain']):.0f}, "
+                  f"ours vs fp32 pipeline {diff(ours, img['fp32']):.0f}", diff=d, floor=floor, goal=goal,
+                  vs_plain=diff(ours, img["plain"]), vs_fp32=diff(ours, img["fp32"]))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -661,7 +681,8 @@ def check_libraries(ctx):
 
 def checks(ctx):
     """(name, goal, function) of every row, in the order they run: cheap first, the 2-GPU runs last."""
-    tol = lambda d: f"<= {LOSS_TOL[d]:g} x max|ref|: loss, grad, x_next"
+    tol = lambda d: f"<= {LOSS_TOL[d]:g} x max|ref|: loss, grad, x_next" if d != "float64" else \
+        f"grad, x_next <= {LOSS_TOL[d]:g}; fp32 loss {LOSS_TOL_LOSS64:g}"
     band = f"{MEMORY_BAND[0]}..{MEMORY_BAND[1]} x memory_plan's peak"
     rows = [("libraries", "diffusers, transformers, peft as pinned", lambda: check_libraries(ctx)),
             ("loss fp32 (triton)", tol("float32"), lambda: check_loss(ctx, torch.float32)),
@@ -679,7 +700,7 @@ def checks(ctx):
         rows.append((f"train {f} mid", "finite loss, grads: student ok, teacher none", lambda f=f: check_train_mid(ctx, f)))
         rows.append((f"memory {f} mid", band, lambda f=f: check_memory(ctx, f)))
     for f in ("zimage", "klein"):
-        rows.append((f"sample {f}", f"<= {GREY_GOAL} grey levels vs the pipeline (bf16)", lambda f=f: check_sample(ctx, f)))
+        rows.append((f"sample {f}", f"<= max({GREY_GOAL}, 2 x floor) grey levels", lambda f=f: check_sample(ctx, f)))
     rows += [("2 GPUs: cuda:1", f"loss triton = torch (rel. {CUDA1_RTOL:g})", lambda: check_cuda1(ctx)),
              ("2 GPUs: nccl", 'exit 0, "ranks in sync: 2 ranks"', lambda: check_nccl(ctx))]
     return rows
