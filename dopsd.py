@@ -33,7 +33,7 @@ Run as:
   python dopsd.py train --data tiny/data --model tiny/zimage --vlm tiny/vlm --out runs/demo \\
       --resolution 64 --max-steps 20 --rank 4                              # CPU demo, ~1 min
   python dopsd.py train --data ./imgs --out runs/mystyle                   # the real job: Z-Image-Turbo, one GPU
-  python dopsd.py train --data ./imgs --model black-forest-labs/FLUX.2-klein-4B --out runs/klein --lr 2e-5
+  python dopsd.py train --data ./imgs --model black-forest-labs/FLUX.2-klein-4B --out runs/klein
   torchrun --nproc_per_node 4 dopsd.py train --data ./imgs --out runs/mystyle         # several GPUs (DDP)
   python dopsd.py sample --lora runs/mystyle --prompt "a cat in [V] style" --out cat.png   # deploy settings
   python -m pytest -q                                                       # tests, offline, CPU

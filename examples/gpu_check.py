@@ -38,8 +38,9 @@ The rows (each: PASS / FAIL / SKIP, the measured figure, the goal; a FAIL or SKI
   memory klein mid      (max of peak_training and peak_caching); goal 0.7..1.3.
   sample zimage         `dopsd.py sample --precision bf16` (with the LoRA of the train row) against ZImagePipeline /
   sample klein          Flux2KleinPipeline loaded in bf16 with the same LoRA and seed, run under bf16 autocast as
-                        dopsd's sampler runs; max difference in grey levels, goal <= 3 (the plain pipeline's is in the
-                        detail).
+                        dopsd's sampler runs: the max difference in grey levels. The floor is the pipeline's own bf16
+                        image against its fp32 image (random weights amplify bf16 rounding to several grey levels);
+                        goal <= max(3, 2 x floor). The plain (no autocast) pipeline's difference is in the detail.
   2 GPUs: cuda:1        (>= 2 GPUs) one step with --device cuda:1: its loss with the Triton kernel equals the loss with
                         --loss-backend torch (rel. 1e-3): the kernel runs on the tensors' GPU, not on GPU 0.
   2 GPUs: nccl          (>= 2 GPUs) torchrun --nproc_per_node 2, 2 steps: exit 0 and "ranks in sync: 2 ranks".
@@ -326,7 +327,7 @@ def check_loss(ctx, dtype):
         if ctx.device.type == "cuda" and kind != "compiled":
             raise RuntimeError("the kernel is interpreted on CUDA: unset TRITON_INTERPRET and rerun")
     shapes = [(2, 4099), (1, 7, 13, 17), (3, 5, 37, 29)] + ([(4, 16, 128, 128)] if ctx.device.type == "cuda" else [])
-    worst = {"loss": (0.0, ""), "tensor": (0.0, "")}     # the scalar loss; the gradient and x_next
+    worst = {"loss": (-1.0, ""), "tensor": (-1.0, "")}   # the scalar loss; the gradient and x_next
     for i, shape in enumerate(shapes):
         for what, e in loss_errors(ctx.device, dtype, shape, backend, seed=i).items():
             group = "loss" if "loss" in what else "tensor"
@@ -536,8 +537,9 @@ def train_verdict(s):
         (not s["checkpointing"], "gradient checkpointing is off in the DiT despite --grad-checkpointing on"),
     ]
     bad = [why for cond, why in problems if cond]
-    detail = "; ".join(bad) or (f"{s['student_grads_nonzero']}/{s['student_params']} student grads non-zero, "
-                                f"{s['teacher_params']} teacher grads None, DiT {s['dit_dtype']}, checkpointing on")
+    detail = "; ".join(bad) or (f"{s['student_grads_nonzero']}/{s['student_params']} student grads non-zero (after "
+                                f"step 1 lora_A's are 0 while lora_B = 0), {s['teacher_params']} teacher grads None, "
+                                f"DiT {s['dit_dtype']}, checkpointing on")
     facts = {k: v for k, v in s.items() if k != "log"}
     return result(not bad, f"loss {s['loss']:.3g}, grad norm {s['grad_norm']:.3g}", detail, **facts)
 
@@ -646,8 +648,8 @@ def check_nccl(ctx):
     need_two_gpus(ctx)
     m = ctx.models()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "dopsd.py"), *train_argv(m["zimage"], m["vlm"], m["data"], ctx.work / "nccl", TINY_RES, "cuda",
-                                               max_steps=2)]
+           str(ROOT / "dopsd.py"), *train_argv(m["zimage"], m["vlm"], m["data"], ctx.work / "nccl", TINY_RES,
+                                               ctx.device.type, max_steps=2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}         # PYTHONPATH carries --wheels' site dir to the ranks
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)      # its own process group: a timeout kills launcher and ranks
