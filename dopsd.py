@@ -1106,7 +1106,6 @@ def train_distributed(cfg, items, family, rank, world, device):
         print(f"error: rank {rank} of {world} lost contact with the other ranks (one died, or a collective waited "
               f"over --dist-timeout {cfg.dist_timeout:g} min: {why}); the last checkpoint in {cfg.out} is intact, "
               "continue with --resume", file=sys.stderr)
-        code = 1
     finally:
         gc.collect()
         dist.destroy_process_group()
