@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 import dopsd  # noqa: E402
 
 
-def _make_tiny():
-    spec = importlib.util.spec_from_file_location("make_tiny", ROOT / "examples" / "make_tiny.py")
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(Path(name).stem, ROOT / "examples" / name)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -41,7 +41,7 @@ def assert_close(a, b, atol, rtol=0.0, what=""):
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of the tiny Z-Image pipeline, the tiny Qwen3-VL and two small datasets (.txt and metadata.jsonl)."""
-    mt, root = _make_tiny(), tmp_path_factory.mktemp("tiny")
+    mt, root = _load_example("make_tiny.py"), tmp_path_factory.mktemp("tiny")
     mt.make_zimage(root / "zimage")
     mt.make_vlm(root / "vlm")
     mt.make_klein(root / "klein")
@@ -653,19 +653,13 @@ def test_encoders_run_only_while_building_the_cache(tiny, tmp_path, monkeypatch)
     assert calls == {"text": 2, "vlm": 2}                       # 2 images in the folder, 4 steps
 
 
-def run_bounded(cmd, timeout, env=None):
-    """Run cmd in its own process group; past `timeout` s kill the whole group (no orphaned rank) and fail."""
-    import signal
-    import subprocess
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd[:6]} did not end within {timeout} s; its process group was killed\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+def run_bounded(cmd, timeout):
+    """Run cmd; past `timeout` s kill it and every process below it (no orphaned rank survives), and fail."""
+    soak = _load_example("ddp_soak.py")
+    code, out, err, _ = soak.finish(soak.start(cmd), timeout)
+    if code is None:
+        pytest.fail(f"{cmd[:6]} did not end within {timeout} s; it and its ranks were killed\n{err[-3000:]}")
+    return code, out, err
 
 
 def torchrun(n, *args):
@@ -677,9 +671,9 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, tmp_p
     """torchrun with 2 CPU ranks × batch 1 ends (bounded) with identical weights on both ranks, equal to 1 process ×
     batch 2."""
     args = train_args(tiny, tmp_path / "ddp", "--max-steps", "2", "--batch-size", "1")[1:]
-    run = run_bounded(torchrun(2, *args), 120, {**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "ranks in sync: 2 ranks" in run.stdout and "distributed: 2 processes, gloo" in run.stdout
+    code, out, err = run_bounded(torchrun(2, *args), 120)             # a hang here used to last for ever
+    assert code == 0, err[-3000:]
+    assert "ranks in sync: 2 ranks" in out and "distributed: 2 processes, gloo" in out
     assert dopsd.main(train_args(tiny, tmp_path / "one", "--max-steps", "2", "--batch-size", "2")) == 0
     a, b = lora_weights(tmp_path / "ddp"), lora_weights(tmp_path / "one")
     for k in a:

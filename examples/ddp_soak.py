@@ -45,17 +45,39 @@ def command(root, out, steps, extra=()):
 def start(cmd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)             # its own process group: killpg reaches every rank
+                            start_new_session=True)
+
+
+def descendants(pid):
+    """Every process below pid, read from /proc. torchrun starts each rank in a session of its own
+    (start_new_session=True in torch's subprocess handler), so killing torchrun's process group misses the ranks."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()   # after "pid (comm)": state, ppid, ...
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue                                           # the process ended while we looked
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found, todo = found + kids, todo + kids
+    return found
 
 
 def finish(proc, timeout):
-    """(exit code or None if it had to be killed, stdout, stderr, seconds)."""
+    """(exit code, or None if it had to be killed; stdout, stderr, seconds). Past `timeout` the launcher and every
+    process below it are killed, so no rank outlives a hung run (and holds its pipes open for ever)."""
     t0 = time.perf_counter()
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err, time.perf_counter() - t0
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in descendants(proc.pid) + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         out, err = proc.communicate()
         return None, out, err, time.perf_counter() - t0
 
