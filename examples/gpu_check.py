@@ -1,11 +1,12 @@
-"""Does dopsd.py's accelerator path hold on this machine? One command: a table of checks, a JSON report, exit code 0
-iff no check FAILs.
+"""Does dopsd.py's accelerator path hold on this machine? One command prints a table of checks and writes a JSON report.
+
+Exit code 0 iff no check FAILs.
 
 Run as:
     python examples/gpu_check.py --out gpu_check.json           # on a CUDA machine: ~2 min on one H200
     python examples/gpu_check.py --quick                          # smaller kernel tensors and mid-size DiT: ~1 min
     python examples/gpu_check.py --cpu --out /tmp/gc.json         # CPU mode, the same code paths where they exist:
-                                                                  # ~25 s on 2 cores; the test suite runs it
+                                                                  # ~15 s on 2 cores; the test suite runs it
     python examples/gpu_check.py --wheels .whl --out gpu.json     # install the pinned libraries from a wheel folder
                                                                   # first (a GPU image without network, see below)
 Options: --keep DIR keeps the models and runs it builds (default: a temp dir, removed); --verbose shows what dopsd
@@ -16,13 +17,14 @@ in a temp dir, and every training / sampling run goes through the real CLI, dops
 
 The rows (each: PASS / FAIL / SKIP, the measured figure, the goal; a FAIL or SKIP also prints its one-line reason):
   libraries             diffusers / transformers / peft are the versions requirements.txt pins.
-  loss fp32 (triton)    the fused loss on backend="triton" -- dopsd_loss (loss, gradient) and dopsd_loss_and_step (loss,
-  loss bf16 (triton)    gradient, x_next) -- against divergence_loss_reference in float64 on the same inputs, shapes that
-                        are no multiple of the kernel's block; max error / max|reference|, goal 1e-5 (fp32), 2e-2 (bf16).
+  loss fp32 (triton)    the fused loss on backend="triton" -- dopsd_loss (loss, gradient) and dopsd_loss_and_step
+  loss bf16 (triton)    (loss, gradient, x_next) -- against divergence_loss_reference in float64 on the same inputs, on
+                        shapes that are no multiple of the kernel's block; max error / max|reference|, goal 1e-5
+                        (fp32), 2e-2 (bf16).
                         On CUDA the compiled kernel (an interpreted one FAILs: TRITON_INTERPRET=1 leaked in); in --cpu
                         mode the Triton interpreter.
   loss float64 (auto)   float64 inputs on backend="auto": the kernel computes in fp32, so auto must take the PyTorch
-                        path and stay at float64 precision (1e-12).
+                        path: gradient and x_next at float64 precision (1e-12), the loss an fp32 scalar (1e-6).
   kernel GB/s fp32      (CUDA) the forward kernel's bandwidth, counting what it must move (reads v_s and v_t, writes
   kernel GB/s bf16      w·d: 3 accesses per element, as examples/bench.py counts them), against a device-to-device copy
                         moving the same bytes (read + write counted); goal >= 80 % of the copy.
@@ -56,8 +58,8 @@ safetensors >= 0.8; regex >= 2025.10.22; tqdm, accelerate, pyyaml, ... -- the GP
 huggingface_hub 1.33, tokenizers 0.23.2, safetensors 0.8.0, accelerate 1.15, and its transformers 5.17 pins the same
 regex and tqdm bounds. Add a wheel here only for a package the image lacks or holds at a version outside them.)
 Then, on the GPU machine, either
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \\
-        && PYTHONPATH=/tmp/site python3 examples/gpu_check.py --out $OUT/gpu_check.json
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
+        .whl/*.whl && PYTHONPATH=/tmp/site python3 examples/gpu_check.py --out $OUT/gpu_check.json
 or in one command
     python3 examples/gpu_check.py --wheels .whl --out $OUT/gpu_check.json
 which does the same install into a temp dir (never torch, triton or nvidia-* wheels: the machine's own CUDA builds
@@ -73,11 +75,11 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -97,13 +99,18 @@ MID_QUICK = {"zimage": dict(MID["zimage"], dim=1024, n_heads=8, n_kv_heads=8, n_
              "klein": dict(MID["klein"], num_attention_heads=8, num_layers=1, num_single_layers=2)}
 LOSS_TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float64": 1e-12}   # max error / max|reference|, as test_dopsd.py
 LOSS_TOL_LOSS64 = 1e-6                    # the loss itself is an fp32 scalar, also for float64 inputs
-BANDWIDTH_GOAL, MEMORY_BAND, GREY_GOAL, CUDA1_RTOL, NCCL_TIMEOUT_S = 0.8, (0.7, 1.3), 3, 1e-3, 240
+BANDWIDTH_GOAL, MEMORY_BAND, GREY_GOAL, CUDA1_RTOL, NCCL_TIMEOUT_S = 0.8, (0.7, 1.3), 3, 1e-3, 120
+TRAIN_GOAL = "finite loss & grads, no teacher grad, ckpt on"
 PINNED = ("diffusers", "transformers", "peft")
 PROTECTED_WHEELS = ("torch", "triton", "torchvision", "torchaudio")  # never shadow the machine's CUDA builds
 
 
 class Skip(Exception):
     """Raised by a check that does not apply on this machine; the message says why."""
+
+
+class MainFailed(RuntimeError):
+    """dopsd.main returned a non-zero exit code (its 'error:' line is in the captured output)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,8 +154,9 @@ def import_stack(cpu):
     return torch.device("cpu" if cpu else "cuda")
 
 
-def load_make_tiny():
-    spec = importlib.util.spec_from_file_location("make_tiny", HERE / "make_tiny.py")
+def load_example(name):
+    """examples/<name> as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(Path(name).stem, HERE / name)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -181,11 +189,11 @@ def result(ok, value, detail="", **data):
 
 
 def one_line(e, log=""):
-    """The reason of an exception in one line. An argparse exit or dopsd's exit code 2 says more in its 'error:' line."""
+    """The reason of an exception in one line. An argparse exit or a dopsd exit code says more in its 'error:' line."""
     msg = (str(e).strip().splitlines() or [""])[0]
     text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     errors = [l.strip() for l in log.splitlines() if "error:" in l]
-    if errors and (isinstance(e, SystemExit) or "returned" in msg):
+    if errors and isinstance(e, (SystemExit, MainFailed)):
         text += f" ({errors[-1]})"
     return text[:300]
 
@@ -217,7 +225,7 @@ class Report:
         t0, log, row = time.perf_counter(), io.StringIO(), {"name": name, "goal": goal, "value": "", "detail": ""}
         try:
             with contextlib.ExitStack() as quiet:
-                if not self.args.verbose:                 # dopsd's banners, tqdm bars and warnings go to the log
+                if not self.args.verbose:                 # dopsd's banners, tqdm bars, warnings: into the log
                     quiet.enter_context(contextlib.redirect_stdout(log))
                     quiet.enter_context(contextlib.redirect_stderr(log))
                 r = fn()
@@ -245,14 +253,15 @@ class Report:
     def table(self, width=110):
         """The summary table, 110 columns; FAIL and SKIP rows get their reason on the next line(s)."""
         v = self.head["versions"]
-        lines = [f"{self.head['device']} | {self.head['mode']}{' quick' if self.args.quick else ''} | " + ", ".join(
-            f"{k} {v[k]}" for k in ("torch", "triton", "diffusers", "transformers", "peft")),
-            f"{'check':<22}  {'':4}  {'measured':<38}  goal", "-" * width]
+        mode = self.head["mode"] + (" quick" if self.args.quick else "")
+        libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "diffusers", "transformers", "peft"))
+        lines = [f"{self.head['device']} | {mode} | {libs}", f"{'check':<20}  {'':4}  {'measured':<34}  goal",
+                 "-" * width]
         for r in self.rows:
-            lines.append(f"{r['name']:<22}  {r['status']:4}  {_cut(r['value'], 38):<38}  {_cut(r['goal'], width - 70)}")
-            if r["status"] != "PASS" and r["detail"]:
-                text = str(r["detail"])
-                lines += ["        " + text[i:i + width - 8] for i in range(0, min(len(text), 3 * (width - 8)), width - 8)]
+            lines.append(f"{r['name']:<20}  {r['status']:4}  {_cut(r['value'], 34):<34}  {_cut(r['goal'], width - 64)}")
+            if r["status"] != "PASS" and r["detail"]:     # the reason, wrapped, at most 3 lines
+                lines += textwrap.wrap(str(r["detail"]), width, initial_indent=" " * 8, subsequent_indent=" " * 8,
+                                       max_lines=3, placeholder=" …")
         n = {s: sum(r["status"] == s for r in self.rows) for s in ("PASS", "FAIL", "SKIP")}
         lines += ["-" * width, f"{n['PASS']} PASS, {n['FAIL']} FAIL, {n['SKIP']} SKIP in "
                   f"{time.perf_counter() - self.t0:.0f} s" + (f"; report: {self.args.out}" if self.args.out else "")]
@@ -326,7 +335,9 @@ def check_loss(ctx, dtype):
             raise RuntimeError("triton is not importable: the fused loss would take the PyTorch path")
         if ctx.device.type == "cuda" and kind != "compiled":
             raise RuntimeError("the kernel is interpreted on CUDA: unset TRITON_INTERPRET and rerun")
-    shapes = [(2, 4099), (1, 7, 13, 17), (3, 5, 37, 29)] + ([(4, 16, 128, 128)] if ctx.device.type == "cuda" else [])
+    shapes = [(2, 4099), (1, 7, 13, 17), (3, 5, 37, 29)]  # no multiple of the 1024-element block
+    if ctx.device.type == "cuda":
+        shapes.append((4, 16, 128, 128))                  # a 512 px Z-Image latent, batch 4
     worst = {"loss": (-1.0, ""), "tensor": (-1.0, "")}   # the scalar loss; the gradient and x_next
     for i, shape in enumerate(shapes):
         for what, e in loss_errors(ctx.device, dtype, shape, backend, seed=i).items():
@@ -360,7 +371,7 @@ def check_bandwidth(ctx, dtype):
     need_cuda(ctx, "kernel bandwidth")
     if kernel_kind() != "compiled":
         raise RuntimeError(f"no compiled Triton kernel (triton: {kernel_kind()})")
-    n = 2**26 if ctx.args.quick else 2**28                # 2^28 fp32: 1 GiB per tensor, 3 GiB per call (H200 L2: 60 MB)
+    n = 2**26 if ctx.args.quick else 2**28                # 2^28 fp32: 1 GiB per tensor (an H200's L2: 60 MB)
     dev = ctx.device
     vs = torch.randn(4, n // 4, device=dev, dtype=dtype)
     vt, w = torch.randn_like(vs), torch.rand(4, device=dev)
@@ -441,7 +452,7 @@ class Ctx:
     def __init__(self, args, device, work):
         self.args, self.device, self.work = args, device, work
         self.mid_res = MID_RES_QUICK if args.quick else MID_RES
-        self.make_tiny = load_make_tiny()
+        self.make_tiny = load_example("make_tiny.py")
         self.models = once(lambda: build_models(self))
         self.mid = once(lambda family: build_mid(self, family))
         self.train_tiny = once(self._train_tiny)
@@ -493,6 +504,7 @@ def run_train(ctx, model, vlm, data, out, resolution, device, rank=4, extra=()):
         seen["dit"] = pipe.transformer
         return pipe
     cuda = torch.device(device).type == "cuda"
+    shutil.rmtree(out, ignore_errors=True)                # a --keep rerun: dopsd refuses to train into an old run
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -508,7 +520,7 @@ def run_train(ctx, model, vlm, data, out, resolution, device, rank=4, extra=()):
     finally:
         dopsd.ema_update, dopsd.load_pipeline = real_ema, real_load
     if code != 0:
-        raise RuntimeError(f"dopsd.main(train) returned {code}")
+        raise MainFailed(f"dopsd.main(train) returned {code}")
     dit = seen.pop("dit")
     seen["checkpointing"] = bool(dit.is_gradient_checkpointing)
     seen["dit_dtype"] = str(next(p.dtype for n, p in dit.named_parameters() if ".lora_" not in n))
@@ -537,9 +549,9 @@ def train_verdict(s):
         (not s["checkpointing"], "gradient checkpointing is off in the DiT despite --grad-checkpointing on"),
     ]
     bad = [why for cond, why in problems if cond]
-    detail = "; ".join(bad) or (f"{s['student_grads_nonzero']}/{s['student_params']} student grads non-zero (after "
-                                f"step 1 lora_A's are 0 while lora_B = 0), {s['teacher_params']} teacher grads None, "
-                                f"DiT {s['dit_dtype']}, checkpointing on")
+    detail = "; ".join(bad) or (f"{s['student_grads_nonzero']}/{s['student_params']} student grads non-zero (at "
+                                f"step 1 the lora_A grads are 0: lora_B starts at 0), {s['teacher_params']} teacher "
+                                f"grads None, DiT {s['dit_dtype']}, checkpointing on")
     facts = {k: v for k, v in s.items() if k != "log"}
     return result(not bad, f"loss {s['loss']:.3g}, grad norm {s['grad_norm']:.3g}", detail, **facts)
 
@@ -564,10 +576,12 @@ def check_memory(ctx, family):
     planned = max(plan["peak_training"], plan["peak_caching"])
     ratio = s["peak_bytes"] / planned
     gib = lambda b: f"{b / 2**30:.2f}"
-    rows = {k: v for k, v in plan.items() if isinstance(v, (int, float))}
-    return result(MEMORY_BAND[0] <= ratio <= MEMORY_BAND[1], f"{ratio:.2f} ({gib(s['peak_bytes'])} / {gib(planned)} GiB)",
-                  f"measured {s['peak_bytes']:,} B, plan {planned:,} B", measured=s["peak_bytes"], plan=rows,
-                  params=plan.get("params"))
+    rows = {k: v for k, v in plan.items() if isinstance(v, (int, float))}   # every row of the dry-run table
+    return result(MEMORY_BAND[0] <= ratio <= MEMORY_BAND[1],
+                  f"{ratio:.2f} ({gib(s['peak_bytes'])} / {gib(planned)} GiB)",
+                  f"measured {s['peak_bytes']:,} B, plan {planned:,} B (peak while training "
+                  f"{plan['peak_training']:,}, while caching {plan['peak_caching']:,})",
+                  measured=s["peak_bytes"], plan=rows, params=plan.get("params"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -609,7 +623,7 @@ def check_sample(ctx, family):
             "--seed", "5", "--precision", "bf16", "--device", str(dev)] + (["--lora", str(lora)] if lora else [])
     code = dopsd.main(argv)
     if code != 0:
-        raise RuntimeError(f"dopsd.main(sample) returned {code}")
+        raise MainFailed(f"dopsd.main(sample) returned {code}")
     ours = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
     # dopsd's sampler runs under bf16 autocast (pick_precision), so the like-for-like pipeline run does too; the plain
     # bf16 run (what a diffusers user gets) and the fp32 run (the floor's reference) are reported beside it.
@@ -630,14 +644,14 @@ def check_sample(ctx, family):
 def check_cuda1(ctx):
     """One step on cuda:1 with the Triton kernel and one with the PyTorch loss: the same loss."""
     need_two_gpus(ctx)
-    m, losses = ctx.models(), {}
+    m, losses, current = ctx.models(), {}, torch.cuda.current_device()
     try:
         for backend in ("triton", "torch"):
             s = run_train(ctx, m["zimage"], m["vlm"], m["data"], ctx.work / f"cuda1_{backend}", TINY_RES, "cuda:1",
                           extra=["--loss-backend", backend])
             losses[backend] = s["loss"]
     finally:
-        torch.cuda.set_device(ctx.device)                 # pick_device("cuda:1") made cuda:1 this process's current GPU
+        torch.cuda.set_device(current)                    # pick_device("cuda:1") made cuda:1 this process's current GPU
     rel = abs(losses["triton"] - losses["torch"]) / max(abs(losses["torch"]), 1e-30)
     return result(rel <= CUDA1_RTOL, f"rel. diff {rel:.1e}", f"loss triton {losses['triton']:.6g}, torch "
                   f"{losses['torch']:.6g}", losses=losses)
@@ -650,28 +664,24 @@ def check_nccl(ctx):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "dopsd.py"), *train_argv(m["zimage"], m["vlm"], m["data"], ctx.work / "nccl", TINY_RES,
                                                ctx.device.type, max_steps=2)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}         # PYTHONPATH carries --wheels' site dir to the ranks
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)      # its own process group: a timeout kills launcher and ranks
-    try:
-        out, err = proc.communicate(timeout=NCCL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        print(out[-2000:], err[-2000:])
-        raise RuntimeError(f"torchrun did not finish in {NCCL_TIMEOUT_S} s (killed)") from None
+    # examples/ddp_soak.py's bounded run: past the timeout it kills torchrun and every rank below it (the ranks run in
+    # sessions of their own, which a killpg of the launcher's group would miss). The ranks inherit os.environ, with
+    # the PYTHONPATH that --wheels set.
+    soak = load_example("ddp_soak.py")
+    code, out, err, _ = soak.finish(soak.start(cmd), NCCL_TIMEOUT_S)
     print(out[-2000:], err[-2000:])                       # into the row's log
+    if code is None:
+        raise RuntimeError(f"torchrun did not finish in {NCCL_TIMEOUT_S} s (it and its ranks were killed)")
     synced = "ranks in sync: 2 ranks" in out
-    why = "" if proc.returncode == 0 else (err.strip().splitlines() or [""])[-1][:200]
-    return result(proc.returncode == 0 and synced, f"exit {proc.returncode}, {'in sync' if synced else 'no sync line'}",
-                  why)
+    why = "" if code == 0 else (err.strip().splitlines() or [""])[-1][:200]
+    return result(code == 0 and synced, f"exit {code}, {'in sync' if synced else 'no sync line'}", why)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # the libraries, the list of rows, CLI
 
 def check_libraries(ctx):
-    """diffusers / transformers / peft at requirements.txt's pins (a GPU image's own versions would test another set)."""
+    """diffusers / transformers / peft at requirements.txt's pins (a GPU image's own versions test another set)."""
     import diffusers, peft, transformers
     pins = dict(l.strip().split("==") for l in (ROOT / "requirements.txt").read_text().splitlines()
                 if "==" in l and not l.lstrip().startswith("#"))
@@ -697,9 +707,9 @@ def checks(ctx):
             ("loss auto backend", "triton, probe ok" if ctx.device.type == "cuda" else "torch on CPU",
              lambda: check_auto(ctx))]
     for f in ("zimage", "klein"):
-        rows.append((f"train {f} tiny", "finite loss, grads: student ok, teacher none", lambda f=f: check_train_tiny(ctx, f)))
+        rows.append((f"train {f} tiny", TRAIN_GOAL, lambda f=f: check_train_tiny(ctx, f)))
     for f in ("zimage", "klein"):
-        rows.append((f"train {f} mid", "finite loss, grads: student ok, teacher none", lambda f=f: check_train_mid(ctx, f)))
+        rows.append((f"train {f} mid", TRAIN_GOAL, lambda f=f: check_train_mid(ctx, f)))
         rows.append((f"memory {f} mid", band, lambda f=f: check_memory(ctx, f)))
     for f in ("zimage", "klein"):
         rows.append((f"sample {f}", f"<= max({GREY_GOAL}, 2 x floor) grey levels", lambda f=f: check_sample(ctx, f)))
@@ -709,10 +719,11 @@ def checks(ctx):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the JSON report here (rewritten after every row)")
     p.add_argument("--cpu", action="store_true", help="CPU mode: the kernel under the Triton interpreter, CUDA-only "
-                   "rows SKIP (~25 s on 2 cores)")
+                   "rows SKIP (~15 s on 2 cores)")
     p.add_argument("--quick", action="store_true", help="CUDA: smaller kernel tensors and mid-size DiT (~1 min)")
     p.add_argument("--wheels", metavar="DIR", help="pip-install DIR/*.whl (no index, no deps; never torch/triton) "
                    "into a temp dir and import diffusers/transformers/peft from there")
