@@ -1112,6 +1112,20 @@ def train_distributed(cfg, items, family, rank, world, device):
     return code
 
 
+def wrap_ddp(tr, device):
+    """PyTorch's own DistributedDataParallel around the DiT; it averages the student's gradients across ranks.
+
+    The frozen weights (base DiT, teacher adapter) are left out of DDP's start-up broadcast (12 GB for Z-Image): every
+    rank loads them from the same files and seeds the LoRA alike, and ranks_agree() checks at every save.
+    gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside them (a second copy:
+    25 GB for --full Z-Image); the loop's zero_grad(set_to_none=False) keeps those views."""
+    from torch.nn.parallel import DistributedDataParallel
+    frozen = [n for n, p in tr.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(tr, frozen)
+    return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
 def train_rank(cfg, items, family, rank, world, device):
     """The training run of one process (rank) of `world`; rank 0 alone writes files."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
@@ -1220,18 +1234,10 @@ def train_rank(cfg, items, family, rank, world, device):
         tr.enable_gradient_checkpointing()         # recompute activations in backward: memory for compute
     ddp = tr
     if world > 1:
-        # PyTorch's own DDP: it averages the student's gradients across ranks in backward. We allow that all-reduce
-        # only on the last backward of an optimizer step (require_backward_grad_sync below): K roll-out steps and
-        # --grad-accum micro-batches would otherwise each pay one. Identical gradients -> identical students on
-        # every rank -> identical EMA teachers (checked at every save). gradient_as_bucket_view: the gradients live
-        # in DDP's all-reduce buckets instead of beside them (a second copy: 25 GB for --full Z-Image); that needs
-        # zero_grad(set_to_none=False) below. The frozen weights (base DiT, teacher) are left out of DDP's start-up
-        # broadcast: every rank loads them from the same files and seeds the LoRA alike, and ranks_agree() checks.
-        from torch.nn.parallel import DistributedDataParallel
-        frozen = [n for n, p in tr.named_parameters() if not p.requires_grad]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(tr, frozen)
-        ddp = DistributedDataParallel(tr, device_ids=[device.index] if cuda else None, forward_sync_buffers=False,
-                                      gradient_as_bucket_view=True)
+        # We allow DDP's all-reduce only on the last backward of an optimizer step (require_backward_grad_sync
+        # below): K roll-out steps and --grad-accum micro-batches would otherwise each pay one. Identical gradients ->
+        # identical students on every rank -> identical EMA teachers (checked at every save).
+        ddp = wrap_ddp(tr, device)
         student_fwd = student
         student = lambda x, s, c: student_fwd(x, s, c, model=ddp)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)

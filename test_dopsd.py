@@ -681,6 +681,23 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, tmp_p
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
 
 
+def test_ddp_keeps_gradients_in_its_buckets_and_skips_frozen_weights(two_role_dit):
+    """wrap_ddp: gradients are views into DDP's all-reduce buckets (no second copy), and only the trainable student
+    adapter is registered and broadcast, not the frozen base DiT or the teacher (a one-rank gloo group)."""
+    import torch.distributed as dist
+    tr, student, teacher = two_role_dit
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = dopsd.wrap_ddp(tr, torch.device("cpu"))
+        frozen = {n for n, p in tr.named_parameters() if not p.requires_grad}
+        assert ddp.gradient_as_bucket_view and set(ddp.parameters_to_ignore) == frozen
+        assert any(".teacher." in n for n in frozen) and any("lora" not in n for n in frozen)
+        assert {id(p) for p in ddp._module_parameters} == {id(p) for n, p in tr.named_parameters() if n not in frozen}
+        del ddp
+    finally:
+        dist.destroy_process_group()
+
+
 def test_full_finetuning_saves_a_transformer_that_sample_loads(tiny, tmp_path):
     """--full trains every DiT weight against an EMA copy; the saved transformer/ loads in `sample` and differs."""
     from PIL import Image
