@@ -1240,8 +1240,8 @@ def test_step_state_shape_mismatch_raises():
         dopsd_loss_and_step(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 4), 0.1)
 
 
-# ---------------------------------------------------------------------------------------------------- dry run
-# `train --dry-run`: the memory plan is built from config files alone and counts exactly. Groups: parameter counts of
+# ---------------------------------------------------------------------------------------------------- memory plan
+# examples/memory_plan.py: the memory plan is built from config files alone and counts exactly. Groups: parameter counts of
 # the tiny models (vs loading them) -> LoRA count -> --full / sft rows -> no weight file read -> the real configs in
 # examples/configs -> the activation formula vs the bytes autograd actually saves on the tiny DiTs.
 
@@ -1250,7 +1250,8 @@ import copy  # noqa: E402
 import functools  # noqa: E402
 import shutil  # noqa: E402
 
-from dopsd import ACT_COEF, dit_activations, format_plan, memory_plan  # noqa: E402
+MP = _load_example("memory_plan.py")
+ACT_COEF, dit_activations, format_plan, memory_plan = MP.ACT_COEF, MP.dit_activations, MP.format_plan, MP.memory_plan
 
 CONFIGS = ROOT / "examples" / "configs"
 nparams = lambda m: sum(p.numel() for p in m.parameters())
@@ -1480,13 +1481,13 @@ def test_formula_coefficients_are_per_token_per_block():
 
 
 @pytest.mark.parametrize("name", ["Z-Image-Turbo", "FLUX.2-klein-4B"])
-def test_dry_run_prints_the_plan_from_config_files_and_exits(name, tmp_path, capsys):
-    """`train --dry-run` on config-only folders prints the plan, exits 0 and writes nothing."""
-    out = tmp_path / "out"
-    assert dopsd.main(["train", "--dry-run", "--data", str(tmp_path), "--out", str(out),
-                       "--model", str(CONFIGS / name), "--vlm", str(CONFIGS / "Qwen3-VL-4B-Instruct")]) == 0
+def test_memory_plan_prints_the_plan_from_config_files(name, tmp_path, capsys):
+    """`examples/memory_plan.py` on config-only folders prints the plan and exits 0; a bad folder is one error line."""
+    assert MP.main(["--data", str(tmp_path), "--model", str(CONFIGS / name),
+                    "--vlm", str(CONFIGS / "Qwen3-VL-4B-Instruct")]) == 0
     text = capsys.readouterr().out
-    assert "peak while training" in text and "DiT weights" in text and not out.exists()
+    assert "peak while training" in text and "DiT weights" in text
+    assert MP.main(["--model", str(tmp_path)]) == 2 and "model_index.json" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- GPU check

@@ -36,7 +36,7 @@ The rows (each: PASS / FAIL / SKIP, the measured figure, the goal; a FAIL or SKI
                         zero; the DiT has gradient checkpointing on.
   train zimage mid      (CUDA) the same on a mid-size DiT (width 1536, a few blocks, 512 px; --quick: 1024, 256 px).
   train klein mid
-  memory zimage mid     (CUDA) torch.cuda.max_memory_allocated() over that run / dopsd.memory_plan's peak
+  memory zimage mid     (CUDA) torch.cuda.max_memory_allocated() over that run / examples/memory_plan.py's peak
   memory klein mid      (max of peak_training and peak_caching); goal 0.7..1.3.
   sample zimage         `dopsd.py sample --precision bf16` (with the LoRA of the train row) against ZImagePipeline /
   sample klein          Flux2KleinPipeline loaded in bf16 with the same LoRA and seed, run under bf16 autocast as
@@ -566,17 +566,17 @@ def check_train_mid(ctx, family):
 
 
 def check_memory(ctx, family):
-    """The mid-size run's peak of allocated CUDA memory against dopsd.memory_plan for the same setup."""
+    """The mid-size run's peak of allocated CUDA memory against examples/memory_plan.py for the same setup."""
     need_cuda(ctx, "memory")
     s = ctx.train_mid(family)
     model, _ = ctx.mid(family)
-    plan = dopsd.memory_plan(str(model), str(ctx.models()["vlm"]), method="dopsd", rank=MID_RANK,
-                             resolution=ctx.mid_res, batch_size=1, n_images=N_IMAGES, rollout_steps=2,
-                             grad_checkpointing=True)
+    memory_plan = load_example("memory_plan.py").memory_plan
+    plan = memory_plan(str(model), str(ctx.models()["vlm"]), method="dopsd", rank=MID_RANK, resolution=ctx.mid_res,
+                       batch_size=1, n_images=N_IMAGES, rollout_steps=2, grad_checkpointing=True)
     planned = max(plan["peak_training"], plan["peak_caching"])
     ratio = s["peak_bytes"] / planned
     gib = lambda b: f"{b / 2**30:.2f}"
-    rows = {k: v for k, v in plan.items() if isinstance(v, (int, float))}   # every row of the dry-run table
+    rows = {k: v for k, v in plan.items() if isinstance(v, (int, float))}   # every row of the memory plan's table
     return result(MEMORY_BAND[0] <= ratio <= MEMORY_BAND[1],
                   f"{ratio:.2f} ({gib(s['peak_bytes'])} / {gib(planned)} GiB)",
                   f"measured {s['peak_bytes']:,} B, plan {planned:,} B (peak while training "
