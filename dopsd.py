@@ -968,9 +968,9 @@ def sft_loss(student, x0, noise, sigma, backend="auto"):
 
 # --------------------------------------------------------------------------------------------------------------------
 # training
-# One flat loop: batch -> roll-out with per-step teacher scoring and backward -> clip -> AdamW -> EMA -> log. Encoders
-# run once, before the loop, and are freed; the loop only ever runs the DiT. The two families differ only in the
-# small pieces listed in FAMILIES; everything else is one code path.
+# The run in named pieces: check the arguments -> cache every encoder's output -> attach the two roles to one DiT ->
+# the loop, which reads like the paper's algorithm box (roll-out with teacher scoring, clip, AdamW, EMA). Checkpoints,
+# DDP, Ctrl-C and the log stay in their own small functions. The families differ only in what FAMILIES lists.
 
 FAMILIES = {
     # deploy: the distilled step count (Z-Image-Turbo: 8 DiT forwards = num_inference_steps=8 in diffusers 0.42;
@@ -978,20 +978,18 @@ FAMILIES = {
     "zimage": dict(velocity=zimage_velocity, encode=zimage_encode, decode=zimage_decode, deploy=8),
     "klein": dict(velocity=klein_velocity, encode=klein_encode, decode=klein_decode, deploy=4),
 }
+# The teacher's instruction for klein, appended to the caption (--teacher-suffix overrides it).
+KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
+                        "same as in the reference image.")
+MAX_NONFINITE_STREAK = 5
+VLM_CONTEXT = 1024            # Z-Image teacher: tokens of the VLM turn kept (image tokens sit at RoPE position ≤ 1025)
+DEFAULT_LR = {"zimage": 1e-4, "klein": 2e-5}   # the authors' released recipes
 
 
 def latent_cell(family, vae):
     """Pixels per cell of the DiT's state grid: the VAE's downsampling (8 for the real VAEs, 2^(blocks-1)), times 2
     for klein, whose state is 2×2-packed latents. The toy klein of examples/toy has a 4× VAE: cell 8."""
     return 2 ** (len(vae.config.block_out_channels) - 1) * (2 if family == "klein" else 1)
-
-
-# The teacher's instruction for klein, appended to the caption (--teacher-suffix overrides it).
-KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
-                        "same as in the reference image.")
-MAX_NONFINITE_STREAK = 5
-VLM_CONTEXT = 1024            # Z-Image teacher: tokens of the VLM turn kept (image tokens sit at RoPE position ≤ 1025)
-DEFAULT_LR = {"zimage": 1e-4, "klein": 2e-5}   # klein: the authors' released recipe; Z-Image: theirs too
 
 
 def schedule(family, num_steps, h, w):
@@ -1003,8 +1001,7 @@ def student_features(family, text_encoder, tokenizer, prompts):
     """Per-prompt student conditioning: Z-Image [L_i, D]; klein ([L, 3D], None) (no reference image)."""
     if family == "zimage":
         return zimage_text_features(text_encoder, tokenizer, prompts)
-    pe = klein_text_features(text_encoder, tokenizer, prompts, klein_text_layers(text_encoder))
-    return [(p, None) for p in pe]
+    return [(p, None) for p in klein_text_features(text_encoder, tokenizer, prompts, klein_text_layers(text_encoder))]
 
 
 def collate(conds):
@@ -1013,6 +1010,101 @@ def collate(conds):
         return list(conds)
     stack = lambda xs: xs[0][None] if len(xs) == 1 else torch.stack(xs)
     return stack([c[0] for c in conds]), None if conds[0][1] is None else stack([c[1] for c in conds])
+
+
+def check_args(cfg):
+    out = Path(cfg.out) / "checkpoint.pt"
+    problems = [(min(cfg.rollout_steps, cfg.rank, cfg.max_steps, cfg.batch_size, cfg.grad_accum) < 1,
+                 "--rollout-steps, --rank, --max-steps, --batch-size and --grad-accum must be at least 1"),
+                (cfg.resolution < 64 or cfg.resolution % 16, "--resolution must be a multiple of 16, at least 64"),
+                (not 0.0 <= cfg.ema_decay <= 1.0, "--ema-decay must be in [0, 1]"),
+                (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
+                (cfg.resume and not out.is_file(), f"--resume: no checkpoint at {out}; start without --resume"),
+                (not cfg.resume and out.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue "
+                                                   "it or choose another --out")]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
+def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype):
+    """Every encoder runs here, once per (image, caption), and never inside the loop. Returns a dict: crops, their
+    buckets [(H, W)], student conditioning cond_s, teacher conditioning cond_t (D-OPSD) or clean latents x0 (SFT)."""
+    buckets, captions = make_buckets(resolution), [c for _, c in items]
+    crops = [crop_to(im, *nearest_bucket(im.height, im.width, buckets)) for im in map(load_rgb, (p for p, _ in items))]
+    limit = klein_text_len(tokenizer) if family == "klein" else 512
+    warn_long("caption", [p for p, c in items if prompt_tokens(tokenizer, c) > limit], f"the encoder's {limit}")
+    cache = dict(crops=crops, bucket_of=[(im.height, im.width) for im in crops], cond_s=[
+        student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None)
+    if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
+        vlm, vtok, vproc = load_hybrid_vlm(vlm_path, text_encoder, dtype)
+        vlm.to(vae.device)
+        ctx = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
+        warn_long("teacher context (template + image + caption)",
+                  [p for (p, _), f in zip(items, ctx) if len(f) > VLM_CONTEXT], f"{VLM_CONTEXT}")
+        cache["cond_t"] = [f[:VLM_CONTEXT] for f in ctx]
+        print(f"teacher contexts cached: {len(ctx)} × ~{sum(len(c) for c in cache['cond_t']) // len(ctx)} tokens")
+    elif dopsd:                                      # klein teacher: caption + instruction, image as reference tokens
+        warn_long("teacher text (caption + instruction)", [p for p, c in items if prompt_tokens(
+            tokenizer, f"{c} {suffix}", enable_thinking=False) > limit], f"the encoder's {limit}")
+        pe = [student_features(family, text_encoder, tokenizer, [f"{c} {suffix}"])[0][0] for c in captions]
+        cache["cond_t"] = [(p, klein_encode(vae, pil_to_tensor(im)[None])[0]) for p, im in zip(pe, crops)]
+    else:                                            # SFT regresses onto the clean latents: N × [C, h, w]
+        cache["x0"] = [FAMILIES[family]["encode"](vae, pil_to_tensor(im)[None])[0] for im in crops]
+    return cache
+
+
+def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
+    """The two roles on one DiT -> (student, teacher, trainable, teacher_params). student/teacher: (model?, x, σ, cond)
+    -> u. LoRA: adapters "student" + "teacher" (an exact copy at first). --full: the DiT itself is the student and a
+    frozen fp32 deep copy is the EMA teacher (in bf16 its 1e-4 EMA increments would round away)."""
+    if full:
+        teacher_model = copy.deepcopy(tr).eval() if dopsd else None
+        trainable, layers = list(tr.requires_grad_(True).parameters()), None
+        teacher_params = list(teacher_model.parameters()) if dopsd else []
+    else:
+        torch.manual_seed(seed)                      # LoRA's A factors are drawn from the global RNG
+        n = add_lora_adapters(tr, LORA_TARGETS[family], rank, alpha, ("student", "teacher") if dopsd else ("student",))
+        st = adapter_params(tr, "student")
+        trainable = list(st.values())
+        teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
+        teacher_model, layers = tr, lora_layers(tr)
+        print(f"LoRA: {n} linears wrapped (every attention and feed-forward linear), "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters")
+    velocity = FAMILIES[family]["velocity"]
+
+    # Autocast wraps each forward, not the backward (PyTorch advises against backward inside the region), and the
+    # teacher hands the DiT back with the student adapter active: a student backward after a teacher switch would
+    # find its LoRA frozen and silently collect no gradient.
+    def student(model, x, s, c):
+        if layers:
+            use_adapter(layers, "student", trainable=True)
+        with autocast():
+            return velocity(model, x, s, c)
+
+    def teacher(x, s, c):
+        if layers:
+            use_adapter(layers, "teacher", trainable=False)
+        with autocast():
+            u = velocity(teacher_model, x, s, c)
+        if layers:
+            use_adapter(layers, "student", trainable=True)
+        return u
+    return student, teacher, trainable, teacher_params
+
+
+def wrap_ddp(tr, device):
+    """PyTorch's own DDP: it averages the student's gradients across ranks in backward.
+
+    The frozen weights (base DiT, teacher) are left out of DDP's start-up broadcast: every rank loads them from the
+    same files and seeds the LoRA alike, and ranks_agree() checks. gradient_as_bucket_view: the gradients live in
+    DDP's all-reduce buckets instead of beside them (a second copy: 25 GB for --full Z-Image); hence
+    zero_grad(set_to_none=False) under DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+    frozen = [n for n, p in tr.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(tr, frozen)
+    return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 
 def save_grid(rows, captions, path, label_width=112, caption_height=24):
@@ -1028,9 +1120,8 @@ def save_grid(rows, captions, path, label_width=112, caption_height=24):
         draw.text((4, caption_height + i * h + h // 2 - 6), label, fill="black")
         for j, im in enumerate(images):
             grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, caption_height + i * h))
-    tmp = Path(str(path) + ".tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    grid.save(Path(str(path) + ".tmp"), format="PNG")
+    os.replace(Path(str(path) + ".tmp"), path)
 
 
 def atomic_torch_save(obj, path):
@@ -1043,29 +1134,69 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
-def check_args(cfg):
-    for name in ("rollout_steps", "rank", "max_steps", "batch_size", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.resolution < 64 or cfg.resolution % 16:
-        raise UserError(f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})")
-    if not 0.0 <= cfg.ema_decay <= 1.0:
-        raise UserError(f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})")
-    for name in ("sample_every", "save_every"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 (never / only at the end) or positive")
+def save_run(out, state, cfg, family, tr, pipe_cls):
+    """checkpoint.pt (everything --resume needs) and the deliverable (the LoRA, or transformer/ for --full), both
+    atomic. Weights that are not finite are never written: the previous files stay."""
+    if not all(torch.isfinite(p).all() for p in state["trainable"]):
+        print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
+        return
+    atomic_torch_save({"step": state["step"], "config": asdict(cfg), "nonfinite": state["nonfinite"],
+                       "student": [p.detach().cpu() for p in state["trainable"]], "optimizer": state["opt"].state_dict(),
+                       "teacher": [p.detach().cpu() for p in state["teacher_params"]]}, out / "checkpoint.pt")
+    if cfg.full:
+        tr.save_pretrained(out / "transformer.tmp")
+        if (out / "transformer").exists():
+            os.replace(out / "transformer", out / "transformer.old")
+        os.replace(out / "transformer.tmp", out / "transformer")
+        shutil.rmtree(out / "transformer.old", ignore_errors=True)
+        return
+    from peft.utils import get_peft_model_state_dict
+    meta = {**tr.peft_config["student"].to_dict(), "target_modules": LORA_TARGETS[family]}   # rank, alpha travel too
+    pipe_cls.save_lora_weights(out / "lora.tmp", transformer_lora_adapter_metadata=meta,
+                               transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"))
+    os.replace(out / "lora.tmp" / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
+    (out / "lora.tmp").rmdir()
+
+
+def load_run(path, cfg, state):
+    """Restore weights, optimizer and step counters from checkpoint.pt into `state`, refusing a changed setup."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"):
+        if ck["config"][key] != getattr(cfg, key):
+            raise UserError(f"--resume: --{key.replace('_', '-')} was {ck['config'][key]!r} in {path}, "
+                            f"now {getattr(cfg, key)!r}; use the same value")
+    with torch.no_grad():
+        for p, v in zip(state["trainable"] + state["teacher_params"], ck["student"] + ck["teacher"]):
+            p.copy_(v)
+    state["opt"].load_state_dict(ck["optimizer"])
+    state.update(step=ck["step"], nonfinite=ck["nonfinite"])
+    print(f"resumed from {path} at step {state['step']}")
+
+
+class CtrlC:
+    """First Ctrl-C: `requested` turns true, and the loop saves after the step in flight, so the checkpoint is a
+    consistent state. Second Ctrl-C: KeyboardInterrupt, quit at once. Only the main thread can take signals."""
+
+    def __enter__(self):
+        self.requested, self.main = False, threading.current_thread() is threading.main_thread()
+        self.old = signal.signal(signal.SIGINT, self.handle) if self.main else None
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.main:
+            signal.signal(signal.SIGINT, self.old)
 
 
 def train(cfg):
     """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
     check_args(cfg)
     items = scan_dataset(cfg.data, cfg.caption, cfg.trigger)         # bad data stops us before any model is loaded
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and not ckpt_path.is_file():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-    if not cfg.resume and ckpt_path.is_file():
-        raise UserError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     family = pipeline_family(cfg.model)
     if cfg.lr is None:
         cfg = replace(cfg, lr=DEFAULT_LR[family])
@@ -1082,8 +1213,7 @@ def train_distributed(cfg, items, family, rank, world, device):
     All ranks meet at a barrier before teardown, and the DDP wrapper (its Reducer holds the process group) is gone
     before the group is destroyed: destroying the group first, then dropping the last Reducer, could leave a rank
     blocked for good in ~ProcessGroupGloo's thread join after rank 0 had exited. A rank that loses its peers (one
-    died, or the collective timeout passed) says so in one line and exits 1; the checkpoints are atomic, so the
-    last one stays loadable."""
+    died, or the collective timeout passed) says so in one line and exits 1; the last checkpoint stays loadable."""
     import torch.distributed as dist
     code = 1
     try:
@@ -1104,297 +1234,173 @@ def train_distributed(cfg, items, family, rank, world, device):
     return code
 
 
-def wrap_ddp(tr, device):
-    """PyTorch's own DistributedDataParallel around the DiT; it averages the student's gradients across ranks.
-
-    The frozen weights (base DiT, teacher adapter) are left out of DDP's start-up broadcast (12 GB for Z-Image): every
-    rank loads them from the same files and seeds the LoRA alike, and ranks_agree() checks at every save.
-    gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside them (a second copy:
-    25 GB for --full Z-Image); the loop's zero_grad(set_to_none=False) keeps those views."""
-    from torch.nn.parallel import DistributedDataParallel
-    frozen = [n for n, p in tr.named_parameters() if not p.requires_grad]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(tr, frozen)
-    return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False, gradient_as_bucket_view=True)
-
-
 def train_rank(cfg, items, family, rank, world, device):
-    """The training run of one process (rank) of `world`; rank 0 alone writes files."""
+    """Set up one process (rank) of `world`: load, cache, attach the roles, then run train_loop. Rank 0 writes."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
-    ckpt_path, cuda = out / "checkpoint.pt", device.type == "cuda"
     dtype, autocast, checkpointing = pick_precision(device, cfg.precision, cfg.grad_checkpointing)
     print(f"{family} | method {cfg.method} | roll-out K={cfg.rollout_steps} | deploy {fam['deploy']} steps, no CFG "
           f"| {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'} | lr {cfg.lr:g}")
     if rank == 0:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
         import diffusers, peft, transformers
+        (out / "samples").mkdir(parents=True, exist_ok=True)
         versions = {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world,
                                                      "versions": versions}, indent=2))
-
     pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
-    pipe_cls, tr, vae, text_encoder, tokenizer = type(pipe), pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    del pipe
-    vae.to(device).requires_grad_(False)
-
-    # ---- feature cache: every encoder runs once per (image, caption), here, and never inside the loop
-    buckets = make_buckets(cfg.resolution)
-    crops = []
-    for path, _ in items:
-        im = load_rgb(path)
-        crops.append(crop_to(im, *nearest_bucket(im.height, im.width, buckets)))
-    bucket_of = [(im.height, im.width) for im in crops]
-    captions = [c for _, c in items]
-    text_encoder.to(device).requires_grad_(False)
-    limit = klein_text_len(tokenizer) if family == "klein" else 512
-    warn_long("caption", [p for p, c in items if prompt_tokens(tokenizer, c) > limit], f"the encoder's {limit}")
-    cond_s = [student_features(family, text_encoder, tokenizer, [c])[0] for c in captions]
-    cond_t = x0_cache = None
-    if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
-        vlm, vtok, vproc = load_hybrid_vlm(cfg.vlm, text_encoder, dtype)
-        vlm.to(device)
-        cond_t = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
-        warn_long("teacher context (template + image + caption)", [p for (p, _), f in zip(items, cond_t)
-                                                                   if len(f) > VLM_CONTEXT], f"{VLM_CONTEXT}")
-        cond_t = [f[:VLM_CONTEXT] for f in cond_t]
-        del vlm
-        print(f"teacher contexts cached: {len(cond_t)} × ~{sum(len(c) for c in cond_t) // len(cond_t)} tokens")
-    elif dopsd:                                      # klein teacher: caption + instruction, image as reference tokens
-        suffix = cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX
-        warn_long("teacher text (caption + instruction)", [p for p, c in items if prompt_tokens(
-            tokenizer, f"{c} {suffix}", enable_thinking=False) > limit], f"the encoder's {limit}")
-        pe = [student_features(family, text_encoder, tokenizer, [f"{c} {suffix}"])[0][0] for c in captions]
-        cond_t = [(p, klein_encode(vae, pil_to_tensor(im)[None])[0]) for p, im in zip(pe, crops)]   # [4C, h, w]
-    else:
-        x0_cache = [fam["encode"](vae, pil_to_tensor(im)[None])[0] for im in crops]           # N × [C, h, w]
-    del text_encoder
+    pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
+    cache = build_cache(family, items, cfg.resolution, vae, pipe.text_encoder.to(device).requires_grad_(False),
+                        pipe.tokenizer, dopsd, cfg.vlm, cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype)
+    del pipe                                         # the encoders go: the loop only ever runs the DiT
     gc.collect()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.empty_cache()
+    tr.to(device).requires_grad_(False)
+    # Sample grids: the same noise and prompts every time; the base model's row is drawn once, before any LoRA.
+    cell, cols = latent_cell(family, vae), list(range(min(4, len(items))))
+    noise = [torch.randn(1, tr.config.in_channels, cfg.resolution // cell, cfg.resolution // cell,
+                         generator=torch.Generator().manual_seed(cfg.seed + j)) for j in cols]
+    deploy = schedule(family, fam["deploy"], cfg.resolution // cell, cfg.resolution // cell)
 
-    # ---- the two roles: LoRA adapters "student" + "teacher" on one DiT, or (with --full) a frozen EMA copy
-    tr.to(device)
-    C, cell, velocity = tr.config.in_channels, latent_cell(family, vae), fam["velocity"]
-    grid_cols, side = list(range(min(4, len(items)))), cfg.resolution
-    grid_noise = [torch.randn(1, C, side // cell, side // cell, generator=torch.Generator().manual_seed(cfg.seed + j))
-                  for j in grid_cols]
-    deploy = schedule(family, fam["deploy"], side // cell, side // cell)
-
-    def render(v, conds):
+    def render(v, conds):                            # v: (x, σ, cond) -> u; one image per grid column
         with autocast():
-            return [fam["decode"](vae, euler_sample(lambda x, s: v(x, s, collate([conds[i]])), grid_noise[j].to(device),
-                                                    deploy))[0] for j, i in enumerate(grid_cols)]
-
-    tr.requires_grad_(False)
-    base_row = render(lambda x, s, c: velocity(tr, x, s, c), cond_s) if rank == 0 else None  # rendered once
-    if cfg.full:
-        # The EMA copy: one more DiT in memory, kept in fp32 like the student -- in bf16 the per-step EMA increment
-        # (1-μ)·(θ-φ) ≈ 1e-4 of a difference would round away and the teacher would never move.
-        teacher_model = copy.deepcopy(tr).eval() if dopsd else None
-        tr.requires_grad_(True)
-        trainable = list(tr.parameters())
-        teacher_params = list(teacher_model.parameters()) if dopsd else []
-        student_layers = None
-    else:
-        torch.manual_seed(cfg.seed)                   # LoRA's A factors are drawn from the global RNG
-        n = add_lora_adapters(tr, LORA_TARGETS[family], cfg.rank, cfg.alpha, ("student", "teacher") if dopsd else ("student",))
-        st = adapter_params(tr, "student")
-        trainable = list(st.values())
-        teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
-        print(f"LoRA: {n} linears wrapped (every attention and feed-forward linear), "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters")
-        teacher_model, student_layers = tr, lora_layers(tr)
-
-    # Autocast wraps each forward, not the backward (PyTorch advises against backward inside the region), and the
-    # teacher hands the DiT back with the student adapter active: a student backward after a teacher switch would
-    # find its LoRA frozen and silently collect no gradient at all.
-    def student(x, s, c, model=tr):
-        if student_layers:
-            use_adapter(student_layers, "student", trainable=True)
-        with autocast():
-            return velocity(model, x, s, c)
-
-    def teacher(x, s, c):
-        if student_layers:
-            use_adapter(student_layers, "teacher", trainable=False)
-        with autocast():
-            u = velocity(teacher_model, x, s, c)
-        if student_layers:
-            use_adapter(student_layers, "student", trainable=True)
-        return u
+            return [fam["decode"](vae, euler_sample(lambda x, s: v(x, s, collate([conds[i]])), noise[j].to(device),
+                                                    deploy))[0] for j, i in enumerate(cols)]
+    base_row = render(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"]) if rank == 0 else None
+    student, teacher, trainable, teacher_params = attach_roles(tr, family, dopsd, cfg.full, cfg.rank, cfg.alpha,
+                                                               cfg.seed, autocast)
     if checkpointing:
-        tr.enable_gradient_checkpointing()         # recompute activations in backward: memory for compute
-    ddp = tr
-    if world > 1:
-        # We allow DDP's all-reduce only on the last backward of an optimizer step (require_backward_grad_sync
-        # below): K roll-out steps and --grad-accum micro-batches would otherwise each pay one. Identical gradients ->
-        # identical students on every rank -> identical EMA teachers (checked at every save).
-        ddp = wrap_ddp(tr, device)
-        student_fwd = student
-        student = lambda x, s, c: student_fwd(x, s, c, model=ddp)
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
+        tr.enable_gradient_checkpointing()           # recompute activations in backward: memory for compute
+    model = wrap_ddp(tr, device) if world > 1 else tr
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                            fused=device.type == "cuda")
+    state = dict(step=0, nonfinite=0, opt=opt, trainable=trainable, teacher_params=teacher_params)
+    if cfg.resume:
+        load_run(out / "checkpoint.pt", cfg, state)
 
-    def save():
-        """Checkpoint + deliverable, both atomic; refuse to write weights that are not finite. Called on every rank:
-        the others wait in a barrier while rank 0 writes, a known place bounded by --dist-timeout."""
+    def save():                                      # every rank checks; rank 0 writes; the others wait for it
         if world > 1 and not ranks_agree(trainable + teacher_params):
             raise RuntimeError("ranks hold different weights: distributed training went out of sync")
+        if rank == 0 and world > 1:
+            print(f"ranks in sync: {world} ranks hold identical student and teacher weights")
         if rank == 0:
-            write_checkpoint()
+            save_run(out, state, cfg, family, tr, pipe_cls)
         if world > 1:
             import torch.distributed as dist
             dist.barrier()
 
-    def write_checkpoint():
-        if world > 1:
-            print(f"ranks in sync: {world} ranks hold identical student and teacher weights")
-        if not all(torch.isfinite(p).all() for p in trainable):
-            print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
-            return
-        atomic_torch_save({"step": step, "config": asdict(cfg), "student": [p.detach().cpu() for p in trainable],
-                           "teacher": [p.detach().cpu() for p in teacher_params], "optimizer": opt.state_dict(),
-                           "nonfinite": nonfinite}, ckpt_path)
-        if cfg.full:
-            tr.save_pretrained(out / "transformer.tmp")
-            if (out / "transformer").exists():
-                os.replace(out / "transformer", out / "transformer.old")
-            os.replace(out / "transformer.tmp", out / "transformer")
-            shutil.rmtree(out / "transformer.old", ignore_errors=True)
-        else:
-            from peft.utils import get_peft_model_state_dict
-            meta = tr.peft_config["student"].to_dict()       # rank and alpha travel with the file, so loaders scale right
-            meta["target_modules"] = LORA_TARGETS[family]
-            pipe_cls.save_lora_weights(out / "lora.tmp", transformer_lora_adapter_metadata=meta,
-                                       transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"))
-            os.replace(out / "lora.tmp" / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
-            (out / "lora.tmp").rmdir()
-
     def sample_grid():
-        if rank > 0:
-            return
-        rows = [("base", base_row), ("student", render(student, cond_s))]
-        if dopsd:
-            rows.append(("teacher+image", render(teacher, cond_t)))
-        save_grid(rows, [captions[i] for i in grid_cols], out / "samples" / f"step_{step:06d}.png")
+        rows = [("base", base_row), ("student", render(lambda x, s, c: student(model, x, s, c), cache["cond_s"]))]
+        rows += [("teacher+image", render(teacher, cache["cond_t"]))] if dopsd else []
+        save_grid(rows, [items[i][1] for i in cols], out / "samples" / f"step_{state['step']:06d}.png")
+    return train_loop(cfg, family, cache, model, student, teacher, state, save, sample_grid if rank == 0 else
+                      (lambda: None), cell, rank, world, device)
 
-    step, nonfinite, streak = 0, 0, 0
-    if cfg.resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        for key in ("model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"):
-            if ck["config"][key] != getattr(cfg, key):
-                raise UserError(f"--resume: --{key.replace('_', '-')} was {ck['config'][key]!r} in {ckpt_path}, "
-                                f"now {getattr(cfg, key)!r}; use the same value")
-        with torch.no_grad():
-            for p, v in zip(trainable + teacher_params, ck["student"] + ck["teacher"]):
-                p.copy_(v)
-        opt.load_state_dict(ck["optimizer"])
-        step, nonfinite = ck["step"], ck["nonfinite"]
-        print(f"resumed from {ckpt_path} at step {step}")
 
+def micro_step(cfg, family, cache, model, student, teacher, micro, cell, rank, world, device):
+    """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
+
+    The global batch (batch_size × world) and its noise depend on (seed, micro) only, and each rank takes its slice:
+    N ranks × batch b train exactly like 1 process × batch N·b, and a resumed run sees the batches an uninterrupted
+    one would. Under DDP the gradient all-reduce runs only on the last backward of the optimizer step: the K roll-out
+    steps and the --grad-accum micro-batches would otherwise each pay one."""
+    idx = batch_for_step(cache["bucket_of"], cfg.batch_size * world, cfg.seed, micro)
+    h, w = cache["bucket_of"][idx[0]][0] // cell, cache["bucket_of"][idx[0]][1] // cell
+    g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
+    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    C = getattr(model, "module", model).config.in_channels                   # (unwrap DistributedDataParallel)
+    noise = torch.randn(len(idx), C, h, w, generator=g)[mine].to(device)    # [b, C, h, w]: this rank's slice
+    idx, cs, calls = idx[mine], collate([cache["cond_s"][i] for i in idx[mine]]), [0]
+    backwards, last = cfg.rollout_steps if cfg.method == "dopsd" else 1, (micro + 1) % cfg.grad_accum == 0
+
+    def student_x(x, s):                             # the student on this batch's captions
+        calls[0] += 1
+        if world > 1:
+            model.require_backward_grad_sync = last and calls[0] == backwards
+        return student(model, x, s, cs)
+    if cfg.method == "dopsd":
+        ct = collate([cache["cond_t"][i] for i in idx])
+        loss, _ = dopsd_rollout(student_x, lambda x, s: teacher(x, s, ct), noise,
+                                schedule(family, cfg.rollout_steps, h, w), cfg.loss_space, 1.0 / cfg.grad_accum,
+                                backend=cfg.loss_backend)
+        return loss
+    u = torch.rand(cfg.batch_size * world, generator=g)[mine]   # SFT: σ from the model's shifted density (shift 3)
+    x0 = torch.stack([cache["x0"][i] for i in idx])
+    loss = sft_loss(student_x, x0, noise, (3 * u / (1 + 2 * u)).to(device), backend=cfg.loss_backend)
+    (loss / cfg.grad_accum).backward()
+    return loss
+
+
+def train_loop(cfg, family, cache, model, student, teacher, state, save, sample_grid, cell, rank, world, device):
+    """The algorithm box: for each step, roll out and score every micro-batch (gradients accumulate), clip, AdamW,
+    EMA towards the student, log. A non-finite step is skipped; Ctrl-C saves after the step in flight."""
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.method, dynamic_ncols=True, disable=rank > 0)
-    log = open(out / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
-    code, stop, first_step = 0, [], step
-
-    def on_ctrl_c(signum, frame):
-        # First Ctrl-C: finish the step in flight, so the checkpoint is a consistent state. Second: quit at once.
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print("\nCtrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
-    main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_ctrl_c) if main_thread else None
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=cfg.method, dynamic_ncols=True, disable=rank > 0)
+    log = open(Path(cfg.out) / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
+    first, streak, opt = state["step"], 0, state["opt"]
     try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for m in range(cfg.grad_accum):
-                micro = step * cfg.grad_accum + m
-                # The global batch (batch_size × world) and its noise depend on (seed, step) only; each rank takes its
-                # slice, so N ranks × batch b train exactly like 1 process × batch N·b.
-                idx = batch_for_step(bucket_of, cfg.batch_size * world, cfg.seed, micro)
-                h, w = bucket_of[idx[0]][0] // cell, bucket_of[idx[0]][1] // cell
-                g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
-                mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-                noise = torch.randn(len(idx), C, h, w, generator=g)[mine].to(device)
-                idx = idx[mine]
-                if world > 1:                  # all-reduce the gradients on the step's last backward only
-                    calls, last = [0], m == cfg.grad_accum - 1
-                    backwards = cfg.rollout_steps if dopsd else 1
-
-                    def student_synced(x, s, c, inner=student):
-                        calls[0] += 1
-                        ddp.require_backward_grad_sync = last and calls[0] == backwards
-                        return inner(x, s, c)
-                else:
-                    student_synced = student
-                cs = collate([cond_s[i] for i in idx])
-                if dopsd:
-                    ct = collate([cond_t[i] for i in idx])
-                    loss, _ = dopsd_rollout(lambda x, s: student_synced(x, s, cs), lambda x, s: teacher(x, s, ct), noise,
-                                            schedule(family, cfg.rollout_steps, h, w), cfg.loss_space,
-                                            1.0 / cfg.grad_accum, backend=cfg.loss_backend)
-                else:                                    # SFT: random σ from the model's shifted density (shift 3)
-                    u = torch.rand(cfg.batch_size * world, generator=g)[mine]
-                    sig = (3 * u / (1 + 2 * u)).to(device)
-                    x0 = torch.stack([x0_cache[i] for i in idx])
-                    loss = sft_loss(lambda x, s: student_synced(x, s, cs), x0, noise, sig, backend=cfg.loss_backend)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach() / cfg.grad_accum
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)   # the same on every rank: gradients are synced
-            if world > 1:          # average the loss for the log, and let one rank's Ctrl-C stop every rank together
-                import torch.distributed as dist
-                both = torch.stack([loss_sum / world, torch.tensor(float(bool(stop)), device=device)])
-                dist.all_reduce(both)
-                loss_sum = both[0]
-                if both[1] > 0 and not stop:
-                    stop.append(signal.SIGINT)
-            loss_v, gnorm_v = loss_sum.item(), gnorm.item()          # the one host sync per step, for the log line
-            skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
-            if gnorm_v == 0 and step == first_step:              # the student's LoRA got no gradient at all
-                print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
-                      "switched away before backward, so training would silently do nothing", file=sys.stderr)
-                return 1
-            if skipped:                                              # drop this step's gradient, keep the weights
-                nonfinite, streak = nonfinite + 1, streak + 1
-            else:
-                opt.step()
-                ema_update(teacher_params, trainable, cfg.ema_decay)
-                streak = 0
-            opt.zero_grad(set_to_none=world == 1)     # under DDP .grad are views into its buckets: keep them
-            step += 1
-            dt = time.perf_counter() - t0
-            log.write(json.dumps({"step": step, "loss": loss_v, "lr": cfg.lr, "grad_norm": gnorm_v, "sec": round(dt, 4),
-                                  "skipped": skipped}) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss_v:.4g}", s_per_step=f"{dt:.2f}", skipped=nonfinite)
-            bar.update(1)
-            if streak >= MAX_NONFINITE_STREAK:
-                print(f"\nerror: the loss was not finite for {streak} steps in a row (up to step {step}); "
-                      "lower --lr, or check the data; the last finite weights are saved", file=sys.stderr)
-                code = 1
-                break
-            if stop:
-                save()
-                print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=sys.stderr)
-                return 130
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                sample_grid()
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-        save()
-        sample_grid()
+        with CtrlC() as ctrl_c, bar, log:
+            while state["step"] < cfg.max_steps:
+                t0, micro = time.perf_counter(), state["step"] * cfg.grad_accum
+                loss = sum(micro_step(cfg, family, cache, model, student, teacher, micro + m, cell, rank, world,
+                                      device).detach() / cfg.grad_accum for m in range(cfg.grad_accum))
+                gnorm = torch.nn.utils.clip_grad_norm_(state["trainable"], 1.0)   # equal on every rank: synced
+                loss, stop = sync_loss_and_stop(loss, ctrl_c.requested, world, device)
+                loss_v, gnorm_v = loss.item(), gnorm.item()          # the one host sync per step, for the log line
+                if gnorm_v == 0 and state["step"] == first:           # the student's LoRA got no gradient at all
+                    print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
+                          "switched away before backward, so training would silently do nothing", file=sys.stderr)
+                    return 1
+                skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
+                if not skipped:                                      # else: drop this gradient, keep the weights
+                    opt.step()
+                    ema_update(state["teacher_params"], state["trainable"], cfg.ema_decay)
+                streak = streak + 1 if skipped else 0
+                opt.zero_grad(set_to_none=world == 1)     # under DDP .grad are views into its buckets: keep them
+                state["step"] += 1
+                state["nonfinite"] += skipped
+                log_step(log, bar, state, loss_v, gnorm_v, cfg.lr, time.perf_counter() - t0, skipped)
+                if streak >= MAX_NONFINITE_STREAK:
+                    print(f"\nerror: the loss was not finite for {streak} steps in a row (up to step {state['step']}); "
+                          "lower --lr, or check the data; the last finite weights are saved", file=sys.stderr)
+                    break
+                # One process: a Ctrl-C during this step counts now. Several: only the flag all ranks agreed on at
+                # the sync, or one rank would save (a collective) while the others went on to the next step.
+                if stop or (world == 1 and ctrl_c.requested):
+                    save()
+                    print(f"interrupted: checkpoint saved at step {state['step']}; continue with --resume",
+                          file=sys.stderr)
+                    return 130
+                if cfg.sample_every and state["step"] % cfg.sample_every == 0:
+                    sample_grid()
+                if cfg.save_every and state["step"] % cfg.save_every == 0:
+                    save()
+            save()
+            sample_grid()
     except KeyboardInterrupt:
         print("\nstopped: nothing saved since the last checkpoint", file=sys.stderr)
         return 130
-    finally:
-        bar.close()
-        log.close()
-        if main_thread:
-            signal.signal(signal.SIGINT, old_handler)
-    if code == 0:
-        print(f"done: {step} steps, {nonfinite} skipped; LoRA and samples in {out}")
-    return code
+    if streak >= MAX_NONFINITE_STREAK:
+        return 1
+    print(f"done: {state['step']} steps, {state['nonfinite']} skipped; LoRA and samples in {cfg.out}")
+    return 0
+
+
+def sync_loss_and_stop(loss, stop, world, device):
+    """Average the loss over ranks for the log, and let one rank's Ctrl-C stop every rank at the same step."""
+    if world == 1:
+        return loss, stop
+    import torch.distributed as dist
+    both = torch.stack([loss / world, torch.tensor(float(stop), device=device)])
+    dist.all_reduce(both)
+    return both[0], bool(both[1] > 0)
+
+
+def log_step(log, bar, state, loss, gnorm, lr, seconds, skipped):
+    log.write(json.dumps({"step": state["step"], "loss": loss, "lr": lr, "grad_norm": gnorm, "sec": round(seconds, 4),
+                          "skipped": skipped}) + "\n")
+    log.flush()
+    bar.set_postfix(loss=f"{loss:.4g}", s_per_step=f"{seconds:.2f}", skipped=state["nonfinite"])
+    bar.update(1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
