@@ -54,7 +54,7 @@ import threading
 import warnings
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -68,39 +68,56 @@ except ImportError:
 
 # --------------------------------------------------------------------------------------------------------------------
 # config
-# One dataclass holds every knob of a training run; argparse in main() fills it and config.json records it.
+# One dataclass holds every knob of a training run, each with its --help text: build_parser() turns the fields into
+# the `train` flags (rank -> --rank), and config.json records them.
+
+
+def knob(default, help, **argparse_kw):
+    """A TrainConfig field that carries its own --help text (and any other add_argument keyword)."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
 
 
 @dataclass
 class TrainConfig:
-    data: str                               # folder of images + same-name .txt captions (or metadata.jsonl)
-    out: str = "runs/dopsd"                 # output folder: LoRA, checkpoint, logs, sample grids
-    model: str = "Tongyi-MAI/Z-Image-Turbo"  # diffusers pipeline: hub id or local folder
-    vlm: str = "Qwen/Qwen3-VL-4B-Instruct"  # the teacher's vision-language encoder (Z-Image)
-    method: str = "dopsd"                   # "dopsd", or "sft" = plain flow matching, the baseline that blurs
-    caption: str | None = None              # caption for images that have none
-    trigger: str | None = None              # replaces "[V]" in captions
-    resolution: int = 1024                  # buckets hold about resolution² pixels
-    rollout_steps: int = 4                  # K: student Euler steps per roll-out
-    loss_space: str = "x0"                  # "x0" (σ²-weighted, the released code) or "v" (the paper's form)
-    ema_decay: float = 0.9999               # teacher EMA; 1.0 freezes the teacher at the base model
-    rank: int = 64                          # LoRA rank
-    alpha: float = 128.0                    # LoRA alpha (scale = alpha / rank)
-    full: bool = False                      # train every DiT weight instead of a LoRA
-    lr: float | None = None                 # AdamW learning rate, constant; None = the family's (DEFAULT_LR)
-    max_steps: int = 2000                   # optimizer steps
-    batch_size: int = 1                     # images per micro-batch (one aspect bucket)
-    grad_accum: int = 1                     # micro-batches per optimizer step
-    seed: int = 0                           # data order, noise and sample grids all derive from it
-    device: str = "auto"                    # auto = cuda -> mps -> cpu
-    precision: str = "auto"                 # auto = bf16 weights + autocast on an accelerator, fp32 on CPU; fp32; bf16
-    grad_checkpointing: str = "auto"        # auto = on on an accelerator, off on CPU; on; off
-    dist_timeout: float = 60.0              # minutes a rank waits in a collective (torchrun) before it gives up
-    sample_every: int = 250                 # steps between sample grids, 0 = only at the end
-    save_every: int = 500                   # steps between checkpoints, 0 = only at the end
-    resume: bool = False                    # continue from out/checkpoint.pt
-    loss_backend: str = "auto"              # fused-loss backend: auto, triton, torch
-    teacher_suffix: str | None = None       # klein: the teacher's instruction after the caption (None = default)
+    data: str = knob(None, "folder of images (.png .jpg .webp .bmp) with same-name .txt captions, or a "
+                     "metadata.jsonl of {file_name, text} rows", required=True)
+    out: str = knob("runs/dopsd", "output folder: LoRA, checkpoint, log, sample grids (default %(default)s)")
+    model: str = knob("Tongyi-MAI/Z-Image-Turbo", "diffusers pipeline, hub id or local folder (default %(default)s)")
+    vlm: str = knob("Qwen/Qwen3-VL-4B-Instruct", "Z-Image teacher's Qwen3-VL, hub id or folder (default %(default)s)")
+    method: str = knob("dopsd", "dopsd, or sft: the plain flow-matching baseline on the same data and outputs",
+                       choices=["dopsd", "sft"])
+    caption: str = knob(None, "caption for images without one")
+    trigger: str = knob(None, "word that replaces [V] in captions (default: keep [V] literally)")
+    resolution: int = knob(1024, "bucket size in pixels, multiple of 16 (default %(default)s)")
+    rollout_steps: int = knob(4, "K, student Euler steps per roll-out (default %(default)s: σ = 1, .9, .75, .5 -> 0)")
+    loss_space: str = knob("x0", "x0: σ²-weighted velocity MSE (released code); v: plain velocity MSE (paper)",
+                           choices=["x0", "v"])
+    ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 freezes the teacher at the base model "
+                            "(default %(default)s)")
+    teacher_suffix: str = knob(None, "klein: the instruction appended to the caption for the teacher (default: keep "
+                               "the reference's subject, details, background and composition)")
+    rank: int = knob(64, "LoRA rank (default %(default)s)")
+    alpha: float = knob(128.0, "LoRA alpha, scale = alpha/rank (default %(default)s)")
+    full: bool = knob(False, "train every DiT weight instead of a LoRA, with an fp32 EMA copy of the DiT as teacher: "
+                      "~22 bytes/parameter, ~130 GB for Z-Image's 6.2B DiT (examples/memory_plan.py)")
+    lr: float = knob(None, "AdamW learning rate, constant (default: the authors' recipe, Z-Image 1e-4, klein 2e-5)",
+                     type=float)
+    max_steps: int = knob(2000, "optimizer steps (default %(default)s)")
+    batch_size: int = knob(1, "images per micro-batch and rank, one aspect bucket (default %(default)s)")
+    grad_accum: int = knob(1, "micro-batches per optimizer step (default %(default)s)")
+    seed: int = knob(0, "seed of data order, noise, LoRA init and grids (default %(default)s)")
+    device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
+    precision: str = knob("auto", "auto = bf16 weights + bf16 autocast (fp32 LoRA) on cuda/mps, fp32 on CPU",
+                          choices=["auto", "fp32", "bf16"])
+    grad_checkpointing: str = knob("auto", "recompute activations in backward: auto = on for cuda/mps, off on CPU",
+                                   choices=["auto", "on", "off"])
+    dist_timeout: float = knob(60.0, "torchrun: minutes a rank waits for the others (a dead rank, a long --full "
+                               "save) before it exits with an error (default %(default)s)")
+    sample_every: int = knob(250, "steps between sample grids; 0 = only at the end (default %(default)s)")
+    save_every: int = knob(500, "steps between checkpoints; 0 = only at the end (default %(default)s)")
+    resume: bool = knob(False, "continue from --out/checkpoint.pt")
+    loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
+                             choices=["auto", "triton", "torch"])
 
 
 class UserError(Exception):
@@ -1453,51 +1470,14 @@ def build_parser():
     p = argparse.ArgumentParser(prog="dopsd.py", description="D-OPSD: fine-tune a few-step model, keep it few-step.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a LoRA (or the full DiT) with D-OPSD or the SFT baseline")
+    for f in fields(TrainConfig):                    # one flag per TrainConfig field: rank -> --rank
+        kw = dict(f.metadata)
+        if f.type is bool:
+            kw["action"] = "store_true"
+        elif not kw.get("required"):
+            kw = {"type": type(f.default) if f.default is not None else str, "default": f.default, **kw}
+        t.add_argument("--" + f.name.replace("_", "-"), **kw)
     d = TrainConfig(data="")
-    t.add_argument("--data", required=True, help="folder of images (.png .jpg .webp .bmp) with same-name .txt captions, "
-                   "or a metadata.jsonl of {file_name, text} rows")
-    t.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
-    t.add_argument("--model", default=d.model, help="diffusers pipeline, hub id or local folder (default %(default)s)")
-    t.add_argument("--vlm", default=d.vlm, help="teacher's Qwen3-VL, hub id or folder (default %(default)s)")
-    t.add_argument("--method", default=d.method, choices=["dopsd", "sft"], help="dopsd, or sft: the plain flow-matching "
-                   "baseline on the same data and outputs, for comparison")
-    t.add_argument("--caption", help="caption for images without one")
-    t.add_argument("--trigger", help="word that replaces [V] in captions (default: keep [V] literally)")
-    t.add_argument("--resolution", type=int, default=d.resolution, help="bucket size in pixels, multiple of 16 "
-                   "(default %(default)s)")
-    t.add_argument("--rollout-steps", type=int, default=d.rollout_steps, help="K, student Euler steps per roll-out "
-                   "(default %(default)s: σ = 1, .9, .75, .5 -> 0)")
-    t.add_argument("--loss-space", default=d.loss_space, choices=["x0", "v"], help="x0: σ²-weighted velocity MSE "
-                   "(released code); v: plain velocity MSE (paper)")
-    t.add_argument("--ema-decay", type=float, default=d.ema_decay, help="teacher EMA decay per step; 1.0 freezes the "
-                   "teacher at the base model (default %(default)s)")
-    t.add_argument("--teacher-suffix", help="klein: instruction appended to the caption for the teacher "
-                   "(default: keep the reference's subject, details, background and composition)")
-    t.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default %(default)s)")
-    t.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha, scale = alpha/rank (default %(default)s)")
-    t.add_argument("--full", action="store_true", help="train every DiT weight instead of a LoRA, with an EMA copy of "
-                   "the DiT as teacher. Memory: ~22 bytes/parameter (fp32 weights, grads, AdamW and teacher, bf16 autocast "
-                   "copies): ~130 GB for Z-Image's 6.2B DiT; LoRA needs ~17 GB (see examples/memory_plan.py)")
-    t.add_argument("--lr", type=float, help="AdamW learning rate, constant (default: Z-Image 1e-4, klein 2e-5, the "
-                   "authors' recipes)")
-    t.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per micro-batch (default %(default)s)")
-    t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default %(default)s)")
-    t.add_argument("--seed", type=int, default=d.seed, help="seed for data order, noise and grids (default %(default)s)")
-    t.add_argument("--device", default=d.device, help="auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
-    t.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"], help="auto = bf16 weights + "
-                   "bf16 autocast (fp32 LoRA) on cuda/mps, fp32 on CPU")
-    t.add_argument("--grad-checkpointing", default=d.grad_checkpointing, choices=["auto", "on", "off"],
-                   help="recompute activations in backward: auto = on for cuda/mps, off on CPU")
-    t.add_argument("--dist-timeout", type=float, default=d.dist_timeout, help="torchrun: minutes a rank waits for "
-                   "the others (a dead rank, a long --full save) before it exits with an error (default %(default)s)")
-    t.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids; 0 = only at "
-                   "the end (default %(default)s)")
-    t.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints; 0 = only at the "
-                   "end (default %(default)s)")
-    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    t.add_argument("--loss-backend", default=d.loss_backend, choices=["auto", "triton", "torch"],
-                   help="fused loss: auto = Triton on CUDA if installed, else PyTorch")
     s = sub.add_parser("sample", help="render one image with the deploy settings")
     s.add_argument("--model", default=d.model, help="diffusers pipeline, hub id or folder (default %(default)s)")
     s.add_argument("--lora", help="a train --out folder, or its pytorch_lora_weights.safetensors")
