@@ -1,10 +1,12 @@
 """
 Tests for dopsd.py, read as a specification. Offline, CPU, tiny random-weight models of the real architectures.
 
-Run as:  python -m pytest -q            (about 2 minutes on 2 cores)
+Run as:  python -m pytest -q            (about 1 minute on 2 cores)
 
-Groups: data checks (before any model loads) -> conditioning -> roll-out vs the diffusers pipeline -> teacher/EMA ->
-end-to-end train/sample/resume through main(argv) -> LoRA interop with ZImagePipeline.load_lora_weights.
+Groups, in dopsd.py's section order: data checks (before any model loads) -> device, models and conditioning ->
+roll-out vs the diffusers pipeline, teacher and EMA -> the fused loss -> end to end through main(argv) (train,
+resume, sample, LoRA interop with the pipelines, torchrun) -> the klein battery -> the toy model -> examples/
+memory_plan.py and gpu_check.py.
 The tiny models are built once per session by examples/make_tiny.py and loaded by path, like real checkpoints.
 """
 
@@ -432,6 +434,317 @@ def test_ema_moves_the_teacher_towards_the_student():
     before = [x.clone() for x in t]
     dopsd.ema_update(t, s, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, t))
+
+
+# ---------------------------------------------------------------------------------------------------- fused loss
+# The divergence loss: reference, PyTorch path and Triton kernel agree. The kernel runs on CPU through the Triton
+# interpreter (TRITON_INTERPRET=1, set at the top of this file before triton is imported); everything is compared
+# against divergence_loss_reference evaluated in float64.
+
+from dopsd import HAS_TRITON, LOSS_BACKEND, divergence_loss_reference, dopsd_loss, dopsd_loss_and_step  # noqa: E402
+
+M = dopsd
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # relative to max|expected|
+SHAPES = [(1, 7, 13, 17), (2, 4099), (3, 5), (3, 5, 37, 29)]  # none a multiple of the 1024-element block
+
+
+def make_inputs(shape, dtype, seed=0, teacher_grad=False):
+    """Student/teacher velocities in `dtype` and a per-sample σ in (0.05, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    vs = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
+    vt = torch.randn(shape, generator=g).to(dtype).requires_grad_(teacher_grad)
+    sigma = 0.05 + 0.95 * torch.rand(shape[0], generator=g)
+    return vs, vt, sigma
+
+
+def reference64(vs, vt, sigma, space="x0", grad_scale=1.0):
+    """Loss and ∂L/∂v_s from the reference, in float64, for the same (rounded) inputs."""
+    vs64 = vs.detach().double().requires_grad_(True)
+    loss = divergence_loss_reference(vs64, vt.detach().double(), sigma.double(), space)
+    (grad_scale * loss).backward()
+    return loss.detach(), vs64.grad
+
+
+def run_loss(vs, vt, sigma, space="x0", backend="torch", grad_scale=1.0):
+    """Loss and ∂L/∂v_s from the dispatcher."""
+    vs.grad = None
+    loss = dopsd_loss(vs, vt, sigma, space=space, backend=backend)
+    (grad_scale * loss).backward()
+    return loss.detach(), vs.grad
+
+
+# --- 1. the math ------------------------------------------------------------------------------------------------------
+
+def test_reference_gradient_is_closed_form():
+    """Autograd through the reference gives ∂L/∂v_s = 2·w·(v_s − v_t)/N."""
+    vs, vt, sigma = make_inputs((2, 3, 5), torch.float64)
+    _, grad = reference64(vs, vt, sigma)
+    expected = 2 * sigma.double().view(2, 1, 1) ** 2 * (vs - vt).detach() / vs.numel()
+    assert_close(grad, expected, rtol=1e-12, what="closed-form grad", normwise=True)
+
+
+# --- 2. Triton kernel vs reference ----------------------------------------------------------------------------------
+
+@needs_triton
+def test_triton_kernel_is_interpreted_and_used(monkeypatch):
+    """backend='triton' runs the interpreted kernel and never touches the PyTorch path."""
+    from triton.runtime.interpreter import InterpretedFunction
+    assert isinstance(M._divergence_kernel, InterpretedFunction)
+    monkeypatch.setattr(M, "_divergence_fwd_torch", lambda *a: pytest.fail("fell back to the torch path"))
+    vs, vt, sigma = make_inputs((2, 4099), torch.float32)
+    assert_close(run_loss(vs, vt, sigma, backend="triton")[0], reference64(vs, vt, sigma)[0], rtol=1e-5, what="loss",
+                 normwise=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("space", ["x0", "v"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_matches_reference_fp32(shape, space):
+    """fp32: loss and gradient within 1e-5 of the float64 reference on shapes that are not block multiples."""
+    vs, vt, sigma = make_inputs(shape, torch.float32)
+    loss, grad = run_loss(vs, vt, sigma, space, backend="triton")
+    loss_ref, grad_ref = reference64(vs, vt, sigma, space)
+    assert_close(loss, loss_ref, rtol=1e-5, what="loss", normwise=True)
+    assert_close(grad, grad_ref, rtol=1e-5, what="grad", normwise=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 7, 13, 17), (2, 4099)], ids=str)
+def test_triton_matches_reference_half(shape, dtype):
+    """bf16 (2e-2) / fp16 (5e-3): loss and gradient, gradient stored in the input dtype."""
+    vs, vt, sigma = make_inputs(shape, dtype)
+    loss, grad = run_loss(vs, vt, sigma, backend="triton")
+    loss_ref, grad_ref = reference64(vs, vt, sigma)
+    assert grad.dtype == dtype
+    assert_close(loss, loss_ref, rtol=TOL[dtype], what="loss", normwise=True)
+    assert_close(grad, grad_ref, rtol=TOL[dtype], what="grad", normwise=True)
+
+
+# --- 3. semantics, both backends ------------------------------------------------------------------------------------
+
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_backend_matches_reference(dtype):
+    """The PyTorch path matches the float64 reference (fp32 1e-5, bf16 2e-2)."""
+    vs, vt, sigma = make_inputs((3, 5, 37, 29), dtype)
+    loss, grad = run_loss(vs, vt, sigma, backend="torch")
+    loss_ref, grad_ref = reference64(vs, vt, sigma)
+    assert_close(loss, loss_ref, rtol=TOL[dtype], what="loss", normwise=True)
+    assert_close(grad, grad_ref, rtol=TOL[dtype], what="grad", normwise=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_is_fp32_scalar(backend):
+    """bf16 inputs give a 0-D float32 loss."""
+    vs, vt, sigma = make_inputs((2, 3, 4), torch.bfloat16)
+    loss = dopsd_loss(vs, vt, sigma, backend=backend)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigma_weights_each_sample_separately(backend):
+    """σ = [1, 0] keeps only sample 0: the weight index is b = flat_index // (N/B)."""
+    vs, vt, _ = make_inputs((2, 3, 11), torch.float32)
+    loss, grad = run_loss(vs, vt, torch.tensor([1.0, 0.0]), backend=backend)
+    d0 = (vs - vt).detach()[0]
+    assert_close(loss, (d0**2).sum() / vs.numel(), rtol=1e-6, what="loss", normwise=True)
+    assert torch.all(grad[1] == 0) and torch.all(grad[0] != 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_x0_space_is_sigma_squared_times_v_space(backend):
+    """With one σ for all samples, the x0-space loss is σ² times the v-space loss."""
+    vs, vt, _ = make_inputs((2, 3, 7), torch.float32)
+    sigma = torch.full((2,), 0.75)
+    lx0 = dopsd_loss(vs, vt, sigma, "x0", backend)
+    lv = dopsd_loss(vs, vt, sigma, "v", backend)
+    assert_close(lx0, 0.75**2 * lv, rtol=1e-6, what="x0 vs σ²·v", normwise=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """A permuted view (batch not outermost in memory) and a transposed view give the reference loss and grad."""
+    g = torch.Generator().manual_seed(1)
+    vs = torch.randn(13, 3, 17, generator=g).permute(1, 0, 2).requires_grad_(True)  # (3, 13, 17), strides (17, 51, 1)
+    vt = torch.randn(3, 17, 13, generator=g).transpose(1, 2)                         # (3, 13, 17), transposed
+    assert not vs.is_contiguous() and not vt.is_contiguous()
+    sigma = torch.tensor([0.2, 0.5, 1.0])
+    loss, grad = run_loss(vs, vt, sigma, backend=backend)
+    loss_ref, grad_ref = reference64(vs, vt, sigma)
+    assert_close(loss, loss_ref, rtol=1e-5, what="loss", normwise=True)
+    assert_close(grad, grad_ref, rtol=1e-5, what="grad", normwise=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_gets_no_gradient(backend):
+    """A teacher tensor that requires grad still has .grad None after backward."""
+    vs, vt, sigma = make_inputs((2, 3, 5), torch.float32, teacher_grad=True)
+    dopsd_loss(vs, vt, sigma, backend=backend).backward()
+    assert vt.grad is None and vs.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_by_grad_output(backend):
+    """(3·L).backward() gives 3 × ∂L/∂v_s (backward only rescales the stored gradient)."""
+    vs, vt, sigma = make_inputs((2, 1000), torch.float32)
+    _, grad = run_loss(vs, vt, sigma, backend=backend, grad_scale=3.0)
+    assert_close(grad, 3.0 * reference64(vs, vt, sigma)[1], rtol=1e-5, what="grad", normwise=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_gradient_survives_small_differences(backend):
+    """fp16 with |d| ~ 1e-3 and loss scaling: 2·w·d/N would underflow, the stored w·d does not."""
+    g = torch.Generator().manual_seed(2)
+    vs = torch.randn(2, 4099, generator=g).half().requires_grad_(True)
+    vt = (vs.detach().float() + 1e-3 * torch.randn(2, 4099, generator=g)).half()
+    sigma = torch.full((2,), 0.1)                                   # w = 0.01, so 2·w·d/N ≈ 5e-9 < fp16's 6e-8
+    _, grad = run_loss(vs, vt, sigma, backend=backend, grad_scale=65536.0)  # what a GradScaler does
+    _, grad_ref = reference64(vs, vt, sigma, grad_scale=65536.0)
+    assert_close(grad, grad_ref, rtol=2e-2, what="grad", normwise=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_tensor_gives_zero_loss(backend):
+    """numel 0: loss 0 (not NaN), fp32, and backward gives an empty gradient."""
+    vs = torch.zeros(2, 0, 5, requires_grad=True)
+    loss = dopsd_loss(vs, torch.zeros(2, 0, 5), torch.ones(2), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.dtype == torch.float32 and vs.grad.shape == (2, 0, 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_sample_dt", [True, False], ids=["dt[B]", "dt-scalar"])
+def test_loss_and_step_gives_detached_euler_state(backend, per_sample_dt):
+    """dopsd_loss_and_step returns dopsd_loss and x + dt·v_s, detached, for per-sample or scalar dt."""
+    vs, vt, sigma = make_inputs((3, 4, 5, 7), torch.float32)
+    x = torch.randn(3, 4, 5, 7)
+    dt = torch.tensor([0.1, 0.25, 0.5]) if per_sample_dt else 0.15
+    loss, x_next = dopsd_loss_and_step(vs, vt, sigma, x, dt, backend=backend)
+    dt_b = torch.as_tensor(dt).expand(3).view(3, 1, 1, 1)
+    assert_close(x_next, x + dt_b * vs.detach(), rtol=1e-6, what="x_next", normwise=True)
+    assert_close(loss, dopsd_loss(vs, vt, sigma, backend=backend), rtol=1e-7, what="loss", normwise=True)
+    assert not x_next.requires_grad
+    loss.backward()
+    assert_close(vs.grad, reference64(vs, vt, sigma)[1], rtol=1e-5, what="grad", normwise=True)
+
+
+@needs_triton
+def test_loss_and_step_bf16_state_triton():
+    """The fused Euler step writes x_next in x's dtype (bf16) and matches x + dt·v_s computed in fp32."""
+    vs, vt, sigma = make_inputs((2, 4099), torch.bfloat16)
+    x = torch.randn(2, 4099).bfloat16()
+    _, x_next = dopsd_loss_and_step(vs, vt, sigma, x, torch.tensor([0.5, 0.1]), backend="triton")
+    expected = x.float() + torch.tensor([0.5, 0.1]).view(2, 1) * vs.detach().float()
+    assert x_next.dtype == torch.bfloat16
+    assert_close(x_next, expected, rtol=1e-2, what="x_next", normwise=True)
+
+
+# --- 4. dispatch and errors -------------------------------------------------------------------------------------------
+
+def test_auto_picks_torch_on_cpu_and_prints_once(capsys, monkeypatch):
+    """backend='auto' on a CPU tensor takes the PyTorch path and says so exactly once."""
+    LOSS_BACKEND.clear()
+    monkeypatch.setattr(M, "_divergence_fwd_triton", lambda *a: pytest.fail("auto took triton on CPU"))
+    vs, vt, sigma = make_inputs((2, 3), torch.float32)
+    dopsd_loss(vs, vt, sigma)
+    dopsd_loss(vs, vt, sigma)
+    out = capsys.readouterr().out
+    assert out.count("dopsd_loss: backend=") == 1 and "backend=torch on cpu" in out
+    assert LOSS_BACKEND == {"cpu": "torch"}
+
+
+def test_auto_falls_back_to_torch_when_the_triton_test_launch_fails(monkeypatch, capsys):
+    """auto on CUDA test-launches the kernel once; a launch that fails (no C compiler on a slim CUDA image, or here,
+    a CPU-only torch) picks the PyTorch path and says why, instead of crashing at the first loss."""
+    monkeypatch.setattr(dopsd, "LOSS_BACKEND", {})
+    assert dopsd._resolve_loss_backend("auto", torch.device("cuda"), torch.float32) == "torch"
+    assert "backend=torch on cuda (test launch failed:" in capsys.readouterr().out
+    assert dopsd.triton_probe(torch.device("cpu")) == (True, "test launch passed")      # the interpreted kernel
+
+
+def test_module_imports_and_runs_without_triton(monkeypatch):
+    """With triton unimportable the module still imports, HAS_TRITON is False and auto computes the loss."""
+    monkeypatch.setitem(sys.modules, "triton", None)                # makes `import triton` raise ImportError
+    spec = importlib.util.spec_from_file_location("_no_triton_copy", M.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.HAS_TRITON is False and not hasattr(mod, "_divergence_kernel")
+    vs, vt, sigma = make_inputs((2, 3), torch.float32)
+    assert_close(mod.dopsd_loss(vs, vt, sigma), reference64(vs, vt, sigma)[0], rtol=1e-6, what="loss", normwise=True)
+
+
+def test_forced_triton_without_triton_raises(monkeypatch):
+    """backend='triton' with triton missing raises a one-line RuntimeError naming the problem."""
+    monkeypatch.setattr(M, "HAS_TRITON", False)
+    vs, vt, sigma = make_inputs((2, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        dopsd_loss(vs, vt, sigma, backend="triton")
+
+
+@needs_triton
+def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    """backend='triton' on a CPU tensor without TRITON_INTERPRET=1 raises a RuntimeError saying so."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vs, vt, sigma = make_inputs((2, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor.*TRITON_INTERPRET=1"):
+        dopsd_loss(vs, vt, sigma, backend="triton")
+
+
+@needs_triton
+def test_interpreter_enabled_after_import_raises(monkeypatch):
+    """TRITON_INTERPRET=1 set only after the kernel was defined still raises the clear RuntimeError."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")                     # a fresh copy of the module gets a compiled kernel
+    spec = importlib.util.spec_from_file_location("_compiled_copy", M.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                     # too late for mod's @triton.jit
+    vs, vt, sigma = make_inputs((2, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="before triton is imported"):
+        mod.dopsd_loss(vs, vt, sigma, backend="triton")
+
+
+@needs_triton
+def test_forced_triton_rejects_float64():
+    """The kernel computes in fp32, so float64 on backend='triton' is refused (auto would use torch)."""
+    vs, vt, sigma = make_inputs((2, 3), torch.float64)
+    with pytest.raises(RuntimeError, match="supports float32/bfloat16/float16"):
+        dopsd_loss(vs, vt, sigma, backend="triton")
+
+
+def test_shape_mismatch_raises():
+    """v_student and v_teacher of different shapes raise a ValueError showing both shapes."""
+    with pytest.raises(ValueError, match=r"\(2, 3\) and v_teacher \(2, 4\)"):
+        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2))
+
+
+@pytest.mark.parametrize("sigma", [torch.ones(3), torch.ones(2, 1), torch.tensor(1.0), 0.5], ids=str)
+def test_sigma_not_batch_shaped_raises(sigma):
+    """sigma must be a tensor of shape (B,); anything else is a ValueError naming (B,)."""
+    with pytest.raises(ValueError, match=r"sigma must be a tensor of shape \(B,\) = \(2,\)"):
+        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), sigma)
+
+
+def test_unknown_space_raises():
+    """space other than 'x0'/'v' is a ValueError."""
+    with pytest.raises(ValueError, match="space must be 'x0'"):
+        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), space="eps")
+
+
+def test_unknown_backend_raises():
+    """backend other than auto/triton/torch is a ValueError."""
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch'"):
+        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), backend="cuda")
+
+
+def test_step_state_shape_mismatch_raises():
+    """dopsd_loss_and_step with x of the wrong shape is a ValueError."""
+    with pytest.raises(ValueError, match="x must have v_student's shape"):
+        dopsd_loss_and_step(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 4), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -923,317 +1236,6 @@ def test_reproduce_quick_runs_end_to_end(tmp_path):
     assert all(all(v == v for v in r[0].values()) for r in res["runs"].values())          # no NaN
     assert "| dopsd" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "grid_new_concept.png").is_file() and (tmp_path / "grid_old_prompts.png").is_file()
-
-
-# ---------------------------------------------------------------------------------------------------- fused loss
-# The divergence loss: reference, PyTorch path and Triton kernel agree. The kernel runs on CPU through the Triton
-# interpreter (TRITON_INTERPRET=1, set at the top of this file before triton is imported); everything is compared
-# against divergence_loss_reference evaluated in float64.
-
-from dopsd import HAS_TRITON, LOSS_BACKEND, divergence_loss_reference, dopsd_loss, dopsd_loss_and_step  # noqa: E402
-
-M = dopsd
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # relative to max|expected|
-SHAPES = [(1, 7, 13, 17), (2, 4099), (3, 5), (3, 5, 37, 29)]  # none a multiple of the 1024-element block
-
-
-def make_inputs(shape, dtype, seed=0, teacher_grad=False):
-    """Student/teacher velocities in `dtype` and a per-sample σ in (0.05, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    vs = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
-    vt = torch.randn(shape, generator=g).to(dtype).requires_grad_(teacher_grad)
-    sigma = 0.05 + 0.95 * torch.rand(shape[0], generator=g)
-    return vs, vt, sigma
-
-
-def reference64(vs, vt, sigma, space="x0", grad_scale=1.0):
-    """Loss and ∂L/∂v_s from the reference, in float64, for the same (rounded) inputs."""
-    vs64 = vs.detach().double().requires_grad_(True)
-    loss = divergence_loss_reference(vs64, vt.detach().double(), sigma.double(), space)
-    (grad_scale * loss).backward()
-    return loss.detach(), vs64.grad
-
-
-def run_loss(vs, vt, sigma, space="x0", backend="torch", grad_scale=1.0):
-    """Loss and ∂L/∂v_s from the dispatcher."""
-    vs.grad = None
-    loss = dopsd_loss(vs, vt, sigma, space=space, backend=backend)
-    (grad_scale * loss).backward()
-    return loss.detach(), vs.grad
-
-
-# --- 1. the math ------------------------------------------------------------------------------------------------------
-
-def test_reference_gradient_is_closed_form():
-    """Autograd through the reference gives ∂L/∂v_s = 2·w·(v_s − v_t)/N."""
-    vs, vt, sigma = make_inputs((2, 3, 5), torch.float64)
-    _, grad = reference64(vs, vt, sigma)
-    expected = 2 * sigma.double().view(2, 1, 1) ** 2 * (vs - vt).detach() / vs.numel()
-    assert_close(grad, expected, rtol=1e-12, what="closed-form grad", normwise=True)
-
-
-# --- 2. Triton kernel vs reference ----------------------------------------------------------------------------------
-
-@needs_triton
-def test_triton_kernel_is_interpreted_and_used(monkeypatch):
-    """backend='triton' runs the interpreted kernel and never touches the PyTorch path."""
-    from triton.runtime.interpreter import InterpretedFunction
-    assert isinstance(M._divergence_kernel, InterpretedFunction)
-    monkeypatch.setattr(M, "_divergence_fwd_torch", lambda *a: pytest.fail("fell back to the torch path"))
-    vs, vt, sigma = make_inputs((2, 4099), torch.float32)
-    assert_close(run_loss(vs, vt, sigma, backend="triton")[0], reference64(vs, vt, sigma)[0], rtol=1e-5, what="loss",
-                 normwise=True)
-
-
-@needs_triton
-@pytest.mark.parametrize("space", ["x0", "v"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_triton_matches_reference_fp32(shape, space):
-    """fp32: loss and gradient within 1e-5 of the float64 reference on shapes that are not block multiples."""
-    vs, vt, sigma = make_inputs(shape, torch.float32)
-    loss, grad = run_loss(vs, vt, sigma, space, backend="triton")
-    loss_ref, grad_ref = reference64(vs, vt, sigma, space)
-    assert_close(loss, loss_ref, rtol=1e-5, what="loss", normwise=True)
-    assert_close(grad, grad_ref, rtol=1e-5, what="grad", normwise=True)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(1, 7, 13, 17), (2, 4099)], ids=str)
-def test_triton_matches_reference_half(shape, dtype):
-    """bf16 (2e-2) / fp16 (5e-3): loss and gradient, gradient stored in the input dtype."""
-    vs, vt, sigma = make_inputs(shape, dtype)
-    loss, grad = run_loss(vs, vt, sigma, backend="triton")
-    loss_ref, grad_ref = reference64(vs, vt, sigma)
-    assert grad.dtype == dtype
-    assert_close(loss, loss_ref, rtol=TOL[dtype], what="loss", normwise=True)
-    assert_close(grad, grad_ref, rtol=TOL[dtype], what="grad", normwise=True)
-
-
-# --- 3. semantics, both backends ------------------------------------------------------------------------------------
-
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_torch_backend_matches_reference(dtype):
-    """The PyTorch path matches the float64 reference (fp32 1e-5, bf16 2e-2)."""
-    vs, vt, sigma = make_inputs((3, 5, 37, 29), dtype)
-    loss, grad = run_loss(vs, vt, sigma, backend="torch")
-    loss_ref, grad_ref = reference64(vs, vt, sigma)
-    assert_close(loss, loss_ref, rtol=TOL[dtype], what="loss", normwise=True)
-    assert_close(grad, grad_ref, rtol=TOL[dtype], what="grad", normwise=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_is_fp32_scalar(backend):
-    """bf16 inputs give a 0-D float32 loss."""
-    vs, vt, sigma = make_inputs((2, 3, 4), torch.bfloat16)
-    loss = dopsd_loss(vs, vt, sigma, backend=backend)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sigma_weights_each_sample_separately(backend):
-    """σ = [1, 0] keeps only sample 0: the weight index is b = flat_index // (N/B)."""
-    vs, vt, _ = make_inputs((2, 3, 11), torch.float32)
-    loss, grad = run_loss(vs, vt, torch.tensor([1.0, 0.0]), backend=backend)
-    d0 = (vs - vt).detach()[0]
-    assert_close(loss, (d0**2).sum() / vs.numel(), rtol=1e-6, what="loss", normwise=True)
-    assert torch.all(grad[1] == 0) and torch.all(grad[0] != 0)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_x0_space_is_sigma_squared_times_v_space(backend):
-    """With one σ for all samples, the x0-space loss is σ² times the v-space loss."""
-    vs, vt, _ = make_inputs((2, 3, 7), torch.float32)
-    sigma = torch.full((2,), 0.75)
-    lx0 = dopsd_loss(vs, vt, sigma, "x0", backend)
-    lv = dopsd_loss(vs, vt, sigma, "v", backend)
-    assert_close(lx0, 0.75**2 * lv, rtol=1e-6, what="x0 vs σ²·v", normwise=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
-    """A permuted view (batch not outermost in memory) and a transposed view give the reference loss and grad."""
-    g = torch.Generator().manual_seed(1)
-    vs = torch.randn(13, 3, 17, generator=g).permute(1, 0, 2).requires_grad_(True)  # (3, 13, 17), strides (17, 51, 1)
-    vt = torch.randn(3, 17, 13, generator=g).transpose(1, 2)                         # (3, 13, 17), transposed
-    assert not vs.is_contiguous() and not vt.is_contiguous()
-    sigma = torch.tensor([0.2, 0.5, 1.0])
-    loss, grad = run_loss(vs, vt, sigma, backend=backend)
-    loss_ref, grad_ref = reference64(vs, vt, sigma)
-    assert_close(loss, loss_ref, rtol=1e-5, what="loss", normwise=True)
-    assert_close(grad, grad_ref, rtol=1e-5, what="grad", normwise=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_teacher_gets_no_gradient(backend):
-    """A teacher tensor that requires grad still has .grad None after backward."""
-    vs, vt, sigma = make_inputs((2, 3, 5), torch.float32, teacher_grad=True)
-    dopsd_loss(vs, vt, sigma, backend=backend).backward()
-    assert vt.grad is None and vs.grad is not None
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_scales_by_grad_output(backend):
-    """(3·L).backward() gives 3 × ∂L/∂v_s (backward only rescales the stored gradient)."""
-    vs, vt, sigma = make_inputs((2, 1000), torch.float32)
-    _, grad = run_loss(vs, vt, sigma, backend=backend, grad_scale=3.0)
-    assert_close(grad, 3.0 * reference64(vs, vt, sigma)[1], rtol=1e-5, what="grad", normwise=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_gradient_survives_small_differences(backend):
-    """fp16 with |d| ~ 1e-3 and loss scaling: 2·w·d/N would underflow, the stored w·d does not."""
-    g = torch.Generator().manual_seed(2)
-    vs = torch.randn(2, 4099, generator=g).half().requires_grad_(True)
-    vt = (vs.detach().float() + 1e-3 * torch.randn(2, 4099, generator=g)).half()
-    sigma = torch.full((2,), 0.1)                                   # w = 0.01, so 2·w·d/N ≈ 5e-9 < fp16's 6e-8
-    _, grad = run_loss(vs, vt, sigma, backend=backend, grad_scale=65536.0)  # what a GradScaler does
-    _, grad_ref = reference64(vs, vt, sigma, grad_scale=65536.0)
-    assert_close(grad, grad_ref, rtol=2e-2, what="grad", normwise=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_tensor_gives_zero_loss(backend):
-    """numel 0: loss 0 (not NaN), fp32, and backward gives an empty gradient."""
-    vs = torch.zeros(2, 0, 5, requires_grad=True)
-    loss = dopsd_loss(vs, torch.zeros(2, 0, 5), torch.ones(2), backend=backend)
-    loss.backward()
-    assert loss.item() == 0.0 and loss.dtype == torch.float32 and vs.grad.shape == (2, 0, 5)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("per_sample_dt", [True, False], ids=["dt[B]", "dt-scalar"])
-def test_loss_and_step_gives_detached_euler_state(backend, per_sample_dt):
-    """dopsd_loss_and_step returns dopsd_loss and x + dt·v_s, detached, for per-sample or scalar dt."""
-    vs, vt, sigma = make_inputs((3, 4, 5, 7), torch.float32)
-    x = torch.randn(3, 4, 5, 7)
-    dt = torch.tensor([0.1, 0.25, 0.5]) if per_sample_dt else 0.15
-    loss, x_next = dopsd_loss_and_step(vs, vt, sigma, x, dt, backend=backend)
-    dt_b = torch.as_tensor(dt).expand(3).view(3, 1, 1, 1)
-    assert_close(x_next, x + dt_b * vs.detach(), rtol=1e-6, what="x_next", normwise=True)
-    assert_close(loss, dopsd_loss(vs, vt, sigma, backend=backend), rtol=1e-7, what="loss", normwise=True)
-    assert not x_next.requires_grad
-    loss.backward()
-    assert_close(vs.grad, reference64(vs, vt, sigma)[1], rtol=1e-5, what="grad", normwise=True)
-
-
-@needs_triton
-def test_loss_and_step_bf16_state_triton():
-    """The fused Euler step writes x_next in x's dtype (bf16) and matches x + dt·v_s computed in fp32."""
-    vs, vt, sigma = make_inputs((2, 4099), torch.bfloat16)
-    x = torch.randn(2, 4099).bfloat16()
-    _, x_next = dopsd_loss_and_step(vs, vt, sigma, x, torch.tensor([0.5, 0.1]), backend="triton")
-    expected = x.float() + torch.tensor([0.5, 0.1]).view(2, 1) * vs.detach().float()
-    assert x_next.dtype == torch.bfloat16
-    assert_close(x_next, expected, rtol=1e-2, what="x_next", normwise=True)
-
-
-# --- 4. dispatch and errors -------------------------------------------------------------------------------------------
-
-def test_auto_picks_torch_on_cpu_and_prints_once(capsys, monkeypatch):
-    """backend='auto' on a CPU tensor takes the PyTorch path and says so exactly once."""
-    LOSS_BACKEND.clear()
-    monkeypatch.setattr(M, "_divergence_fwd_triton", lambda *a: pytest.fail("auto took triton on CPU"))
-    vs, vt, sigma = make_inputs((2, 3), torch.float32)
-    dopsd_loss(vs, vt, sigma)
-    dopsd_loss(vs, vt, sigma)
-    out = capsys.readouterr().out
-    assert out.count("dopsd_loss: backend=") == 1 and "backend=torch on cpu" in out
-    assert LOSS_BACKEND == {"cpu": "torch"}
-
-
-def test_auto_falls_back_to_torch_when_the_triton_test_launch_fails(monkeypatch, capsys):
-    """auto on CUDA test-launches the kernel once; a launch that fails (no C compiler on a slim CUDA image, or here,
-    a CPU-only torch) picks the PyTorch path and says why, instead of crashing at the first loss."""
-    monkeypatch.setattr(dopsd, "LOSS_BACKEND", {})
-    assert dopsd._resolve_loss_backend("auto", torch.device("cuda"), torch.float32) == "torch"
-    assert "backend=torch on cuda (test launch failed:" in capsys.readouterr().out
-    assert dopsd.triton_probe(torch.device("cpu")) == (True, "test launch passed")      # the interpreted kernel
-
-
-def test_module_imports_and_runs_without_triton(monkeypatch):
-    """With triton unimportable the module still imports, HAS_TRITON is False and auto computes the loss."""
-    monkeypatch.setitem(sys.modules, "triton", None)                # makes `import triton` raise ImportError
-    spec = importlib.util.spec_from_file_location("_no_triton_copy", M.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.HAS_TRITON is False and not hasattr(mod, "_divergence_kernel")
-    vs, vt, sigma = make_inputs((2, 3), torch.float32)
-    assert_close(mod.dopsd_loss(vs, vt, sigma), reference64(vs, vt, sigma)[0], rtol=1e-6, what="loss", normwise=True)
-
-
-def test_forced_triton_without_triton_raises(monkeypatch):
-    """backend='triton' with triton missing raises a one-line RuntimeError naming the problem."""
-    monkeypatch.setattr(M, "HAS_TRITON", False)
-    vs, vt, sigma = make_inputs((2, 3), torch.float32)
-    with pytest.raises(RuntimeError, match="triton is not installed"):
-        dopsd_loss(vs, vt, sigma, backend="triton")
-
-
-@needs_triton
-def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    """backend='triton' on a CPU tensor without TRITON_INTERPRET=1 raises a RuntimeError saying so."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    vs, vt, sigma = make_inputs((2, 3), torch.float32)
-    with pytest.raises(RuntimeError, match="needs a CUDA tensor.*TRITON_INTERPRET=1"):
-        dopsd_loss(vs, vt, sigma, backend="triton")
-
-
-@needs_triton
-def test_interpreter_enabled_after_import_raises(monkeypatch):
-    """TRITON_INTERPRET=1 set only after the kernel was defined still raises the clear RuntimeError."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")                     # a fresh copy of the module gets a compiled kernel
-    spec = importlib.util.spec_from_file_location("_compiled_copy", M.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")                     # too late for mod's @triton.jit
-    vs, vt, sigma = make_inputs((2, 3), torch.float32)
-    with pytest.raises(RuntimeError, match="before triton is imported"):
-        mod.dopsd_loss(vs, vt, sigma, backend="triton")
-
-
-@needs_triton
-def test_forced_triton_rejects_float64():
-    """The kernel computes in fp32, so float64 on backend='triton' is refused (auto would use torch)."""
-    vs, vt, sigma = make_inputs((2, 3), torch.float64)
-    with pytest.raises(RuntimeError, match="supports float32/bfloat16/float16"):
-        dopsd_loss(vs, vt, sigma, backend="triton")
-
-
-def test_shape_mismatch_raises():
-    """v_student and v_teacher of different shapes raise a ValueError showing both shapes."""
-    with pytest.raises(ValueError, match=r"\(2, 3\) and v_teacher \(2, 4\)"):
-        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2))
-
-
-@pytest.mark.parametrize("sigma", [torch.ones(3), torch.ones(2, 1), torch.tensor(1.0), 0.5], ids=str)
-def test_sigma_not_batch_shaped_raises(sigma):
-    """sigma must be a tensor of shape (B,); anything else is a ValueError naming (B,)."""
-    with pytest.raises(ValueError, match=r"sigma must be a tensor of shape \(B,\) = \(2,\)"):
-        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), sigma)
-
-
-def test_unknown_space_raises():
-    """space other than 'x0'/'v' is a ValueError."""
-    with pytest.raises(ValueError, match="space must be 'x0'"):
-        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), space="eps")
-
-
-def test_unknown_backend_raises():
-    """backend other than auto/triton/torch is a ValueError."""
-    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch'"):
-        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), backend="cuda")
-
-
-def test_step_state_shape_mismatch_raises():
-    """dopsd_loss_and_step with x of the wrong shape is a ValueError."""
-    with pytest.raises(ValueError, match="x must have v_student's shape"):
-        dopsd_loss_and_step(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 4), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------- memory plan
