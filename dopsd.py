@@ -1241,7 +1241,8 @@ def train_distributed(cfg, items, family, rank, world, device):
     except (dist.DistError, RuntimeError) as e:       # gloo raises RuntimeError, nccl DistBackendError
         if not isinstance(e, dist.DistError) and not re.search(r"gloo|onnection|imeout|imed out", str(e)):
             raise                                     # not a lost peer: a real bug, keep its traceback
-        why = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [""])[0])[:120]   # drop gloo's source path
+        why = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [""])[0])   # drop gloo's source path
+        why = why.split(". ")[0][:120]                # the first sentence says it: "Connection closed by peer ..."
         print(f"error: rank {rank} of {world} lost contact with the other ranks (one died, or a collective waited "
               f"over --dist-timeout {cfg.dist_timeout:g} min: {why}); the last checkpoint in {cfg.out} is intact, "
               "continue with --resume", file=sys.stderr)
