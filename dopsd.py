@@ -51,8 +51,9 @@ import shutil
 import signal
 import sys
 import threading
-import warnings
 import time
+import traceback
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -436,7 +437,7 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
 
 def adapter_params(transformer, name):
     """{parameter name without the adapter name: tensor} for one adapter, in a stable order."""
-    return {n.replace(f".{name}.", "."): p for n, p in transformer.named_parameters() if f".lora_" in n and f".{name}." in n}
+    return {n.replace(f".{name}.", "."): p for n, p in transformer.named_parameters() if ".lora_" in n and f".{name}." in n}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1031,11 +1032,14 @@ def collate(conds):
 
 def check_args(cfg):
     out = Path(cfg.out) / "checkpoint.pt"
-    problems = [(min(cfg.rollout_steps, cfg.rank, cfg.max_steps, cfg.batch_size, cfg.grad_accum) < 1,
-                 "--rollout-steps, --rank, --max-steps, --batch-size and --grad-accum must be at least 1"),
-                (cfg.resolution < 64 or cfg.resolution % 16, "--resolution must be a multiple of 16, at least 64"),
-                (not 0.0 <= cfg.ema_decay <= 1.0, "--ema-decay must be in [0, 1]"),
+    counts = {k: getattr(cfg, k) for k in ("rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
+    problems = [(min(counts.values()) < 1, f"--rollout-steps, --rank, --max-steps, --batch-size and --grad-accum must "
+                 f"be at least 1 (got {counts})"),
+                (cfg.resolution < 64 or cfg.resolution % 16,
+                 f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})"),
+                (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
                 (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
+                (cfg.dist_timeout <= 0, f"--dist-timeout must be positive minutes (got {cfg.dist_timeout})"),
                 (cfg.resume and not out.is_file(), f"--resume: no checkpoint at {out}; start without --resume"),
                 (not cfg.resume and out.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue "
                                                    "it or choose another --out")]
@@ -1045,13 +1049,14 @@ def check_args(cfg):
 
 
 def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype):
-    """Every encoder runs here, once per (image, caption), and never inside the loop. Returns a dict: crops, their
+    """Every encoder runs here, once per (image, caption), and never inside the loop. Returns a dict: the crops'
     buckets [(H, W)], student conditioning cond_s, teacher conditioning cond_t (D-OPSD) or clean latents x0 (SFT)."""
     buckets, captions = make_buckets(resolution), [c for _, c in items]
     crops = [crop_to(im, *nearest_bucket(im.height, im.width, buckets)) for im in map(load_rgb, (p for p, _ in items))]
     limit = klein_text_len(tokenizer) if family == "klein" else 512
-    warn_long("caption", [p for p, c in items if prompt_tokens(tokenizer, c) > limit], f"the encoder's {limit}")
-    cache = dict(crops=crops, bucket_of=[(im.height, im.width) for im in crops], cond_s=[
+    warn_long("caption", [p for p, c in items if prompt_tokens(tokenizer, c, enable_thinking=family == "zimage")
+                          > limit], f"the encoder's {limit}")
+    cache = dict(bucket_of=[(im.height, im.width) for im in crops], cond_s=[
         student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None)
     if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
         vlm, vtok, vproc = load_hybrid_vlm(vlm_path, text_encoder, dtype)
@@ -1137,8 +1142,9 @@ def save_grid(rows, captions, path, label_width=112, caption_height=24):
         draw.text((4, caption_height + i * h + h // 2 - 6), label, fill="black")
         for j, im in enumerate(images):
             grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, caption_height + i * h))
-    grid.save(Path(str(path) + ".tmp"), format="PNG")
-    os.replace(Path(str(path) + ".tmp"), path)
+    tmp = Path(str(path) + ".tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def atomic_torch_save(obj, path):
@@ -1186,6 +1192,8 @@ def load_run(path, cfg, state):
         for p, v in zip(state["trainable"] + state["teacher_params"], ck["student"] + ck["teacher"]):
             p.copy_(v)
     state["opt"].load_state_dict(ck["optimizer"])
+    for group in state["opt"].param_groups:          # load_state_dict restores the old lr: --lr (logged) wins
+        group["lr"] = cfg.lr
     state.update(step=ck["step"], nonfinite=ck["nonfinite"])
     print(f"resumed from {path} at step {state['step']}")
 
@@ -1215,10 +1223,11 @@ def train(cfg):
     check_args(cfg)
     items = scan_dataset(cfg.data, cfg.caption, cfg.trigger)         # bad data stops us before any model is loaded
     family = pipeline_family(cfg.model)
+    rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
     if cfg.lr is None:
         cfg = replace(cfg, lr=DEFAULT_LR[family])
-        print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
-    rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
+        if rank == 0:
+            print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
     if world == 1:
         return train_rank(cfg, items, family, rank, world, device)
     return train_distributed(cfg, items, family, rank, world, device)
@@ -1238,9 +1247,15 @@ def train_distributed(cfg, items, family, rank, world, device):
             code = train_rank(cfg, items, family, rank, world, device)
         gc.collect()                                  # frees the DDP wrapper even if a reference cycle held it
         dist.barrier()
-    except (dist.DistError, RuntimeError) as e:       # gloo raises RuntimeError, nccl DistBackendError
-        if not isinstance(e, dist.DistError) and not re.search(r"gloo|onnection|imeout|imed out", str(e)):
-            raise                                     # not a lost peer: a real bug, keep its traceback
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)       # the traceback's frames would keep the DDP wrapper alive
+        if isinstance(e, KeyboardInterrupt):          # a second Ctrl-C: no barrier, the peers may be mid-collective
+            return 130
+        lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(   # gloo: RuntimeError
+            r"gloo|onnection|imeout|imed out", str(e)))
+        if not lost:
+            raise                                     # not a lost peer: a real bug or a UserError, as it is
+        code = 1
         why = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [""])[0])   # drop gloo's source path
         why = why.split(". ")[0][:120]                # the first sentence says it: "Connection closed by peer ..."
         print(f"error: rank {rank} of {world} lost contact with the other ranks (one died, or a collective waited "
@@ -1288,12 +1303,12 @@ def train_rank(cfg, items, family, rank, world, device):
                                                                cfg.seed, autocast)
     if checkpointing:
         tr.enable_gradient_checkpointing()           # recompute activations in backward: memory for compute
-    model = wrap_ddp(tr, device) if world > 1 else tr
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
     state = dict(step=0, nonfinite=0, opt=opt, trainable=trainable, teacher_params=teacher_params)
-    if cfg.resume:
+    if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         load_run(out / "checkpoint.pt", cfg, state)
+    model = wrap_ddp(tr, device) if world > 1 else tr
 
     def save():                                      # every rank checks; rank 0 writes; the others wait for it
         if world > 1 and not ranks_agree(trainable + teacher_params):
@@ -1396,6 +1411,8 @@ def train_loop(cfg, family, cache, model, student, teacher, state, save, sample_
             sample_grid()
     except KeyboardInterrupt:
         print("\nstopped: nothing saved since the last checkpoint", file=sys.stderr)
+        if world > 1:
+            raise                                     # train_distributed ends this rank without a barrier
         return 130
     if streak >= MAX_NONFINITE_STREAK:
         return 1
@@ -1471,7 +1488,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="dopsd.py", description="D-OPSD: fine-tune a few-step model, keep it few-step.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a LoRA (or the full DiT) with D-OPSD or the SFT baseline")
-    for f in fields(TrainConfig):                    # one flag per TrainConfig field: rank -> --rank
+    for f in fields(TrainConfig):                    # one flag per field: rank -> --rank (f.type is the class itself)
         kw = dict(f.metadata)
         if f.type is bool:
             kw["action"] = "store_true"

@@ -865,6 +865,18 @@ def test_bf16_checkpointed_run_resumes_bit_exactly_and_its_lora_loads_in_the_pip
     assert err_ours <= 1.25 * err_pipe + 0.1, (err_ours, err_pipe)
 
 
+def test_resume_trains_at_the_learning_rate_it_is_given(tiny, tmp_path):
+    """--resume with another --lr trains (and logs) at that lr: the optimizer state does not bring the old one back."""
+    out = tmp_path / "o"
+    assert dopsd.main(train_args(tiny, out, "--max-steps", "1")) == 0
+    args = train_args(tiny, out, "--max-steps", "2", "--resume")
+    args[args.index("--lr") + 1] = "5e-4"
+    assert dopsd.main(args) == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {g["lr"] for g in ck["optimizer"]["param_groups"]} == {5e-4}
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["lr"] == 5e-4
+
+
 def test_existing_run_needs_resume(trained, tiny, capsys):
     """Training into a folder that holds a run, without --resume, refuses instead of overwriting it."""
     assert "--resume" in run_bad(train_args(tiny, trained, "--max-steps", "3", data="data"), capsys)
@@ -1257,7 +1269,7 @@ nparams = lambda m: sum(p.numel() for p in m.parameters())
 
 @pytest.fixture(scope="session")
 def dry_tiny(tiny):
-    """The folder holding the session's tiny zimage/, klein/ and vlm/ (the dry-run tests address them by name)."""
+    """The folder holding the session's tiny zimage/, klein/ and vlm/ (the memory-plan tests address them by name)."""
     return tiny["zimage"].parent
 
 
