@@ -863,10 +863,12 @@ def _resolve_loss_backend(backend, device, dtype):
     kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
         if device.type not in LOSS_BACKEND:
-            use, why = HAS_TRITON and device.type == "cuda", "triton not installed" if not HAS_TRITON else \
-                f"{device.type} tensor, the Triton kernel needs CUDA"
-            if use:
-                use, why = triton_probe(device)
+            if not HAS_TRITON:
+                use, why = False, "triton not installed"
+            elif device.type != "cuda":
+                use, why = False, f"{device.type} tensor, the Triton kernel needs CUDA"
+            else:
+                use, why = triton_probe(device)            # a test launch: triton may import and still not run
             LOSS_BACKEND[device.type] = "triton" if use else "torch"
             print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
         chosen = LOSS_BACKEND[device.type]
