@@ -39,24 +39,10 @@ Run as:
   python -m pytest -q                                                       # tests, offline, CPU
 """
 
-import argparse
-import contextlib
-import copy
-import gc
-import json
-import math
-import os
-import re
-import shutil
-import signal
-import sys
-import threading
-import time
-import traceback
-import warnings
-from contextlib import nullcontext
+import argparse, contextlib, copy, gc, json, math, os, re, shutil, signal, sys, threading, time, traceback, warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -69,8 +55,8 @@ except ImportError:
 
 # --------------------------------------------------------------------------------------------------------------------
 # config
-# One dataclass holds every knob of a training run, each with its --help text: build_parser() turns the fields into
-# the `train` flags (rank -> --rank), and config.json records them.
+# One dataclass holds every knob of a training run with its --help text: build_parser() turns each field into a
+# `train` flag (rank -> --rank), and config.json records them.
 
 
 def knob(default, help, **argparse_kw):
@@ -125,13 +111,18 @@ class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line and exits with code 2, without a traceback."""
 
 
+def refuse(checks):
+    """Raise a UserError with the message of the first (bad, message) pair that is bad."""
+    for bad, message in checks:
+        if bad:
+            raise UserError(message)
+
 # --------------------------------------------------------------------------------------------------------------------
 # data
-# A folder of images with captions -> a validated list of (path, caption), checked before any model is loaded, so a
-# typo costs seconds, not a 20 GB load. Images are cropped into aspect-ratio buckets; one bucket per batch.
+# A folder of images with captions -> a checked list of (path, caption), before any model is loaded: a typo costs
+# seconds, not a 20 GB load. Images are cropped into aspect-ratio buckets; one bucket per batch.
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-MIN_SIDE = 64
+IMAGE_EXTS, MIN_SIDE = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}, 64
 
 
 def _names(paths, limit=20):
@@ -140,53 +131,43 @@ def _names(paths, limit=20):
 
 
 def scan_dataset(data_dir, caption=None, trigger=None):
-    """Return [(path, caption)] for every image in data_dir; raise UserError naming every bad file and the fix."""
+    """Return [(path, caption)] for every image in data_dir; raise one UserError naming every bad file and its fix."""
     from PIL import Image
-    root = Path(data_dir)
+    root, meta, problems = Path(data_dir), {}, []
     if not root.is_dir():
         raise UserError(f"--data {root}: folder not found; pass a folder of images with same-name .txt captions")
-    meta_captions, problems = {}, []
-    meta = root / "metadata.jsonl"
-    if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
+    jsonl = root / "metadata.jsonl"
+    for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines() if jsonl.is_file() else [], 1):
+        try:  # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
+            if line.strip():
                 row = json.loads(line)
-                # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
-                meta_captions[Path(row.get("file_name") or row["image_path"]).name] = row.get("text", row.get("caption"))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                problems.append(f"{meta} line {n} is not a JSON object with file_name and text: fix or remove it")
+                meta[Path(row.get("file_name") or row["image_path"]).name] = row.get("text", row.get("caption"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{jsonl} line {n} is not a JSON object with file_name and text: fix or remove it")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise UserError(f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")
-    unreadable, small, uncaptioned, items = [], [], [], []
+    bad, items = {"unreadable": [], "small": [], "uncaptioned": []}, []
     for p in files:
         try:
             with Image.open(p) as im:
-                im.load()                   # decode fully: a truncated file fails here, not in the middle of training
-                size = im.size
+                im.load()                       # decode fully: a truncated file fails here, not mid-training
         except Exception:
-            unreadable.append(p)
+            bad["unreadable"].append(p)
             continue
-        if min(size) < MIN_SIDE:
-            small.append(p)
-            continue
-        cap = meta_captions.get(p.name)
+        cap = meta.get(p.name)
         if cap is None and p.with_suffix(".txt").is_file():
             cap = p.with_suffix(".txt").read_text(encoding="utf-8")
         cap = (cap or "").strip() or caption
-        if not cap:
-            uncaptioned.append(p)
-            continue
-        items.append((p, cap.replace("[V]", trigger) if trigger else cap))
-    if unreadable:
-        problems.append(f"{len(unreadable)} unreadable or corrupt image(s) ({_names(unreadable)}): re-export or remove them")
-    if small:
-        problems.append(f"{len(small)} image(s) smaller than {MIN_SIDE} px on a side ({_names(small)}): use larger images")
-    if uncaptioned:
-        problems.append(f"{len(uncaptioned)} image(s) without a caption ({_names(uncaptioned)}): "
-                        "add a same-name .txt file or pass --caption")
+        kind = "small" if min(im.size) < MIN_SIDE else None if cap else "uncaptioned"
+        if kind:
+            bad[kind].append(p)
+        else:
+            items.append((p, cap.replace("[V]", trigger) if trigger else cap))
+    fix = {"unreadable": "unreadable or corrupt image(s) ({}): re-export or remove them",
+           "small": f"image(s) smaller than {MIN_SIDE} px on a side ({{}}): use larger images",
+           "uncaptioned": "image(s) without a caption ({}): add a same-name .txt file or pass --caption"}
+    problems += [f"{len(ps)} " + fix[kind].format(_names(ps)) for kind, ps in bad.items() if ps]
     if problems:
         raise UserError(f"--data {root}: " + "; ".join(problems))
     return items
@@ -194,12 +175,8 @@ def scan_dataset(data_dir, caption=None, trigger=None):
 
 def make_buckets(resolution, multiple=16, ratios=(1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)):
     """Bucket sizes (H, W) of about resolution² pixels, sides multiples of 16 (the VAE's 8× times the DiT's 2×2 patch)."""
-    out = set()
-    for r in ratios:                                                    # r = W / H
-        w = max(multiple, round(resolution * math.sqrt(r) / multiple) * multiple)
-        h = max(multiple, round(resolution / math.sqrt(r) / multiple) * multiple)
-        out.add((h, w))
-    return sorted(out)
+    side = lambda x: max(multiple, round(x / multiple) * multiple)
+    return sorted({(side(resolution / math.sqrt(r)), side(resolution * math.sqrt(r))) for r in ratios})   # r = W/H
 
 
 def nearest_bucket(height, width, buckets):
@@ -216,13 +193,11 @@ def load_rgb(path):
         a = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else max(a.max(), 1.0)
         im = Image.fromarray((a / top * 255).round().clip(0, 255).astype("uint8"), "L")
-    if im.mode == "P":
-        im = im.convert("RGBA")                                         # palette images may carry transparency
-    if im.mode in ("RGBA", "LA"):
-        bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-        return bg
-    return im.convert("RGB")
+    if im.mode not in ("RGBA", "LA", "P"):                              # (palette images may carry transparency)
+        return im.convert("RGB")
+    rgba, white = im.convert("RGBA"), Image.new("RGB", im.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.getchannel("A"))
+    return white
 
 
 def crop_to(im, height, width):
@@ -243,9 +218,8 @@ def pil_to_tensor(im):
 def batch_for_step(bucket_of, batch_size, seed, index):
     """Indices of micro-batch number `index`: each epoch shuffles within buckets, chunks, and shuffles the chunks.
 
-    Every batch is full (a bucket's last chunk wraps around to its start), so with several GPUs each rank gets an
-    equal slice. It is a pure function of (seed, index): a resumed run sees exactly the batches an uninterrupted one
-    would, without storing any RNG state."""
+    Every batch is full (a bucket's last chunk wraps around to its start), so each of several GPUs gets an equal slice.
+    A pure function of (seed, index): a resumed run sees the batches an uninterrupted one would, with no RNG state."""
     groups = {}
     for i, b in enumerate(bucket_of):
         groups.setdefault(b, []).append(i)
@@ -259,24 +233,27 @@ def batch_for_step(bucket_of, batch_size, seed, index):
         chunks += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
     return chunks[torch.randperm(len(chunks), generator=g)[pos].item()]
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # device & models
-# Device is picked once and announced with the reason. The pipeline comes from diffusers' from_pretrained (hub id or
+# The device is picked once and printed with the reason. The pipeline comes from diffusers' from_pretrained (hub id or
 # local folder alike); the teacher's VLM from transformers, with its language model swapped for the text encoder.
 
 SUPPORTED_PIPELINES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "klein"}
 
 
+def has_mps():
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(name="auto"):
-    """The torch.device to run on, announced with the reason. An explicit cuda:N also becomes the *current* CUDA
-    device: Triton launches its kernels on the current device, not on the tensors' (triton/runtime/jit.py), so
-    without this `--device cuda:1` would run the loss kernel on GPU 0 against GPU 1's memory."""
+    """The torch.device to run on, printed with the reason. An explicit cuda:N also becomes the *current* CUDA device:
+    Triton launches on the current device, not the tensors' (triton/runtime/jit.py), so without this `--device cuda:1`
+    would run the loss kernel on GPU 0 against GPU 1's memory."""
     if name != "auto":
         dev, why = torch.device(name), "--device"
     elif torch.cuda.is_available():
         dev, why = torch.device("cuda"), f"CUDA found ({torch.cuda.get_device_name()})"
-    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    elif has_mps():
         dev, why = torch.device("mps"), "Apple MPS found, no CUDA"
     else:
         dev, why = torch.device("cpu"), "no CUDA or MPS found"
@@ -288,11 +265,9 @@ def pick_device(name="auto"):
 
 def pick_precision(device, precision="auto", checkpointing="auto"):
     """(weight dtype, autocast context factory, gradient checkpointing on?) for a device, printed with the reason
-    (checkpointing=None: not training, not printed).
-
-    auto: on any accelerator (cuda, mps) bf16 weights + bf16 autocast + checkpointing, the only way a 6B DiT and its
-    roll-out fit; on CPU fp32 and no checkpointing (CPU bf16 is slow, and there memory is rarely the limit). The CPU
-    bf16 path is the accelerator path minus the device: the tests run it to stand in for CUDA."""
+    (checkpointing=None: not training, not printed). auto: on an accelerator (cuda, mps) bf16 weights + bf16 autocast +
+    checkpointing, the only way a 6B DiT and its roll-out fit; on CPU fp32 without checkpointing (CPU bf16 is slow,
+    memory rarely the limit). CPU bf16 is the accelerator path minus the device: the tests run it to stand in for CUDA."""
     accel = device.type != "cpu"
     bf16 = precision == "bf16" or (precision == "auto" and accel)
     ckpt = checkpointing == "on" or (checkpointing == "auto" and accel)
@@ -300,30 +275,26 @@ def pick_precision(device, precision="auto", checkpointing="auto"):
     print(f"precision: {'bf16 weights + bf16 autocast' if bf16 else 'fp32'} ({why('precision', precision)})"
           + (f"; gradient checkpointing {'on' if ckpt else 'off'} ({why('grad-checkpointing', checkpointing)})"
              if checkpointing else ""))
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return (torch.bfloat16 if bf16 else torch.float32), autocast, ckpt
 
 
 def setup_distributed(device_name, timeout_min=60.0):
-    """(rank, world size, device). Under `torchrun --nproc_per_node N`, one process per GPU (nccl) or per CPU worker
-    (gloo), each on its own data shard; a plain `python dopsd.py` is rank 0 of 1 and needs no process group.
-
-    The timeout bounds every collective: a rank that waits longer (a dead peer, or rank 0 writing a 120 GB --full
-    checkpoint to slow storage) raises instead of hanging. NCCL's default is 10 minutes, too short for that save."""
+    """(rank, world size, device). Under `torchrun --nproc_per_node N` one process per GPU (nccl) or CPU worker (gloo),
+    each on its own data shard; a plain `python dopsd.py` is rank 0 of 1, with no process group. The timeout bounds
+    every collective: a rank that waits longer (a dead peer, or rank 0 writing a 120 GB --full checkpoint to slow
+    storage) raises instead of hanging. NCCL's default is 10 minutes, too short for that save."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, pick_device(device_name)
     import datetime
     import torch.distributed as dist
-    if device_name not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device {device_name} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda "
-                        "(choose the GPUs with CUDA_VISIBLE_DEVICES) or --device cpu")
     cuda = device_name != "cpu" and torch.cuda.is_available()
-    if device_name == "auto" and not cuda and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        raise UserError("torchrun on Apple MPS: there is no multi-process backend for mps; run one process "
-                        "(python dopsd.py train ...), or pass --device cpu to train on the CPU")
-    if device_name == "cuda" and not cuda:
-        raise UserError("--device cuda: no CUDA device is visible; pass --device cpu")
+    refuse([(device_name not in ("auto", "cuda", "cpu"), f"--device {device_name} under torchrun: each rank takes "
+             "cuda:LOCAL_RANK; pass --device cuda (choose the GPUs with CUDA_VISIBLE_DEVICES) or --device cpu"),
+            (device_name == "auto" and not cuda and has_mps(), "torchrun on Apple MPS: there is no multi-process "
+             "backend for mps; run one process (python dopsd.py train ...), or pass --device cpu to train on the CPU"),
+            (device_name == "cuda" and not cuda, "--device cuda: no CUDA device is visible; pass --device cpu")])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -352,18 +323,17 @@ def pipeline_family(model):
         raise UserError(f"--model {model}: cannot read model_index.json ({type(e).__name__}); "
                         "pass a diffusers pipeline folder or hub id") from None
     cls = index["_class_name"]
-    if cls not in SUPPORTED_PIPELINES:
-        raise UserError(f"--model {model}: {cls} is not supported; supported families: ZImagePipeline "
-                        "(Z-Image-Turbo), Flux2KleinPipeline (FLUX.2-klein-4B/9B, distilled)")
-    if cls == "Flux2KleinPipeline" and not index.get("is_distilled", False):
-        raise UserError(f"--model {model}: this klein checkpoint is not step-distilled (is_distilled=false, a klein "
-                        "base model): D-OPSD keeps few-step sampling; for a base model use ordinary fine-tuning")
+    refuse([(cls not in SUPPORTED_PIPELINES, f"--model {model}: {cls} is not supported; supported families: "
+             "ZImagePipeline (Z-Image-Turbo), Flux2KleinPipeline (FLUX.2-klein-4B/9B, distilled)"),
+            (cls == "Flux2KleinPipeline" and not index.get("is_distilled", False), f"--model {model}: this klein "
+             "checkpoint is not step-distilled (is_distilled=false, a klein base model): D-OPSD keeps few-step "
+             "sampling; for a base model use ordinary fine-tuning")])
     return SUPPORTED_PIPELINES[cls]
 
 
 def load_pipeline(model, dtype, transformer_dtype=None):
-    """The diffusers pipeline, weights in `dtype` (the DiT in `transformer_dtype` if given, e.g. fp32 for --full).
-    Call pipeline_family(model) first: it refuses unsupported checkpoints before any weight is read."""
+    """The diffusers pipeline in `dtype`, its DiT in `transformer_dtype` if given (fp32 for --full). Call
+    pipeline_family(model) first: it refuses unsupported checkpoints before any weight is read."""
     from diffusers import DiffusionPipeline
     return DiffusionPipeline.from_pretrained(model, dtype={"default": dtype, "transformer": transformer_dtype or dtype})
 
@@ -372,20 +342,19 @@ def load_hybrid_vlm(vlm_path, text_encoder, dtype):
     """Qwen3-VL whose language model gets the text encoder's weights: its vision tower now feeds OUR encoder.
 
     Returns (vlm.model, tokenizer, image_processor). Every language-model tensor must find a same-name, same-shape
-    tensor in the text encoder, or we stop: a half-swapped encoder would silently give the teacher garbage features."""
+    tensor in the text encoder, or we stop: a half-swapped encoder would silently give the teacher garbage features.
+    No AutoProcessor: Qwen3VLProcessor insists on a video processor that needs torchvision; the image processor falls
+    back to PIL, and the token expansion the processor would do is three lines in vlm_features()."""
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
-    # No AutoProcessor: Qwen3VLProcessor insists on a video processor that needs torchvision. The image processor
-    # falls back to its PIL backend, and the token expansion it would do is three lines in vlm_features().
     vlm = Qwen3VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype).model   # no lm_head: features only
-    lm = vlm.language_model
     src = {k.removeprefix("model."): v for k, v in text_encoder.state_dict().items()}    # Qwen3ForCausalLM has "model."
-    dst = lm.state_dict()
+    dst = vlm.language_model.state_dict()
     matched = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
     if len(matched) != len(dst):
-        missing = sorted(set(dst) - set(matched))
         raise UserError(f"--vlm {vlm_path}: only {len(matched)}/{len(dst)} language-model tensors match the text encoder "
-                        f"of --model (first missing: {missing[0]}); use the Qwen3-VL of the same size as the encoder")
-    lm.load_state_dict(matched)
+                        f"of --model (first missing: {sorted(set(dst) - set(matched))[0]}); use the Qwen3-VL of the "
+                        "same size as the encoder")
+    vlm.language_model.load_state_dict(matched)
     print(f"hybrid VLM: {len(matched)}/{len(dst)} language-model tensors replaced by the text encoder's")
     return vlm.eval().requires_grad_(False), AutoTokenizer.from_pretrained(vlm_path), \
         AutoImageProcessor.from_pretrained(vlm_path)
@@ -402,33 +371,31 @@ LORA_TARGETS = {
 
 
 def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", "teacher")):
-    """Attach one LoRA adapter per name (the teacher starts as an exact copy of the student). Returns #wrapped modules.
+    """Attach one LoRA adapter per name, the teacher an exact copy of the student. Returns the number of wrapped linears.
 
-    LoRA factors are kept in fp32 even when the DiT is bf16: the EMA adds (1-μ)=1e-4 of a difference each step, which
+    LoRA factors are kept in fp32 even when the DiT is bf16: the EMA adds (1-μ) = 1e-4 of a difference each step, which
     bf16's 8-bit mantissa would round away."""
     from peft import LoraConfig
     expected = [n for n, m in transformer.named_modules()
                 if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n)]
-    for name in names:
-        # Gaussian init: A random, B = 0, so every adapter starts equal to the base model.
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_regex)
-        with warnings.catch_warnings():                 # "Already found a peft_config": a second adapter is the point
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(cfg, adapter_name=name)
+    with warnings.catch_warnings():                 # "Already found a peft_config": a second adapter is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for name in names:                          # Gaussian init: A random, B = 0, so every adapter starts as the base
+            transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                               target_modules=target_regex), adapter_name=name)
     lora = {n: p for n, p in transformer.named_parameters() if ".lora_" in n}
     for p in lora.values():
         p.data = p.data.float()
-    with torch.no_grad():                               # teacher := copy(student), so the EMA averages the same factors
+    with torch.no_grad():                           # teacher := copy(student), so the EMA averages the same factors
         for n, p in lora.items():
             if f".{names[0]}." in n and len(names) > 1:
                 lora[n.replace(f".{names[0]}.", f".{names[1]}.")].copy_(p)
-    # peft casts each LoRA layer's input to the factors' dtype (fp32). Under bf16 autocast that makes every LoRA'd
-    # linear save its own fresh bf16 copy of its input for backward (fp32 -> autocast -> bf16), instead of sharing the
-    # activation the base linear already saved. Autocast does the casting here, so peft's is switched off, for good:
-    # peft.helpers.disable_input_dtype_casting does the same, but only inside a `with` block. No effect in fp32.
+    # peft casts each LoRA layer's input to the factors' dtype (fp32). Under bf16 autocast every LoRA'd linear would
+    # then save a fresh bf16 copy of its input for backward instead of sharing the one the base linear saved. Autocast
+    # does the casting here, so peft's is off for good (peft.helpers.disable_input_dtype_casting only lasts a `with`).
     for layer in lora_layers(transformer):
         layer.cast_input_dtype_enabled = False
-    wrapped = sum(1 for n in lora if n.endswith(f"lora_A.{names[0]}.weight"))
+    wrapped = sum(n.endswith(f"lora_A.{names[0]}.weight") for n in lora)
     if wrapped != len(expected) or wrapped == 0:
         raise RuntimeError(f"LoRA wrapped {wrapped} modules but {len(expected)} linears match the target list")
     transformer.set_adapter(names[0])
@@ -439,12 +406,17 @@ def adapter_params(transformer, name):
     """{parameter name without the adapter name: tensor} for one adapter, in a stable order."""
     return {n.replace(f".{name}.", "."): p for n, p in transformer.named_parameters() if ".lora_" in n and f".{name}." in n}
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # conditioning builders
 # Plain functions with explicit arguments, meant to be copied. Student: the model's own text path. Teacher, Z-Image:
 # the hybrid VLM on [image, caption] -> features of the text width, where cap_feats go. Teacher, FLUX.2-klein: the
 # target's VAE latents as reference tokens inside the DiT, plus an instruction appended to the caption.
+
+
+def chat(tokenizer, prompts, thinking):
+    """Each prompt as one user turn of the encoder's chat template (Z-Image renders it thinking, klein not)."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=thinking) for p in prompts]
 
 
 @torch.no_grad()
@@ -453,9 +425,8 @@ def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
 
     Same maths as ZImagePipeline.encode_prompt, which we don't call: it overwrites the caller's prompt list in place."""
     dev = text_encoder.device
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=True) for p in prompts]
-    tok = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    tok = tokenizer(chat(tokenizer, prompts, True), padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="pt")
     mask = tok.attention_mask.to(dev).bool()                                         # [B, max_len]
     hs = text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask,
                       output_hidden_states=True).hidden_states[-2]                   # [B, max_len, D]
@@ -470,18 +441,16 @@ def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=None):
     the condition and student, teacher and pipeline must all pad to the same length (Flux2KleinPipeline's
     max_sequence_length). max_len=None: klein_text_len(tokenizer), 512 for the real checkpoints."""
     dev, max_len = text_encoder.device, max_len or klein_text_len(tokenizer)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=False) for p in prompts]
-    tok = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    tok = tokenizer(chat(tokenizer, prompts, False), padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="pt")
     hs = text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
                       output_hidden_states=True, use_cache=False).hidden_states       # (layers+1) × [B, L, D]
     return torch.cat([hs[k] for k in layers], dim=-1)                                # [B, L, 3D]
 
 
 def klein_text_len(tokenizer):
-    """klein's text length: the pipeline's max_sequence_length default, 512, unless the tokenizer says it reads less
-    (the real Qwen3 tokenizer says 131072; the CPU toy model of examples/toy says 48, and sampling it in diffusers
-    takes max_sequence_length=48)."""
+    """klein's text length: the pipeline's max_sequence_length default, 512, unless the tokenizer reads less (the real
+    Qwen3 tokenizer says 131072; examples/toy's CPU model says 48, and diffusers samples it with max_sequence_length=48)."""
     return min(512, tokenizer.model_max_length)
 
 
@@ -491,16 +460,16 @@ def klein_text_layers(text_encoder):
     return (n // 4, n // 2, 3 * n // 4)
 
 
-def prompt_tokens(tokenizer, prompt, **template):
-    """Length of a templated prompt in tokens (to warn once before the encoder truncates it)."""
-    return len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True, **template)).input_ids)
+def prompt_tokens(tokenizer, prompts, thinking):
+    """Token counts of the templated prompts, to warn once before the encoder truncates them."""
+    return [len(tokenizer(t).input_ids) for t in chat(tokenizer, prompts, thinking)]
 
 
-def warn_long(what, paths, limit):
-    """One warning line naming every image whose `what` is cut at `limit` tokens, and the fix."""
+def warn_long(what, items, lengths, limit, whose=""):
+    """One warning line naming every image whose `what` is over `limit` tokens (so it is cut), and the fix."""
+    paths = [p for (p, _), n in zip(items, lengths) if n > limit]
     if paths:
-        print(f"warning: the {what} of {len(paths)} image(s) is longer than {limit} tokens and is cut "
+        print(f"warning: the {what} of {len(paths)} image(s) is longer than {whose}{limit} tokens and is cut "
               f"({_names(paths)}): shorten those captions")
 
 
@@ -508,9 +477,8 @@ def warn_long(what, paths, limit):
 def vlm_features(vlm, tokenizer, image_processor, image, prompt, pixels=(512 * 512, 768 * 768)):
     """The teacher's multimodal features f_mm(p, I): hybrid Qwen3-VL on one user turn [image, caption] -> [L', D].
 
-    image: PIL RGB (the training crop). The VLM sees it at 512²..768² pixels (the paper's processor limits); every
-    token of the turn -- template, image and caption -- is kept. They go where cap_feats go, which the caller cuts to
-    VLM_CONTEXT tokens (and says so when it has to)."""
+    image: PIL RGB (the training crop), seen at 512²..768² pixels (the paper's processor limits). Every token of the
+    turn -- template, image and caption -- is kept; they go where cap_feats go (the caller cuts to VLM_CONTEXT)."""
     dev = next(vlm.parameters()).device
     pix = image_processor(images=[image], return_tensors="pt",
                           size={"shortest_edge": pixels[0], "longest_edge": pixels[1]})
@@ -521,10 +489,9 @@ def vlm_features(vlm, tokenizer, image_processor, image, prompt, pixels=(512 * 5
             + prompt + "<|im_end|>\n<|im_start|>assistant\n")
     ids = tokenizer(text, return_tensors="pt").input_ids.to(dev)                      # [1, L']
     mm_type = (ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).long()         # 1 = image token, 0 = text
-    hs = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_type,
-             pixel_values=pix["pixel_values"].to(dev, vlm.dtype), image_grid_thw=grid.to(dev),
-             output_hidden_states=True, use_cache=False).hidden_states[-2][0]         # [L', D]
-    return hs
+    return vlm(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_type,
+               pixel_values=pix["pixel_values"].to(dev, vlm.dtype), image_grid_thw=grid.to(dev),
+               output_hidden_states=True, use_cache=False).hidden_states[-2][0]       # [L', D]
 
 
 def to_pil(image):
@@ -556,7 +523,7 @@ def _klein_bn(vae):
 @torch.no_grad()
 def klein_encode(vae, image):
     """[B, 3, H, W] in [-1, 1] -> normalised klein latents [B, 4C, H/16, W/16], as the pipeline encodes reference
-    images (latent mode, 2×2 patchify, BatchNorm statistics). Used for the teacher's reference tokens and SFT."""
+    images (latent mode, 2×2 patchify, BatchNorm statistics). The teacher's reference tokens, and SFT's targets."""
     z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode().float()       # [B, C, H/8, W/8]
     B, C, h, w = z.shape
     z = z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, 4 * C, h // 2, w // 2)
@@ -572,7 +539,6 @@ def klein_decode(vae, x):
     B, C, h, w = z.shape
     z = z.reshape(B, C // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C // 4, 2 * h, 2 * w)
     return to_pil(vae.decode(z.to(vae.dtype)).sample)
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # few-step roll-out
@@ -617,9 +583,9 @@ def klein_velocity(transformer, x, sigma, cond):
     """u = ε - x0 from the FLUX.2 DiT (its raw output already is). x: [B, 4C, h, w] normalised latents; sigma: [B];
     cond = (prompt_embeds [B, L, 3D], reference latents [B, 4C, h_r, w_r] or None). Returns [B, 4C, h, w] fp32.
 
-    Reference tokens are appended AFTER the noisy tokens with their own position ids (time coordinate T = 10, as the
-    pipeline gives its first reference image), and the output is sliced back to the noisy tokens. Position ids are
-    shared by the batch (the DiT reads ids[0]), so a batch holds one resolution -- the buckets guarantee that."""
+    Reference tokens go AFTER the noisy tokens with their own position ids (time coordinate T = 10, as the pipeline
+    gives its first reference image), and the output is sliced back to the noisy tokens. Position ids are shared by
+    the batch (the DiT reads ids[0]), so a batch holds one resolution -- the buckets guarantee that."""
     pe, ref = cond
     B, C, h, w = x.shape
     dev, dt = x.device, getattr(transformer, "module", transformer).dtype     # (unwrap DistributedDataParallel)
@@ -645,7 +611,6 @@ def euler_sample(velocity, noise, sigmas):
         x = x + (sigmas[k + 1] - sigmas[k]) * velocity(x, sigmas[k].expand(x.shape[0]))
     return x
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # teacher scoring
 # The teacher is the SAME DiT with the "teacher" adapter active and the multimodal context in place of the caption
@@ -660,14 +625,13 @@ def lora_layers(transformer):
 
 
 def use_adapter(layers, name, trainable=True):
-    """Make adapter `name` the active one on every LoRA layer (from lora_layers()); trainable=False freezes it.
+    """Make adapter `name` the active one on every LoRA layer (from lora_layers(); None: no LoRA, nothing to do).
 
-    transformer.set_adapter(name) does the same but walks all modules and re-checks peft's version on each call, 2K
-    times per step (7 ms a switch on the benchmark's 900-module DiT; this loop: 2.5 ms). peft's layer-level
-    set_adapter also sets requires_grad: the active adapter trainable unless inference_mode, all others frozen. The
-    teacher is activated frozen: it can never collect a gradient, and autocast does not cache bf16 copies of weights
-    that need no grad, so the teacher's casts do not live through the whole roll-out."""
-    for layer in layers:
+    transformer.set_adapter(name) does the same but walks all modules and re-checks peft's version each call, 2K times
+    a step (7 ms a switch on the benchmark's 900-module DiT; this loop: 2.5 ms). peft's layer-level set_adapter makes the
+    active adapter trainable unless inference_mode, all others frozen. The teacher is activated frozen: it can never
+    collect a gradient, and autocast keeps no bf16 copies of weights that need no grad through the roll-out."""
+    for layer in layers or ():
         if layer.active_adapters != [name] or layer.lora_A[name].weight.requires_grad != trainable:
             layer.set_adapter(name, inference_mode=not trainable)
 
@@ -680,75 +644,52 @@ def ema_update(teacher_params, student_params, decay):
     for t, s in zip(teacher_params, student_params):
         t.lerp_(s.to(t.dtype), 1.0 - decay)
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # divergence loss: math -> reference -> fused (Triton kernel + one autograd.Function) -> dispatch
-# The student is pulled toward the (stop-gradient) teacher on the student's own roll-out state. The loss is a plain
-# weighted MSE, so the only thing worth fusing is memory traffic: one pass that reads v_s, v_t and writes the gradient.
-# --------------------------------------------------------------------------------------------------------------------
+# The student is pulled toward the stop-gradient teacher on the student's own state. The loss is a weighted MSE, so the
+# only thing worth fusing is memory traffic: one pass that reads v_s and v_t and writes what backward needs.
 #
-# Math. Per roll-out step k, with v_s = v_θ(x_k, t_k, f(p)), v_t = sg[v_φ(x_k, t_k, f_mm(p, I))],
-# σ_b the noise level of sample b, and N = B·C·H·W (any trailing shape; N = numel). The sign convention of v does
-# not matter (the roll-out passes u = ε − x0):
+# Per roll-out step k, v_s = v_θ(x_k, t_k, f(p)), v_t = sg[v_φ(x_k, t_k, f_mm(p, I))], σ_b the noise level of sample b,
+# N = numel (any trailing shape). The sign convention of v does not matter (the roll-out passes u = ε − x0):
 #
 #     L = (1/N) Σ_{b,i} w(σ_b) · (v_s[b,i] − v_t[b,i])²            (one mean over all N elements, no per-sample mean)
-#
 #     w = σ²   for space="x0": both families predict x̂0 = x ± σ·v (Z-Image +, FLUX −), so x̂0_S − x̂0_T = ±σ(v_s − v_t)
 #              and the released code's x0-space MSE is exactly the σ²-weighted velocity MSE (the authors, D-OPSD#6).
 #     w = 1    for space="v": the paper's velocity MSE.
-#
 #     ∂L/∂v_s = 2 · w · (v_s − v_t) / N          ∂L/∂v_t = 0 (stop-gradient)       ∂L/∂σ = 0 (σ is the schedule)
 #
-# In code: d = v_s − v_t, w is a [B] fp32 vector, and the sample index of flat element j of the contiguous tensor is
-# b = j // (N / B). The fused paths store wd = w·d = (N/2)·∂L/∂v_s in the input dtype and apply 2/N together with
-# grad_output in backward. Why not store 2·w·d/N: in fp16 that is below the smallest subnormal (6e-8) once N ≳ 1e6 or
-# d is small, and a GradScaler multiplies *after* the underflow. w·d keeps the velocities' own magnitude.
+# In code d = v_s − v_t, w is a [B] fp32 vector, and flat element j of the contiguous tensor is in sample j // (N/B).
+# The fused paths store wd = w·d = (N/2)·∂L/∂v_s in the input dtype and apply 2/N with grad_output in backward: 2·w·d/N
+# in fp16 is below the smallest subnormal (6e-8) once N ≳ 1e6, and a GradScaler multiplies only after the underflow.
 #
-# Memory traffic per element (s = bytes of the input dtype: 4 fp32, 2 bf16; each read or write of an N-sized tensor
-# costs s, or 4 when the op produced fp32). Counted op by op with the dispatch hook in examples/bench.py:
-#   naive eager, ((w * (v_s - v_t)**2).mean()).backward():
-#     forward : sub 3s, pow 2s, mul-by-w 2s, mean s                                       = 8s
-#     backward: mean's g/N 1s, mul-by-w 2s, pow's 2·d·g as pow+mul+mul 2s+2s+3s          = 10s
-#     = 18 accesses: 72 B fp32. With bf16 inputs the fp32 w promotes the tail to fp32 (plus a cast back): 52 B.
-#   fused (Triton): forward reads v_s, v_t, writes wd (3s); backward reads wd, writes the gradient (2s).
-#     = 5s: 20 B fp32, 10 B bf16, 3.6-5× less. Saved for backward: one N-sized tensor (wd), no intermediates.
-#   PyTorch path eager: sub, mul, dot, (cast) — 36 B fp32, 42 B bf16; under torch.compile it becomes one loop.
-#   fused + Euler step (dopsd_loss_and_step): also read x and write x_next = x + dt·v_s while v_s is in registers:
-#     +2s, instead of +3s for a separate fused Euler kernel (reads v_s again) or +5s for eager x + dt.view(B,1,..)*v_s
-#     (which materialises dt·v_s). Saves one read of v_s: 4 B/elem in fp32, 2 B in bf16, and one launch per step.
+# Memory traffic per element, in N-sized reads and writes (s bytes each; examples/bench.py counts them op by op):
+#   eager ((w * (v_s - v_t)**2).mean()).backward(): 8 in forward, 10 in backward: 72 B fp32 (52 B from bf16 inputs).
+#   fused: forward reads v_s, v_t and writes wd; backward reads wd and writes the gradient: 5s = 20 B fp32, 10 B bf16.
+#   fused + the student's Euler step x + dt·v_s while v_s is in registers (dopsd_loss_and_step): +2s, not +3s..+5s.
 
 
 def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
-    """The per-step loss written line for line from the math above, in plain eager PyTorch.
-
-    v_student, v_teacher: (B, ...) float, same shape; sigma: (B,) noise level of each sample.
-    Returns a 0-D tensor in the inputs' dtype. Computes in the inputs' dtype (the tests feed it float64).
-    Note: for numel 0 this is a mean over nothing (NaN); the dispatcher defines that case as 0.
-    """
+    """The per-step loss line for line from the math above, in plain eager PyTorch and the inputs' dtype (the tests
+    feed it float64). v_student, v_teacher: (B, ...); sigma: (B,). Returns a 0-D tensor; NaN for numel 0."""
     assert space in ("x0", "v"), f"space must be 'x0' or 'v', got {space!r}"
-    B = v_student.shape[0]                                          # batch size
     w = sigma**2 if space == "x0" else torch.ones_like(sigma)       # (B,)  w(σ_b)
-    w = w.view(B, *([1] * (v_student.dim() - 1)))                   # (B, 1, ..., 1) broadcasts over C, H, W
-    d = v_student - v_teacher.detach()                              # (B, ...)  read 2N, write N   (sg on the teacher)
-    return (w * d**2).mean()                                        # ()  pow: r N w N; mul: r N w N; mean: r N
+    w = w.view(-1, *([1] * (v_student.dim() - 1)))                  # (B, 1, ..., 1) broadcasts over C, H, W
+    d = v_student - v_teacher.detach()                              # (B, ...)  sg on the teacher
+    return (w * d**2).mean()                                        # ()  one mean over all N elements
 
 
 def _divergence_fwd_torch(v_s, v_t, w, x=None, dt=None):
-    """PyTorch forward of the fused op: returns (loss fp32 (), wd = w·d in v_s.dtype, x_next or None).
-
-    v_s, v_t, x: (B, ...) contiguous; w, dt: (B,) fp32. Runs inside autograd.Function.forward, so no graph is built:
-    only wd is kept, not d or d². Eager it is still 3-4 passes; torch.compile fuses it into one loop.
-    """
-    B, N = v_s.shape[0], v_s.numel()
+    """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype, x_next or None). v_s, v_t, x: (B, ...)
+    contiguous; w, dt: (B,) fp32. It runs inside autograd.Function.forward: no graph, only wd is kept. Eager it is 3-4
+    passes; torch.compile fuses it into one loop."""
     ct = torch.promote_types(v_s.dtype, torch.float32)              # fp32 math for bf16/fp16, float64 stays float64
-    bshape = (B,) + (1,) * (v_s.dim() - 1)                          # (B, 1, ..., 1)
+    bshape = (v_s.shape[0],) + (1,) * (v_s.dim() - 1)               # (B, 1, ..., 1)
     vs = v_s.to(ct)                                                 # (B, ...) no copy when v_s is already fp32
     d = vs - v_t                                                    # (B, ...) ct; type promotion upcasts v_t in-loop
     wd = w.to(ct).view(bshape) * d                                  # (B, ...) w(σ_b)·d = (N/2)·∂L/∂v_s
-    loss = (torch.dot(wd.view(-1), d.view(-1)) / N).float()         # ()  Σ w·d² / N in fp32, one read of each
-    x_next = None
-    if x is not None:  # the roll-out's Euler step, on the detached state x, with the student's velocity value
-        x_next = (x.to(ct) + dt.to(ct).view(bshape) * vs).to(x.dtype)  # (B, ...) in x's dtype
+    loss = (torch.dot(wd.view(-1), d.view(-1)) / v_s.numel()).float()   # ()  Σ w·d² / N in fp32, one read of each
+    # the roll-out's Euler step, on the detached state x, with the student's velocity value
+    x_next = None if x is None else (x.to(ct) + dt.to(ct).view(bshape) * vs).to(x.dtype)   # (B, ...) x's dtype
     return loss, wd.to(v_s.dtype), x_next
 
 
@@ -787,29 +728,24 @@ if HAS_TRITON:  # the kernel only exists when triton imports; defining it under 
 
 
 def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
-    """Triton forward of the fused op; same contract as _divergence_fwd_torch.
-
-    block=1024 with 4 warps is 8 elements per thread (two 16-byte loads of fp32, one of bf16): enough bytes in flight
-    per thread for a bandwidth-bound op, and a 1M-element latent still gives ~1000 programs to fill every SM.
-    """
-    B, N = v_s.shape[0], v_s.numel()
+    """Triton forward of the fused op; same contract as _divergence_fwd_torch. block=1024 with 4 warps is 8 elements
+    a thread (two 16-byte loads of fp32): enough bytes in flight for a bandwidth-bound op, and a 1M-element latent
+    still gives ~1000 programs to fill every SM."""
+    N, has_step = v_s.numel(), x is not None
     n_blocks = triton.cdiv(N, block)
-    wd = torch.empty_like(v_s)                                      # (B, ...) input dtype
-    partials = torch.empty(n_blocks, dtype=torch.float32, device=v_s.device)  # (n_blocks,)
-    has_step = x is not None
-    x_next = torch.empty_like(x) if has_step else None
-    # when HAS_STEP is False the x/dt/x_next code is compiled out; any valid pointer fills those slots. Triton
-    # launches on the *current* CUDA device and stream, so make that the tensors' device (a no-op when it already is).
-    with torch.cuda.device(v_s.device) if v_s.is_cuda else nullcontext():
+    wd, x_next = torch.empty_like(v_s), torch.empty_like(x) if has_step else None     # (B, ...)
+    partials = torch.empty(n_blocks, dtype=torch.float32, device=v_s.device)          # (n_blocks,)
+    # Without HAS_STEP the x/dt/x_next code is compiled out and any valid pointer fills those slots. Triton launches on
+    # the *current* CUDA device and stream, so make that the tensors' device (a no-op when it already is).
+    with torch.cuda.device(v_s.device) if v_s.is_cuda else contextlib.nullcontext():
         _divergence_kernel[(n_blocks,)](
             v_s, v_t, w, wd, partials,
             x if has_step else v_s, dt if has_step else w, x_next if has_step else wd,
-            N, N // B, HAS_STEP=has_step, BLOCK=block, num_warps=4,
+            N, N // v_s.shape[0], HAS_STEP=has_step, BLOCK=block, num_warps=4,
         )
-    # Two-stage reduction: a few thousand fp32 partials summed by torch (pairwise). I prefer this to atomic_add into
-    # one scalar: it is deterministic run to run, needs no zero-initialised output, and costs 4 bytes per block.
-    loss = partials.sum() / N                                       # () fp32
-    return loss, wd, x_next
+    # Two-stage reduction: a few thousand fp32 partials summed by torch (pairwise). Unlike atomic_add into one scalar
+    # it is deterministic run to run and needs no zero-initialised output, for 4 bytes per block.
+    return partials.sum() / N, wd, x_next
 
 
 class DivergenceLoss(torch.autograd.Function):
@@ -843,6 +779,7 @@ class DivergenceLoss(torch.autograd.Function):
 # Resolved once per device type by backend="auto": {"cpu": "torch", "cuda": "triton", ...}. The only module state the
 # loss reads besides HAS_TRITON; tests clear it to hear the banner again.
 LOSS_BACKEND = {}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_probe(device):
@@ -859,90 +796,60 @@ def triton_probe(device):
 
 
 def _resolve_loss_backend(backend, device, dtype):
-    """Turn "auto" / "triton" / "torch" into the path to run; prints the auto choice (and why) once per device."""
-    kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    """Turn "auto" / "triton" / "torch" into the path to run; prints the auto choice (and why) once per device type."""
     if backend == "auto":
         if device.type not in LOSS_BACKEND:
-            if not HAS_TRITON:
-                use, why = False, "triton not installed"
-            elif device.type != "cuda":
-                use, why = False, f"{device.type} tensor, the Triton kernel needs CUDA"
-            else:
-                use, why = triton_probe(device)            # a test launch: triton may import and still not run
+            use, why = ((False, "triton not installed") if not HAS_TRITON else triton_probe(device)
+                        if device.type == "cuda" else (False, f"{device.type} tensor, the Triton kernel needs CUDA"))
             LOSS_BACKEND[device.type] = "triton" if use else "torch"
             print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
-        chosen = LOSS_BACKEND[device.type]
-        return "torch" if dtype not in kernel_dtypes else chosen    # e.g. float64: the kernel's fp32 math would lose it
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("dopsd_loss: backend='triton' but triton is not installed; pip install triton or use "
-                               "backend='torch'")
-        # Off CUDA the kernel can only run in the interpreter, which @triton.jit picks at *decoration* time: setting
-        # the variable after import leaves a compiled kernel that dies with "0 active drivers ([])". Check both.
-        interpreted = not isinstance(_divergence_kernel, triton.runtime.jit.JITFunction)
-        if device.type != "cuda" and (os.environ.get("TRITON_INTERPRET", "0") != "1" or not interpreted):
-            raise RuntimeError(f"dopsd_loss: backend='triton' needs a CUDA tensor, got {device.type}; set "
-                               "TRITON_INTERPRET=1 before triton is imported to run it on CPU, or use backend='torch'")
-        if dtype not in kernel_dtypes:
-            raise RuntimeError(f"dopsd_loss: the Triton kernel supports float32/bfloat16/float16, got {dtype}; "
-                               "use backend='torch'")
+        return LOSS_BACKEND[device.type] if dtype in KERNEL_DTYPES else "torch"   # float64: fp32 math would lose it
+    # Off CUDA the kernel runs only in the interpreter, which @triton.jit picks at *decoration* time: setting the
+    # variable after import leaves a compiled kernel that dies with "0 active drivers ([])". Check both.
+    interpreted = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1" and not isinstance(
+        _divergence_kernel, triton.runtime.jit.JITFunction)
+    for bad, why in ((not HAS_TRITON, "triton is not installed; pip install triton"),
+                     (device.type != "cuda" and not interpreted, f"needs a CUDA tensor, got {device.type}; set "
+                      "TRITON_INTERPRET=1 before triton is imported to run it on CPU"),
+                     (dtype not in KERNEL_DTYPES, f"the Triton kernel supports float32/bfloat16/float16, got {dtype}")):
+        if backend == "triton" and bad:
+            raise RuntimeError(f"dopsd_loss: backend='triton': {why}; or use backend='torch'")
     return backend
 
 
-def _check_divergence_args(v_s, v_t, sigma, space, backend, x=None, dt=None):
-    """Raise a ValueError naming the expected shape/value for anything the fused paths would silently misread."""
-    B = v_s.shape[0] if torch.is_tensor(v_s) and v_s.dim() else None
+def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto", x=None, dt=None):
+    """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
+
+    v_student: (B, ...) fp32/bf16/fp16, any strides; v_teacher: same shape (never receives a gradient); sigma: (B,)
+    noise level of each sample. backend: "auto" (Triton on CUDA if it launches, else PyTorch; printed once), "triton"
+    or "torch". Returns a 0-D fp32 tensor (0 for numel 0); with x and dt, see dopsd_loss_and_step."""
     shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-    problems = [
-        (space not in ("x0", "v"), f"space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}"),
-        (backend not in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {backend!r}"),
-        (B is None or not torch.is_tensor(v_t), "v_student and v_teacher must be tensors of shape (B, ...)"),
-        (B is not None and shape(v_t) != shape(v_s), f"v_student {shape(v_s)} and v_teacher {shape(v_t)} differ"),
-        (B is not None and not (v_s.is_floating_point() and v_t.is_floating_point()), "velocities must be float"),
-        (shape(sigma) != (B,), f"sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}"),
-        (x is not None and shape(x) != shape(v_s), f"x must have v_student's shape {shape(v_s)}, got {shape(x)}"),
-        (torch.is_tensor(dt) and shape(dt) not in ((), (B,)), f"dt must be a scalar or shape ({B},)"),
-    ] + [(torch.is_tensor(t) and torch.is_tensor(v_s) and t.device != v_s.device,
-          f"{n} is on {t.device if torch.is_tensor(t) else ''} but v_student is on {v_s.device}")
-         for n, t in (("v_teacher", v_t), ("sigma", sigma), ("x", x), ("dt", dt))]
-    for bad, message in problems:
+    B = v_student.shape[0] if v_student.dim() else None
+    for bad, message in ((space not in ("x0", "v"), f"space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}"),
+                         (backend not in ("auto", "triton", "torch"), "backend must be 'auto', 'triton' or 'torch', "
+                          f"got {backend!r}"),
+                         (B is None or shape(v_teacher) != shape(v_student), f"v_student {shape(v_student)} and "
+                          f"v_teacher {shape(v_teacher)} must be one shape (B, ...)"),
+                         (shape(sigma) != (B,), f"sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}"),
+                         (x is not None and shape(x) != shape(v_student), f"x must have v_student's shape "
+                          f"{shape(v_student)}, got {shape(x)}")):
         if bad:
             raise ValueError(f"dopsd_loss: {message}")
-
-
-def _divergence(v_student, v_teacher, sigma, x, dt, space, backend):
-    """Shared body of dopsd_loss / dopsd_loss_and_step: validate, build w and dt, resolve the backend, apply."""
-    _check_divergence_args(v_student, v_teacher, sigma, space, backend, x, dt)
-    B, dev = v_student.shape[0], v_student.device
-    sigma = sigma.detach().to(torch.float32)                        # (B,) the schedule never gets a gradient
-    w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()  # (B,) fp32 w(σ_b)
-    if x is not None:  # dt: python float, 0-D or (B,) tensor -> (B,) fp32
-        dt = torch.as_tensor(dt, dtype=torch.float32, device=dev).detach().expand(B).contiguous()
-        x = x.detach()                                              # the roll-out state is detached every step
-    path = _resolve_loss_backend(backend, dev, v_student.dtype)
+    sigma = sigma.detach().float()                                  # (B,) the schedule never gets a gradient
+    w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()     # (B,) fp32 w(σ_b)
+    if x is not None:  # dt: python float, 0-D or (B,) tensor -> (B,) fp32; the roll-out state is detached every step
+        dt = torch.as_tensor(dt, dtype=torch.float32, device=x.device).detach().expand(B).contiguous()
+        x = x.detach()
+    path = _resolve_loss_backend(backend, v_student.device, v_student.dtype)
     # v_teacher.detach(): the teacher is a stop-gradient target even if its tensor requires grad
     return DivergenceLoss.apply(v_student, v_teacher.detach(), w, x, dt, path)
 
 
-def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto"):
-    """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
-
-    v_student: (B, ...) fp32/bf16/fp16, any strides; v_teacher: same shape (never receives a gradient);
-    sigma: (B,) noise level of each sample. backend: "auto" (Triton on CUDA if importable, else PyTorch; printed
-    once), "triton" or "torch". Returns a 0-D fp32 tensor; numel 0 gives 0.
-    """
-    return _divergence(v_student, v_teacher, sigma, None, None, space, backend)
-
-
 def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend="auto"):
-    """dopsd_loss plus the student's next Euler state x + dt·v_s from the same pass over v_s.
-
-    x: (B, ...) the current roll-out state (detached here: the roll-out never backpropagates across steps);
-    dt: float or (B,) step Δ_k = σ_{k+1} − σ_k (negative: σ falls), since every family's u = ε − x0 here.
-    Returns (loss () fp32, x_next (B, ...) in x's dtype, detached).
-    """
-    return _divergence(v_student, v_teacher, sigma, x, dt, space, backend)
-
+    """dopsd_loss plus the student's next Euler state x + dt·v_s from the same pass over v_s. x: (B, ...) the current
+    roll-out state (detached: no backpropagation across steps); dt: float or (B,), Δ_k = σ_{k+1} − σ_k (negative: σ
+    falls), as every family's u = ε − x0 here. Returns (loss () fp32, x_next (B, ...) in x's dtype, detached)."""
+    return dopsd_loss(v_student, v_teacher, sigma, space, backend, x, dt)
 
 # --------------------------------------------------------------------------------------------------------------------
 # the D-OPSD step
@@ -985,12 +892,11 @@ def sft_loss(student, x0, noise, sigma, backend="auto"):
     x = (1 - s) * x0 + s * noise                                   # x_σ, the interpolation path
     return dopsd_loss(student(x, sigma), noise - x0, sigma, space="v", backend=backend)
 
-
 # --------------------------------------------------------------------------------------------------------------------
 # training
 # The run in named pieces: check the arguments -> cache every encoder's output -> attach the two roles to one DiT ->
 # the loop, which reads like the paper's algorithm box (roll-out with teacher scoring, clip, AdamW, EMA). Checkpoints,
-# DDP, Ctrl-C and the log stay in their own small functions. The families differ only in what FAMILIES lists.
+# the grids, DDP, Ctrl-C and the log stay in their own small functions. The families differ only in FAMILIES.
 
 FAMILIES = {
     # deploy: the distilled step count (Z-Image-Turbo: 8 DiT forwards = num_inference_steps=8 in diffusers 0.42;
@@ -1033,21 +939,19 @@ def collate(conds):
 
 
 def check_args(cfg):
-    out = Path(cfg.out) / "checkpoint.pt"
+    """Refuse impossible flag values, and a --resume that does not match --out, before anything is loaded."""
+    ckpt = Path(cfg.out) / "checkpoint.pt"
     counts = {k: getattr(cfg, k) for k in ("rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
-    problems = [(min(counts.values()) < 1, f"--rollout-steps, --rank, --max-steps, --batch-size and --grad-accum must "
-                 f"be at least 1 (got {counts})"),
-                (cfg.resolution < 64 or cfg.resolution % 16,
-                 f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})"),
-                (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
-                (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
-                (cfg.dist_timeout <= 0, f"--dist-timeout must be positive minutes (got {cfg.dist_timeout})"),
-                (cfg.resume and not out.is_file(), f"--resume: no checkpoint at {out}; start without --resume"),
-                (not cfg.resume and out.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue "
-                                                   "it or choose another --out")]
-    for bad, message in problems:
-        if bad:
-            raise UserError(message)
+    refuse([(min(counts.values()) < 1, "--rollout-steps, --rank, --max-steps, --batch-size and --grad-accum must "
+             f"be at least 1 (got {counts})"),
+            (cfg.resolution < 64 or cfg.resolution % 16,
+             f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})"),
+            (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
+            (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
+            (cfg.dist_timeout <= 0, f"--dist-timeout must be positive minutes (got {cfg.dist_timeout})"),
+            (cfg.resume and not ckpt.is_file(), f"--resume: no checkpoint at {ckpt}; start without --resume"),
+            (not cfg.resume and ckpt.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue it "
+             "or choose another --out")])
 
 
 def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype):
@@ -1056,22 +960,20 @@ def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, 
     buckets, captions = make_buckets(resolution), [c for _, c in items]
     crops = [crop_to(im, *nearest_bucket(im.height, im.width, buckets)) for im in map(load_rgb, (p for p, _ in items))]
     limit = klein_text_len(tokenizer) if family == "klein" else 512
-    warn_long("caption", [p for p, c in items if prompt_tokens(tokenizer, c, enable_thinking=family == "zimage")
-                          > limit], f"the encoder's {limit}")
+    warn_long("caption", items, prompt_tokens(tokenizer, captions, family == "zimage"), limit, "the encoder's ")
     cache = dict(bucket_of=[(im.height, im.width) for im in crops], cond_s=[
         student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None)
     if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
         vlm, vtok, vproc = load_hybrid_vlm(vlm_path, text_encoder, dtype)
-        vlm.to(vae.device)
-        ctx = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
-        warn_long("teacher context (template + image + caption)",
-                  [p for (p, _), f in zip(items, ctx) if len(f) > VLM_CONTEXT], f"{VLM_CONTEXT}")
+        ctx = [vlm_features(vlm.to(vae.device), vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
+        warn_long("teacher context (template + image + caption)", items, map(len, ctx), VLM_CONTEXT)
         cache["cond_t"] = [f[:VLM_CONTEXT] for f in ctx]
         print(f"teacher contexts cached: {len(ctx)} × ~{sum(len(c) for c in cache['cond_t']) // len(ctx)} tokens")
     elif dopsd:                                      # klein teacher: caption + instruction, image as reference tokens
-        warn_long("teacher text (caption + instruction)", [p for p, c in items if prompt_tokens(
-            tokenizer, f"{c} {suffix}", enable_thinking=False) > limit], f"the encoder's {limit}")
-        pe = [student_features(family, text_encoder, tokenizer, [f"{c} {suffix}"])[0][0] for c in captions]
+        texts = [f"{c} {suffix}" for c in captions]
+        warn_long("teacher text (caption + instruction)", items, prompt_tokens(tokenizer, texts, False), limit,
+                  "the encoder's ")
+        pe = [student_features(family, text_encoder, tokenizer, [t])[0][0] for t in texts]
         cache["cond_t"] = [(p, klein_encode(vae, pil_to_tensor(im)[None])[0]) for p, im in zip(pe, crops)]
     else:                                            # SFT regresses onto the clean latents: N × [C, h, w]
         cache["x0"] = [FAMILIES[family]["encode"](vae, pil_to_tensor(im)[None])[0] for im in crops]
@@ -1079,56 +981,57 @@ def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, 
 
 
 def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
-    """The two roles on one DiT -> (student, teacher, trainable, teacher_params). student/teacher: (model?, x, σ, cond)
-    -> u. LoRA: adapters "student" + "teacher" (an exact copy at first). --full: the DiT itself is the student and a
-    frozen fp32 deep copy is the EMA teacher (in bf16 its 1e-4 EMA increments would round away)."""
+    """The two roles on one DiT -> (student, teacher, trainable, teacher_params); student: (model, x, σ, cond) -> u,
+    teacher: (x, σ, cond) -> u. LoRA: adapters "student" and "teacher" (an exact copy at first). --full: the DiT itself
+    is the student, and a frozen fp32 deep copy the EMA teacher (in bf16 its 1e-4 EMA increments would round away)."""
     if full:
-        teacher_model = copy.deepcopy(tr).eval() if dopsd else None
-        trainable, layers = list(tr.requires_grad_(True).parameters()), None
+        teacher_model, layers = copy.deepcopy(tr).eval() if dopsd else None, None
+        trainable = list(tr.requires_grad_(True).parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
     else:
         torch.manual_seed(seed)                      # LoRA's A factors are drawn from the global RNG
         n = add_lora_adapters(tr, LORA_TARGETS[family], rank, alpha, ("student", "teacher") if dopsd else ("student",))
         st = adapter_params(tr, "student")
-        trainable = list(st.values())
+        trainable, teacher_model, layers = list(st.values()), tr, lora_layers(tr)
         teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
-        teacher_model, layers = tr, lora_layers(tr)
         print(f"LoRA: {n} linears wrapped (every attention and feed-forward linear), "
               f"{sum(p.numel() for p in trainable):,} trainable parameters")
     velocity = FAMILIES[family]["velocity"]
 
-    # Autocast wraps each forward, not the backward (PyTorch advises against backward inside the region), and the
-    # teacher hands the DiT back with the student adapter active: a student backward after a teacher switch would
-    # find its LoRA frozen and silently collect no gradient.
+    # Autocast wraps each forward, not the backward (PyTorch advises against backward inside the region). The teacher
+    # hands the DiT back with the student adapter active: a student backward after a teacher switch would find its
+    # LoRA frozen and silently collect no gradient. `model` is the DiT, or its DDP wrapper.
     def student(model, x, s, c):
-        if layers:
-            use_adapter(layers, "student", trainable=True)
+        use_adapter(layers, "student")
         with autocast():
             return velocity(model, x, s, c)
 
     def teacher(x, s, c):
-        if layers:
-            use_adapter(layers, "teacher", trainable=False)
+        use_adapter(layers, "teacher", trainable=False)
         with autocast():
             u = velocity(teacher_model, x, s, c)
-        if layers:
-            use_adapter(layers, "student", trainable=True)
+        use_adapter(layers, "student")
         return u
     return student, teacher, trainable, teacher_params
 
 
 def wrap_ddp(tr, device):
-    """PyTorch's own DDP: it averages the student's gradients across ranks in backward.
-
-    The frozen weights (base DiT, teacher) are left out of DDP's start-up broadcast: every rank loads them from the
-    same files and seeds the LoRA alike, and ranks_agree() checks. gradient_as_bucket_view: the gradients live in
-    DDP's all-reduce buckets instead of beside them (a second copy: 25 GB for --full Z-Image); hence
-    zero_grad(set_to_none=False) under DDP."""
+    """PyTorch's own DDP, which averages the student's gradients across ranks in backward. The frozen weights (base
+    DiT, teacher) skip its start-up broadcast: every rank loads the same files and seeds the LoRA alike, and
+    ranks_agree() checks. gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not beside them (a
+    second copy: 25 GB for --full Z-Image); hence zero_grad(set_to_none=False) under DDP."""
     from torch.nn.parallel import DistributedDataParallel
     frozen = [n for n, p in tr.named_parameters() if not p.requires_grad]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(tr, frozen)
     return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
+def draw_row(velocity, conds, grid, decode, vae, autocast):
+    """One grid row: velocity (x, σ, cond) -> u sampled from each column's fixed noise on the deploy schedule."""
+    with autocast():
+        return [decode(vae, euler_sample(lambda x, s: velocity(x, s, collate([conds[i]])), noise.to(vae.device),
+                                         grid.sigmas))[0] for noise, i in zip(grid.noise, grid.cols)]
 
 
 def save_grid(rows, captions, path, label_width=112, caption_height=24):
@@ -1144,9 +1047,18 @@ def save_grid(rows, captions, path, label_width=112, caption_height=24):
         draw.text((4, caption_height + i * h + h // 2 - 6), label, fill="black")
         for j, im in enumerate(images):
             grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, caption_height + i * h))
-    tmp = Path(str(path) + ".tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    grid.save(Path(str(path) + ".tmp"), format="PNG")
+    os.replace(Path(str(path) + ".tmp"), path)
+
+
+def sample_grid(run):
+    """Rank 0: the base, student and (D-OPSD) teacher rows on the fixed grid noise -> samples/step_NNNNNN.png."""
+    row = lambda v, conds: draw_row(v, conds, run.grid, FAMILIES[run.family]["decode"], run.vae, run.autocast)
+    rows = [("base", run.grid.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c),
+                                                     run.cache["cond_s"]))]
+    if run.cfg.method == "dopsd":
+        rows.append(("teacher+image", row(run.teacher, run.cache["cond_t"])))
+    save_grid(rows, run.grid.captions, run.out / "samples" / f"step_{run.step:06d}.png")
 
 
 def atomic_torch_save(obj, path):
@@ -1159,16 +1071,17 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_run(out, state, cfg, family, tr, pipe_cls):
+def save_run(run):
     """checkpoint.pt (everything --resume needs) and the deliverable (the LoRA, or transformer/ for --full), both
     atomic. Weights that are not finite are never written: the previous files stay."""
-    if not all(torch.isfinite(p).all() for p in state["trainable"]):
+    out, tr = run.out, run.tr
+    if not all(torch.isfinite(p).all() for p in run.trainable):
         print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
         return
-    atomic_torch_save({"step": state["step"], "config": asdict(cfg), "nonfinite": state["nonfinite"],
-                       "student": [p.detach().cpu() for p in state["trainable"]], "optimizer": state["opt"].state_dict(),
-                       "teacher": [p.detach().cpu() for p in state["teacher_params"]]}, out / "checkpoint.pt")
-    if cfg.full:
+    atomic_torch_save({"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
+                       "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
+                       "teacher": [p.detach().cpu() for p in run.teacher_params]}, out / "checkpoint.pt")
+    if run.cfg.full:
         tr.save_pretrained(out / "transformer.tmp")
         if (out / "transformer").exists():
             os.replace(out / "transformer", out / "transformer.old")
@@ -1176,28 +1089,40 @@ def save_run(out, state, cfg, family, tr, pipe_cls):
         shutil.rmtree(out / "transformer.old", ignore_errors=True)
         return
     from peft.utils import get_peft_model_state_dict
-    meta = {**tr.peft_config["student"].to_dict(), "target_modules": LORA_TARGETS[family]}   # rank, alpha travel too
-    pipe_cls.save_lora_weights(out / "lora.tmp", transformer_lora_adapter_metadata=meta,
-                               transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"))
+    meta = {**tr.peft_config["student"].to_dict(), "target_modules": LORA_TARGETS[run.family]}   # rank, alpha too
+    run.pipe_cls.save_lora_weights(out / "lora.tmp", transformer_lora_adapter_metadata=meta,
+                                   transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"))
     os.replace(out / "lora.tmp" / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
     (out / "lora.tmp").rmdir()
 
 
-def load_run(path, cfg, state):
-    """Restore weights, optimizer and step counters from checkpoint.pt into `state`, refusing a changed setup."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+def load_run(path, run):
+    """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
+    ck, cfg = torch.load(path, map_location="cpu", weights_only=True), run.cfg
     for key in ("model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"):
-        if ck["config"][key] != getattr(cfg, key):
-            raise UserError(f"--resume: --{key.replace('_', '-')} was {ck['config'][key]!r} in {path}, "
-                            f"now {getattr(cfg, key)!r}; use the same value")
+        refuse([(ck["config"][key] != getattr(cfg, key), f"--resume: --{key.replace('_', '-')} was "
+                 f"{ck['config'][key]!r} in {path}, now {getattr(cfg, key)!r}; use the same value")])
     with torch.no_grad():
-        for p, v in zip(state["trainable"] + state["teacher_params"], ck["student"] + ck["teacher"]):
+        for p, v in zip(run.trainable + run.teacher_params, ck["student"] + ck["teacher"]):
             p.copy_(v)
-    state["opt"].load_state_dict(ck["optimizer"])
-    for group in state["opt"].param_groups:          # load_state_dict restores the old lr: --lr (logged) wins
+    run.opt.load_state_dict(ck["optimizer"])
+    for group in run.opt.param_groups:               # load_state_dict restores the old lr: --lr (logged) wins
         group["lr"] = cfg.lr
-    state.update(step=ck["step"], nonfinite=ck["nonfinite"])
-    print(f"resumed from {path} at step {state['step']}")
+    run.step, run.nonfinite = ck["step"], ck["nonfinite"]
+    print(f"resumed from {path} at step {run.step}")
+
+
+def save(run):
+    """A checkpoint from rank 0, after every rank has checked that all hold the same weights; the others wait."""
+    import torch.distributed as dist
+    if run.world > 1 and not ranks_agree(run.trainable + run.teacher_params):
+        raise RuntimeError("ranks hold different weights: distributed training went out of sync")
+    if run.rank == 0 and run.world > 1:
+        print(f"ranks in sync: {run.world} ranks hold identical student and teacher weights")
+    if run.rank == 0:
+        save_run(run)
+    if run.world > 1:
+        dist.barrier()
 
 
 class CtrlC:
@@ -1245,7 +1170,7 @@ def train_distributed(cfg, items, family, rank, world, device):
     import torch.distributed as dist
     code = 1
     try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null) if rank > 0 else nullcontext():
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null) if rank else contextlib.nullcontext():
             code = train_rank(cfg, items, family, rank, world, device)
         gc.collect()                                  # frees the DDP wrapper even if a reference cycle held it
         dist.barrier()
@@ -1253,16 +1178,14 @@ def train_distributed(cfg, items, family, rank, world, device):
         traceback.clear_frames(e.__traceback__)       # the traceback's frames would keep the DDP wrapper alive
         if isinstance(e, KeyboardInterrupt):          # a second Ctrl-C: no barrier, the peers may be mid-collective
             return 130
-        lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(   # gloo: RuntimeError
-            r"gloo|onnection|imeout|imed out", str(e)))
-        if not lost:
+        if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(   # gloo: RuntimeError
+                r"gloo|onnection|imeout|imed out", str(e)))):
             raise                                     # not a lost peer: a real bug or a UserError, as it is
         code = 1
         why = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [""])[0])   # drop gloo's source path
-        why = why.split(". ")[0][:120]                # the first sentence says it: "Connection closed by peer ..."
         print(f"error: rank {rank} of {world} lost contact with the other ranks (one died, or a collective waited "
-              f"over --dist-timeout {cfg.dist_timeout:g} min: {why}); the last checkpoint in {cfg.out} is intact, "
-              "continue with --resume", file=sys.stderr)
+              f"over --dist-timeout {cfg.dist_timeout:g} min: {why.split('. ')[0][:120]}); the last checkpoint in "
+              f"{cfg.out} is intact, continue with --resume", file=sys.stderr)
     finally:
         gc.collect()
         dist.destroy_process_group()
@@ -1270,7 +1193,8 @@ def train_distributed(cfg, items, family, rank, world, device):
 
 
 def train_rank(cfg, items, family, rank, world, device):
-    """Set up one process (rank) of `world`: load, cache, attach the roles, then run train_loop. Rank 0 writes."""
+    """One process (rank) of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The
+    returned `run` namespace holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
     dtype, autocast, checkpointing = pick_precision(device, cfg.precision, cfg.grad_checkpointing)
     print(f"{family} | method {cfg.method} | roll-out K={cfg.rollout_steps} | deploy {fam['deploy']} steps, no CFG "
@@ -1292,133 +1216,115 @@ def train_rank(cfg, items, family, rank, world, device):
     tr.to(device).requires_grad_(False)
     # Sample grids: the same noise and prompts every time; the base model's row is drawn once, before any LoRA.
     cell, cols = latent_cell(family, vae), list(range(min(4, len(items))))
-    noise = [torch.randn(1, tr.config.in_channels, cfg.resolution // cell, cfg.resolution // cell,
-                         generator=torch.Generator().manual_seed(cfg.seed + j)) for j in cols]
-    deploy = schedule(family, fam["deploy"], cfg.resolution // cell, cfg.resolution // cell)
-
-    def render(v, conds):                            # v: (x, σ, cond) -> u; one image per grid column
-        with autocast():
-            return [fam["decode"](vae, euler_sample(lambda x, s: v(x, s, collate([conds[i]])), noise[j].to(device),
-                                                    deploy))[0] for j, i in enumerate(cols)]
-    base_row = render(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"]) if rank == 0 else None
+    n = cfg.resolution // cell
+    grid = SimpleNamespace(cols=cols, captions=[items[i][1] for i in cols], sigmas=schedule(family, fam["deploy"], n, n),
+                           noise=[torch.randn(1, tr.config.in_channels, n, n,
+                                              generator=torch.Generator().manual_seed(cfg.seed + j)) for j in cols])
+    if rank == 0:
+        grid.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"], grid, fam["decode"], vae,
+                             autocast)
     student, teacher, trainable, teacher_params = attach_roles(tr, family, dopsd, cfg.full, cfg.rank, cfg.alpha,
                                                                cfg.seed, autocast)
     if checkpointing:
         tr.enable_gradient_checkpointing()           # recompute activations in backward: memory for compute
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
-    state = dict(step=0, nonfinite=0, opt=opt, trainable=trainable, teacher_params=teacher_params)
+    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cell=cell,
+                          cache=cache, tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast, grid=grid,
+                          student=student, teacher=teacher, trainable=trainable, teacher_params=teacher_params,
+                          opt=opt, step=0, nonfinite=0)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
-        load_run(out / "checkpoint.pt", cfg, state)
-    model = wrap_ddp(tr, device) if world > 1 else tr
-
-    def save():                                      # every rank checks; rank 0 writes; the others wait for it
-        if world > 1 and not ranks_agree(trainable + teacher_params):
-            raise RuntimeError("ranks hold different weights: distributed training went out of sync")
-        if rank == 0 and world > 1:
-            print(f"ranks in sync: {world} ranks hold identical student and teacher weights")
-        if rank == 0:
-            save_run(out, state, cfg, family, tr, pipe_cls)
-        if world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def sample_grid():
-        rows = [("base", base_row), ("student", render(lambda x, s, c: student(model, x, s, c), cache["cond_s"]))]
-        rows += [("teacher+image", render(teacher, cache["cond_t"]))] if dopsd else []
-        save_grid(rows, [items[i][1] for i in cols], out / "samples" / f"step_{state['step']:06d}.png")
-    return train_loop(cfg, family, cache, model, student, teacher, state, save, sample_grid if rank == 0 else
-                      (lambda: None), cell, rank, world, device)
+        load_run(out / "checkpoint.pt", run)
+    if world > 1:
+        run.model = wrap_ddp(tr, device)
+    return train_loop(run)
 
 
-def micro_step(cfg, family, cache, model, student, teacher, micro, cell, rank, world, device):
+def micro_step(run, micro):
     """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
 
     The global batch (batch_size × world) and its noise depend on (seed, micro) only, and each rank takes its slice:
     N ranks × batch b train exactly like 1 process × batch N·b, and a resumed run sees the batches an uninterrupted
     one would. Under DDP the gradient all-reduce runs only on the last backward of the optimizer step: the K roll-out
     steps and the --grad-accum micro-batches would otherwise each pay one."""
-    idx = batch_for_step(cache["bucket_of"], cfg.batch_size * world, cfg.seed, micro)
-    h, w = cache["bucket_of"][idx[0]][0] // cell, cache["bucket_of"][idx[0]][1] // cell
+    cfg, cache = run.cfg, run.cache
+    idx = batch_for_step(cache["bucket_of"], cfg.batch_size * run.world, cfg.seed, micro)
+    h, w = cache["bucket_of"][idx[0]][0] // run.cell, cache["bucket_of"][idx[0]][1] // run.cell
     g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
-    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    C = getattr(model, "module", model).config.in_channels                   # (unwrap DistributedDataParallel)
-    noise = torch.randn(len(idx), C, h, w, generator=g)[mine].to(device)    # [b, C, h, w]: this rank's slice
+    mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
+    noise = torch.randn(len(idx), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
     idx, cs, calls = idx[mine], collate([cache["cond_s"][i] for i in idx[mine]]), [0]
     backwards, last = cfg.rollout_steps if cfg.method == "dopsd" else 1, (micro + 1) % cfg.grad_accum == 0
 
     def student_x(x, s):                             # the student on this batch's captions
         calls[0] += 1
-        if world > 1:
-            model.require_backward_grad_sync = last and calls[0] == backwards
-        return student(model, x, s, cs)
+        if run.world > 1:
+            run.model.require_backward_grad_sync = last and calls[0] == backwards
+        return run.student(run.model, x, s, cs)
     if cfg.method == "dopsd":
         ct = collate([cache["cond_t"][i] for i in idx])
-        loss, _ = dopsd_rollout(student_x, lambda x, s: teacher(x, s, ct), noise,
-                                schedule(family, cfg.rollout_steps, h, w), cfg.loss_space, 1.0 / cfg.grad_accum,
+        loss, _ = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise,
+                                schedule(run.family, cfg.rollout_steps, h, w), cfg.loss_space, 1.0 / cfg.grad_accum,
                                 backend=cfg.loss_backend)
         return loss
-    u = torch.rand(cfg.batch_size * world, generator=g)[mine]   # SFT: σ from the model's shifted density (shift 3)
+    u = torch.rand(cfg.batch_size * run.world, generator=g)[mine]   # SFT: σ from the model's shifted density (shift 3)
     x0 = torch.stack([cache["x0"][i] for i in idx])
-    loss = sft_loss(student_x, x0, noise, (3 * u / (1 + 2 * u)).to(device), backend=cfg.loss_backend)
+    loss = sft_loss(student_x, x0, noise, (3 * u / (1 + 2 * u)).to(run.device), backend=cfg.loss_backend)
     (loss / cfg.grad_accum).backward()
     return loss
 
 
-def train_loop(cfg, family, cache, model, student, teacher, state, save, sample_grid, cell, rank, world, device):
+def train_loop(run):
     """The algorithm box: for each step, roll out and score every micro-batch (gradients accumulate), clip, AdamW,
     EMA towards the student, log. A non-finite step is skipped; Ctrl-C saves after the step in flight."""
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=cfg.method, dynamic_ncols=True, disable=rank > 0)
-    log = open(Path(cfg.out) / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
-    first, streak, opt = state["step"], 0, state["opt"]
+    cfg, opt, first, streak = run.cfg, run.opt, run.step, 0
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.method, dynamic_ncols=True, disable=run.rank > 0)
+    log = open(run.out / "log.jsonl", "a") if run.rank == 0 else open(os.devnull, "w")
     try:
         with CtrlC() as ctrl_c, bar, log:
-            while state["step"] < cfg.max_steps:
-                t0, micro = time.perf_counter(), state["step"] * cfg.grad_accum
-                loss = sum(micro_step(cfg, family, cache, model, student, teacher, micro + m, cell, rank, world,
-                                      device).detach() / cfg.grad_accum for m in range(cfg.grad_accum))
-                gnorm = torch.nn.utils.clip_grad_norm_(state["trainable"], 1.0)   # equal on every rank: synced
-                loss, stop = sync_loss_and_stop(loss, ctrl_c.requested, world, device)
-                loss_v, gnorm_v = loss.item(), gnorm.item()          # the one host sync per step, for the log line
-                if gnorm_v == 0 and state["step"] == first:           # the student's LoRA got no gradient at all
+            while run.step < cfg.max_steps:
+                t0, micro = time.perf_counter(), run.step * cfg.grad_accum
+                loss = sum(micro_step(run, micro + m).detach() / cfg.grad_accum for m in range(cfg.grad_accum))
+                gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)   # equal on every rank: synced
+                loss, stop = sync_loss_and_stop(loss, ctrl_c.requested, run.world, run.device)
+                loss, gnorm = loss.item(), gnorm.item()              # the one host sync per step, for the log line
+                if gnorm == 0 and run.step == first:                 # the student's LoRA got no gradient at all
                     print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
                           "switched away before backward, so training would silently do nothing", file=sys.stderr)
                     return 1
-                skipped = not (math.isfinite(loss_v) and math.isfinite(gnorm_v))
+                skipped = not (math.isfinite(loss) and math.isfinite(gnorm))
                 if not skipped:                                      # else: drop this gradient, keep the weights
                     opt.step()
-                    ema_update(state["teacher_params"], state["trainable"], cfg.ema_decay)
-                streak = streak + 1 if skipped else 0
-                opt.zero_grad(set_to_none=world == 1)     # under DDP .grad are views into its buckets: keep them
-                state["step"] += 1
-                state["nonfinite"] += skipped
-                log_step(log, bar, state, loss_v, gnorm_v, cfg.lr, time.perf_counter() - t0, skipped)
+                    ema_update(run.teacher_params, run.trainable, cfg.ema_decay)
+                opt.zero_grad(set_to_none=run.world == 1)     # under DDP .grad are views into its buckets: keep them
+                streak, run.step, run.nonfinite = streak + 1 if skipped else 0, run.step + 1, run.nonfinite + skipped
+                log_step(log, bar, run, loss, gnorm, time.perf_counter() - t0, skipped)
                 if streak >= MAX_NONFINITE_STREAK:
-                    print(f"\nerror: the loss was not finite for {streak} steps in a row (up to step {state['step']}); "
+                    print(f"\nerror: the loss was not finite for {streak} steps in a row (up to step {run.step}); "
                           "lower --lr, or check the data; the last finite weights are saved", file=sys.stderr)
                     break
                 # One process: a Ctrl-C during this step counts now. Several: only the flag all ranks agreed on at
                 # the sync, or one rank would save (a collective) while the others went on to the next step.
-                if stop or (world == 1 and ctrl_c.requested):
-                    save()
-                    print(f"interrupted: checkpoint saved at step {state['step']}; continue with --resume",
-                          file=sys.stderr)
+                if stop or (run.world == 1 and ctrl_c.requested):
+                    save(run)
+                    print(f"interrupted: checkpoint saved at step {run.step}; continue with --resume", file=sys.stderr)
                     return 130
-                if cfg.sample_every and state["step"] % cfg.sample_every == 0:
-                    sample_grid()
-                if cfg.save_every and state["step"] % cfg.save_every == 0:
-                    save()
-            save()
-            sample_grid()
+                if cfg.sample_every and run.step % cfg.sample_every == 0 and run.rank == 0:
+                    sample_grid(run)
+                if cfg.save_every and run.step % cfg.save_every == 0:
+                    save(run)
+            save(run)
+            if run.rank == 0:
+                sample_grid(run)
     except KeyboardInterrupt:
         print("\nstopped: nothing saved since the last checkpoint", file=sys.stderr)
-        if world > 1:
+        if run.world > 1:
             raise                                     # train_distributed ends this rank without a barrier
         return 130
     if streak >= MAX_NONFINITE_STREAK:
         return 1
-    print(f"done: {state['step']} steps, {state['nonfinite']} skipped; LoRA and samples in {cfg.out}")
+    print(f"done: {run.step} steps, {run.nonfinite} skipped; LoRA and samples in {cfg.out}")
     return 0
 
 
@@ -1432,13 +1338,13 @@ def sync_loss_and_stop(loss, stop, world, device):
     return both[0], bool(both[1] > 0)
 
 
-def log_step(log, bar, state, loss, gnorm, lr, seconds, skipped):
-    log.write(json.dumps({"step": state["step"], "loss": loss, "lr": lr, "grad_norm": gnorm, "sec": round(seconds, 4),
-                          "skipped": skipped}) + "\n")
+def log_step(log, bar, run, loss, gnorm, seconds, skipped):
+    """One line of log.jsonl and the progress bar's numbers."""
+    log.write(json.dumps({"step": run.step, "loss": loss, "lr": run.cfg.lr, "grad_norm": gnorm,
+                          "sec": round(seconds, 4), "skipped": skipped}) + "\n")
     log.flush()
-    bar.set_postfix(loss=f"{loss:.4g}", s_per_step=f"{seconds:.2f}", skipped=state["nonfinite"])
+    bar.set_postfix(loss=f"{loss:.4g}", s_per_step=f"{seconds:.2f}", skipped=run.nonfinite)
     bar.update(1)
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # sampling
@@ -1460,8 +1366,9 @@ def load_weights(pipe, weights):
 
 
 def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width=1024, device="auto", precision="auto"):
-    if height % 16 or width % 16 or min(height, width) < 16:
-        raise UserError(f"--height/--width must be multiples of 16 (got {height}×{width})")
+    """Render one image with the deploy settings (or `steps`), with a trained LoRA or --full DiT if given."""
+    refuse([(height % 16 or width % 16 or min(height, width) < 16,
+             f"--height/--width must be multiples of 16 (got {height}×{width})")])
     family = pipeline_family(model)
     fam, device = FAMILIES[family], pick_device(device)
     dtype, autocast, _ = pick_precision(device, precision, None)
@@ -1480,7 +1387,6 @@ def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width
     image.save(out)
     print(f"wrote {out} ({width}×{height}, {steps} steps, seed {seed})")
     return 0
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # CLI
