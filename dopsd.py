@@ -22,8 +22,7 @@ Glossary (code name -> paper symbol)
   u                velocity in the scheduler's convention, u = ε - x0 = dx/dσ (Z-Image's raw output is -u; we negate it)
   u_s, u_t         student / teacher velocity  (paper: v_θ(x_t, t, f(p)) and v_φ(x_t, t, f_mm(p, I)))
   cond_s, cond_t   student conditioning f(p) / teacher conditioning f_mm(p, I), one entry per training image
-  K                number of roll-out steps (--rollout-steps)
-  ema_decay (μ)    φ <- μ·φ + (1-μ)·θ after every optimizer step
+  K, μ             roll-out steps (--rollout-steps); EMA decay (--ema-decay): φ <- μ·φ + (1-μ)·θ after every step
 
 Shape letters: B batch, C latent channels, h×w latent grid (Z-Image H/8×W/8 with C=16; klein H/16×W/16, 2×2-patchified,
 4C=128), H×W pixels, L text tokens, D text width.
@@ -55,14 +54,12 @@ except ImportError:
 
 # --------------------------------------------------------------------------------------------------------------------
 # config
-# One dataclass holds every knob of a training run with its --help text: build_parser() turns each field into a
-# `train` flag (rank -> --rank), and config.json records them.
-
+# One dataclass per command holds every knob with its --help text: build_parser() turns each field into a flag (rank
+# -> --rank), and config.json records a training run's.
 
 def knob(default, help, **argparse_kw):
-    """A TrainConfig field that carries its own --help text (and any other add_argument keyword)."""
+    """A config field that carries its own --help text (and any other add_argument keyword)."""
     return field(default=default, metadata={"help": help, **argparse_kw})
-
 
 @dataclass
 class TrainConfig:
@@ -71,30 +68,27 @@ class TrainConfig:
     out: str = knob("runs/dopsd", "output folder: LoRA, checkpoint, log, sample grids (default %(default)s)")
     model: str = knob("Tongyi-MAI/Z-Image-Turbo", "diffusers pipeline, hub id or local folder (default %(default)s)")
     vlm: str = knob("Qwen/Qwen3-VL-4B-Instruct", "Z-Image teacher's Qwen3-VL, hub id or folder (default %(default)s)")
-    method: str = knob("dopsd", "dopsd, or sft: the plain flow-matching baseline on the same data and outputs",
-                       choices=["dopsd", "sft"])
+    method: str = knob("dopsd", "dopsd, or sft: plain flow matching on the same data and outputs", choices=["dopsd", "sft"])
     caption: str = knob(None, "caption for images without one")
     trigger: str = knob(None, "word that replaces [V] in captions (default: keep [V] literally)")
     resolution: int = knob(1024, "bucket size in pixels, multiple of 16 (default %(default)s)")
     rollout_steps: int = knob(4, "K, student Euler steps per roll-out (default %(default)s: σ = 1, .9, .75, .5 -> 0)")
-    loss_space: str = knob("x0", "x0: σ²-weighted velocity MSE (released code); v: plain velocity MSE (paper)",
+    loss_space: str = knob("x0", "x0: σ²-weighted velocity MSE (released code); v: velocity MSE (paper)",
                            choices=["x0", "v"])
-    ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 freezes the teacher at the base model "
-                            "(default %(default)s)")
-    teacher_suffix: str = knob(None, "klein: the instruction appended to the caption for the teacher (default: keep "
-                               "the reference's subject, details, background and composition)")
+    ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 keeps the base model (default %(default)s)")
+    teacher_suffix: str = knob(None, "klein: instruction appended to the teacher's caption (default: keep the "
+                               "reference's subject, details, background and composition)")
     rank: int = knob(64, "LoRA rank (default %(default)s)")
     alpha: float = knob(128.0, "LoRA alpha, scale = alpha/rank (default %(default)s)")
-    full: bool = knob(False, "train every DiT weight instead of a LoRA, with an fp32 EMA copy of the DiT as teacher: "
-                      "~22 bytes/parameter, ~130 GB for Z-Image's 6.2B DiT (examples/memory_plan.py)")
-    lr: float = knob(None, "AdamW learning rate, constant (default: the authors' recipe, Z-Image 1e-4, klein 2e-5)",
-                     type=float)
+    full: bool = knob(False, "train every DiT weight instead of a LoRA, an fp32 EMA copy as teacher: ~22 bytes a "
+                      "parameter, ~130 GB for Z-Image (examples/memory_plan.py)")
+    lr: float = knob(None, "AdamW learning rate, constant (default: the authors', Z-Image 1e-4, klein 2e-5)", type=float)
     max_steps: int = knob(2000, "optimizer steps (default %(default)s)")
     batch_size: int = knob(1, "images per micro-batch and rank, one aspect bucket (default %(default)s)")
     grad_accum: int = knob(1, "micro-batches per optimizer step (default %(default)s)")
     seed: int = knob(0, "seed of data order, noise, LoRA init and grids (default %(default)s)")
     device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
-    precision: str = knob("auto", "auto = bf16 weights + bf16 autocast (fp32 LoRA) on cuda/mps, fp32 on CPU",
+    precision: str = knob("auto", "auto = bf16 weights + autocast (fp32 LoRA) on cuda/mps, fp32 on CPU",
                           choices=["auto", "fp32", "bf16"])
     grad_checkpointing: str = knob("auto", "recompute activations in backward: auto = on for cuda/mps, off on CPU",
                                    choices=["auto", "on", "off"])
@@ -106,10 +100,21 @@ class TrainConfig:
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
                              choices=["auto", "triton", "torch"])
 
+@dataclass
+class SampleConfig:
+    model: str = knob(TrainConfig.model, "diffusers pipeline, hub id or folder (default %(default)s)")
+    lora: str = knob(None, "a train --out folder, or its pytorch_lora_weights.safetensors")
+    prompt: str = knob(None, "text prompt ([V] as in training, or your --trigger word)", required=True)
+    out: str = knob("sample.png", "PNG to write (default %(default)s)")
+    steps: int = knob(None, "sampling steps (default: the family's deploy count: Z-Image-Turbo 8, klein 4)", type=int)
+    seed: int = knob(0, "noise seed (default %(default)s)")
+    height: int = knob(1024, "pixels, multiple of 16 (default %(default)s)")
+    width: int = knob(1024, "pixels, multiple of 16 (default %(default)s)")
+    device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu")
+    precision: str = knob("auto", "auto = bf16 on cuda/mps, fp32 on CPU", choices=["auto", "fp32", "bf16"])
 
 class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line and exits with code 2, without a traceback."""
-
 
 def refuse(checks):
     """Raise a UserError with the message of the first (bad, message) pair that is bad."""
@@ -124,18 +129,16 @@ def refuse(checks):
 
 IMAGE_EXTS, MIN_SIDE = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}, 64
 
-
 def _names(paths, limit=20):
     names = [Path(p).name for p in paths]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
 
 def scan_dataset(data_dir, caption=None, trigger=None):
     """Return [(path, caption)] for every image in data_dir; raise one UserError naming every bad file and its fix."""
     from PIL import Image
     root, meta, problems = Path(data_dir), {}, []
-    if not root.is_dir():
-        raise UserError(f"--data {root}: folder not found; pass a folder of images with same-name .txt captions")
+    refuse([(not root.is_dir(), f"--data {root}: folder not found; pass a folder of images with same-name .txt "
+             "captions")])
     jsonl = root / "metadata.jsonl"
     for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines() if jsonl.is_file() else [], 1):
         try:  # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
@@ -145,8 +148,7 @@ def scan_dataset(data_dir, caption=None, trigger=None):
         except (ValueError, KeyError, TypeError, AttributeError):
             problems.append(f"{jsonl} line {n} is not a JSON object with file_name and text: fix or remove it")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise UserError(f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")
+    refuse([(not files, f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")])
     bad, items = {"unreadable": [], "small": [], "uncaptioned": []}, []
     for p in files:
         try:
@@ -155,34 +157,26 @@ def scan_dataset(data_dir, caption=None, trigger=None):
         except Exception:
             bad["unreadable"].append(p)
             continue
-        cap = meta.get(p.name)
-        if cap is None and p.with_suffix(".txt").is_file():
-            cap = p.with_suffix(".txt").read_text(encoding="utf-8")
+        txt = p.with_suffix(".txt")
+        cap = meta.get(p.name) or (txt.read_text(encoding="utf-8") if txt.is_file() else None)
         cap = (cap or "").strip() or caption
         kind = "small" if min(im.size) < MIN_SIDE else None if cap else "uncaptioned"
-        if kind:
-            bad[kind].append(p)
-        else:
-            items.append((p, cap.replace("[V]", trigger) if trigger else cap))
+        bad[kind].append(p) if kind else items.append((p, cap.replace("[V]", trigger) if trigger else cap))
     fix = {"unreadable": "unreadable or corrupt image(s) ({}): re-export or remove them",
            "small": f"image(s) smaller than {MIN_SIDE} px on a side ({{}}): use larger images",
            "uncaptioned": "image(s) without a caption ({}): add a same-name .txt file or pass --caption"}
     problems += [f"{len(ps)} " + fix[kind].format(_names(ps)) for kind, ps in bad.items() if ps]
-    if problems:
-        raise UserError(f"--data {root}: " + "; ".join(problems))
+    refuse([(problems, f"--data {root}: " + "; ".join(problems))])
     return items
-
 
 def make_buckets(resolution, multiple=16, ratios=(1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)):
     """Bucket sizes (H, W) of about resolution² pixels, sides multiples of 16 (the VAE's 8× times the DiT's 2×2 patch)."""
     side = lambda x: max(multiple, round(x / multiple) * multiple)
     return sorted({(side(resolution / math.sqrt(r)), side(resolution * math.sqrt(r))) for r in ratios})   # r = W/H
 
-
 def nearest_bucket(height, width, buckets):
     """The bucket whose aspect ratio is closest in log space (so 2:1 and 1:2 are equally far from 1:1)."""
     return min(buckets, key=lambda b: abs(math.log(width / height) - math.log(b[1] / b[0])))
-
 
 def load_rgb(path):
     """Open any image mode (RGBA, LA, P, L, CMYK, 16-bit, EXIF-rotated) as 8-bit RGB; transparency becomes white."""
@@ -199,7 +193,6 @@ def load_rgb(path):
     white.paste(rgba, mask=rgba.getchannel("A"))
     return white
 
-
 def crop_to(im, height, width):
     """Resize to cover (height, width), then centre-crop: no padding, no distortion."""
     from PIL import Image
@@ -208,25 +201,20 @@ def crop_to(im, height, width):
     left, top = (im.width - width) // 2, (im.height - height) // 2
     return im.crop((left, top, left + width, top + height))
 
-
 def pil_to_tensor(im):
     """PIL RGB -> [3, H, W] float in [-1, 1], the range the VAE expects."""
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
-
 def batch_for_step(bucket_of, batch_size, seed, index):
     """Indices of micro-batch number `index`: each epoch shuffles within buckets, chunks, and shuffles the chunks.
-
-    Every batch is full (a bucket's last chunk wraps around to its start), so each of several GPUs gets an equal slice.
-    A pure function of (seed, index): a resumed run sees the batches an uninterrupted one would, with no RNG state."""
+    Every batch is full (a bucket's last chunk wraps around), so several GPUs each get an equal slice. A pure function
+    of (seed, index): a resumed run sees the batches an uninterrupted one would, with no RNG state to store."""
     groups = {}
     for i, b in enumerate(bucket_of):
         groups.setdefault(b, []).append(i)
-    per_epoch = sum(math.ceil(len(g) / batch_size) for g in groups.values())
-    epoch, pos = divmod(index, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    chunks = []
+    epoch, pos = divmod(index, sum(math.ceil(len(g) / batch_size) for g in groups.values()))
+    g, chunks = torch.Generator().manual_seed(seed * 1_000_003 + epoch), []
     for key in sorted(groups):
         idx = [groups[key][j] for j in torch.randperm(len(groups[key]), generator=g).tolist()]
         idx = (idx * batch_size)[: math.ceil(len(idx) / batch_size) * batch_size]        # wrap to full chunks
@@ -240,34 +228,28 @@ def batch_for_step(bucket_of, batch_size, seed, index):
 
 SUPPORTED_PIPELINES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "klein"}
 
-
 def has_mps():
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
-
 def pick_device(name="auto"):
-    """The torch.device to run on, printed with the reason. An explicit cuda:N also becomes the *current* CUDA device:
-    Triton launches on the current device, not the tensors' (triton/runtime/jit.py), so without this `--device cuda:1`
-    would run the loss kernel on GPU 0 against GPU 1's memory."""
+    """The torch.device to run on, printed with the reason. An explicit cuda:N also becomes the *current* device:
+    Triton launches on the current device, not the tensors' (triton/runtime/jit.py)."""
     if name != "auto":
         dev, why = torch.device(name), "--device"
     elif torch.cuda.is_available():
         dev, why = torch.device("cuda"), f"CUDA found ({torch.cuda.get_device_name()})"
-    elif has_mps():
-        dev, why = torch.device("mps"), "Apple MPS found, no CUDA"
     else:
-        dev, why = torch.device("cpu"), "no CUDA or MPS found"
+        dev, why = (torch.device("mps"), "Apple MPS found, no CUDA") if has_mps() else (torch.device("cpu"),
+                                                                                          "no CUDA or MPS found")
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     print(f"device: {dev} ({why})")
     return dev
 
-
 def pick_precision(device, precision="auto", checkpointing="auto"):
-    """(weight dtype, autocast context factory, gradient checkpointing on?) for a device, printed with the reason
-    (checkpointing=None: not training, not printed). auto: on an accelerator (cuda, mps) bf16 weights + bf16 autocast +
-    checkpointing, the only way a 6B DiT and its roll-out fit; on CPU fp32 without checkpointing (CPU bf16 is slow,
-    memory rarely the limit). CPU bf16 is the accelerator path minus the device: the tests run it to stand in for CUDA."""
+    """(weight dtype, autocast context factory, checkpointing?), printed with the reason (checkpointing=None: not
+    training). auto: bf16 weights + bf16 autocast + checkpointing on cuda/mps, the only way a 6B DiT and its roll-out
+    fit; fp32 without checkpointing on CPU, where bf16 is slow. The tests run CPU bf16 to stand in for CUDA."""
     accel = device.type != "cpu"
     bf16 = precision == "bf16" or (precision == "auto" and accel)
     ckpt = checkpointing == "on" or (checkpointing == "auto" and accel)
@@ -278,12 +260,10 @@ def pick_precision(device, precision="auto", checkpointing="auto"):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return (torch.bfloat16 if bf16 else torch.float32), autocast, ckpt
 
-
 def setup_distributed(device_name, timeout_min=60.0):
-    """(rank, world size, device). Under `torchrun --nproc_per_node N` one process per GPU (nccl) or CPU worker (gloo),
-    each on its own data shard; a plain `python dopsd.py` is rank 0 of 1, with no process group. The timeout bounds
-    every collective: a rank that waits longer (a dead peer, or rank 0 writing a 120 GB --full checkpoint to slow
-    storage) raises instead of hanging. NCCL's default is 10 minutes, too short for that save."""
+    """(rank, world size, device): under torchrun one process per GPU (nccl) or CPU worker (gloo); plain python is
+    rank 0 of 1, no process group. The timeout bounds every collective, so a rank waiting on a dead peer (or on rank 0
+    writing a 120 GB --full checkpoint) raises instead of hanging; NCCL's 10-minute default is too short for that."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, pick_device(device_name)
@@ -304,7 +284,6 @@ def setup_distributed(device_name, timeout_min=60.0):
               f"collective timeout {timeout_min:g} min")
     return dist.get_rank(), world, device
 
-
 def ranks_agree(tensors):
     """True when every rank holds the same values: per-tensor float64 sums and abs-sums compared across ranks."""
     import torch.distributed as dist
@@ -312,7 +291,6 @@ def ranks_agree(tensors):
     gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, sums)
     return all(torch.equal(g, gathered[0]) for g in gathered)
-
 
 def pipeline_family(model):
     """Read the pipeline class from model_index.json before loading any weights; refuse unsupported ones early."""
@@ -330,35 +308,29 @@ def pipeline_family(model):
              "sampling; for a base model use ordinary fine-tuning")])
     return SUPPORTED_PIPELINES[cls]
 
-
 def load_pipeline(model, dtype, transformer_dtype=None):
-    """The diffusers pipeline in `dtype`, its DiT in `transformer_dtype` if given (fp32 for --full). Call
+    """The diffusers pipeline in `dtype`, its DiT in transformer_dtype if given (fp32 for --full). Call
     pipeline_family(model) first: it refuses unsupported checkpoints before any weight is read."""
     from diffusers import DiffusionPipeline
     return DiffusionPipeline.from_pretrained(model, dtype={"default": dtype, "transformer": transformer_dtype or dtype})
 
-
 def load_hybrid_vlm(vlm_path, text_encoder, dtype):
     """Qwen3-VL whose language model gets the text encoder's weights: its vision tower now feeds OUR encoder.
-
-    Returns (vlm.model, tokenizer, image_processor). Every language-model tensor must find a same-name, same-shape
-    tensor in the text encoder, or we stop: a half-swapped encoder would silently give the teacher garbage features.
-    No AutoProcessor: Qwen3VLProcessor insists on a video processor that needs torchvision; the image processor falls
-    back to PIL, and the token expansion the processor would do is three lines in vlm_features()."""
+    Returns (vlm.model, tokenizer, image_processor). Every language-model tensor must find a same-name, same-shape one
+    in the text encoder, or we stop: a half-swapped encoder would silently give the teacher garbage features. No
+    AutoProcessor: Qwen3VLProcessor insists on a video processor that needs torchvision (vlm_features does its part)."""
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
     vlm = Qwen3VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype).model   # no lm_head: features only
     src = {k.removeprefix("model."): v for k, v in text_encoder.state_dict().items()}    # Qwen3ForCausalLM has "model."
     dst = vlm.language_model.state_dict()
     matched = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
-    if len(matched) != len(dst):
-        raise UserError(f"--vlm {vlm_path}: only {len(matched)}/{len(dst)} language-model tensors match the text encoder "
-                        f"of --model (first missing: {sorted(set(dst) - set(matched))[0]}); use the Qwen3-VL of the "
-                        "same size as the encoder")
+    refuse([(len(matched) != len(dst), f"--vlm {vlm_path}: only {len(matched)}/{len(dst)} language-model tensors match "
+             f"the text encoder of --model (first missing: {min(set(dst) - set(matched), default='')}); use the "
+             "Qwen3-VL of the same size as the encoder")])
     vlm.language_model.load_state_dict(matched)
     print(f"hybrid VLM: {len(matched)}/{len(dst)} language-model tensors replaced by the text encoder's")
     return vlm.eval().requires_grad_(False), AutoTokenizer.from_pretrained(vlm_path), \
         AutoImageProcessor.from_pretrained(vlm_path)
-
 
 # The public recipe wrote its Z-Image list with a missing comma and silently lost feed_forward.w1/w2; a regex anchored
 # at the end of the module name, plus a count check in add_lora_adapters(), makes such a miss impossible to overlook.
@@ -369,15 +341,11 @@ LORA_TARGETS = {
              r"|to_qkv_mlp_proj)$|.*single_transformer_blocks\.\d+\.attn\.to_out$",   # (fused qkv+mlp in single blocks)
 }
 
-
 def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", "teacher")):
-    """Attach one LoRA adapter per name, the teacher an exact copy of the student. Returns the number of wrapped linears.
-
-    LoRA factors are kept in fp32 even when the DiT is bf16: the EMA adds (1-μ) = 1e-4 of a difference each step, which
-    bf16's 8-bit mantissa would round away."""
+    """One LoRA adapter per name, the teacher an exact copy of the student; returns the number of wrapped linears.
+    The factors stay fp32 on a bf16 DiT: the EMA adds (1-μ) = 1e-4 of a difference, which bf16 would round away."""
     from peft import LoraConfig
-    expected = [n for n, m in transformer.named_modules()
-                if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n)]
+    expected = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n)]
     with warnings.catch_warnings():                 # "Already found a peft_config": a second adapter is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for name in names:                          # Gaussian init: A random, B = 0, so every adapter starts as the base
@@ -390,9 +358,9 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
         for n, p in lora.items():
             if f".{names[0]}." in n and len(names) > 1:
                 lora[n.replace(f".{names[0]}.", f".{names[1]}.")].copy_(p)
-    # peft casts each LoRA layer's input to the factors' dtype (fp32). Under bf16 autocast every LoRA'd linear would
-    # then save a fresh bf16 copy of its input for backward instead of sharing the one the base linear saved. Autocast
-    # does the casting here, so peft's is off for good (peft.helpers.disable_input_dtype_casting only lasts a `with`).
+    # peft casts each LoRA layer's input to the factors' dtype (fp32); under bf16 autocast every LoRA'd linear would
+    # then save its own bf16 copy of its input for backward, beside the one the base linear saved. Autocast casts here:
+    # peft's cast is off for good (peft.helpers.disable_input_dtype_casting lasts only a `with` block).
     for layer in lora_layers(transformer):
         layer.cast_input_dtype_enabled = False
     wrapped = sum(n.endswith(f"lora_A.{names[0]}.weight") for n in lora)
@@ -400,7 +368,6 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
         raise RuntimeError(f"LoRA wrapped {wrapped} modules but {len(expected)} linears match the target list")
     transformer.set_adapter(names[0])
     return wrapped
-
 
 def adapter_params(transformer, name):
     """{parameter name without the adapter name: tensor} for one adapter, in a stable order."""
@@ -412,12 +379,10 @@ def adapter_params(transformer, name):
 # the hybrid VLM on [image, caption] -> features of the text width, where cap_feats go. Teacher, FLUX.2-klein: the
 # target's VAE latents as reference tokens inside the DiT, plus an instruction appended to the caption.
 
-
 def chat(tokenizer, prompts, thinking):
     """Each prompt as one user turn of the encoder's chat template (Z-Image renders it thinking, klein not)."""
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
                                           enable_thinking=thinking) for p in prompts]
-
 
 @torch.no_grad()
 def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
@@ -431,7 +396,6 @@ def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
     hs = text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask,
                       output_hidden_states=True).hidden_states[-2]                   # [B, max_len, D]
     return [h[m] for h, m in zip(hs, mask)]                                          # B × [L_i, D]
-
 
 @torch.no_grad()
 def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=None):
@@ -447,23 +411,19 @@ def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=None):
                       output_hidden_states=True, use_cache=False).hidden_states       # (layers+1) × [B, L, D]
     return torch.cat([hs[k] for k in layers], dim=-1)                                # [B, L, 3D]
 
-
 def klein_text_len(tokenizer):
     """klein's text length: the pipeline's max_sequence_length default, 512, unless the tokenizer reads less (the real
     Qwen3 tokenizer says 131072; examples/toy's CPU model says 48, and diffusers samples it with max_sequence_length=48)."""
     return min(512, tokenizer.model_max_length)
-
 
 def klein_text_layers(text_encoder):
     """klein reads its encoder at 1/4, 1/2 and 3/4 depth: (9, 18, 27) for the 36-layer Qwen3-4B/8B of klein-4B/9B."""
     n = text_encoder.config.num_hidden_layers
     return (n // 4, n // 2, 3 * n // 4)
 
-
 def prompt_tokens(tokenizer, prompts, thinking):
     """Token counts of the templated prompts, to warn once before the encoder truncates them."""
     return [len(tokenizer(t).input_ids) for t in chat(tokenizer, prompts, thinking)]
-
 
 def warn_long(what, items, lengths, limit, whose=""):
     """One warning line naming every image whose `what` is over `limit` tokens (so it is cut), and the fix."""
@@ -471,7 +431,6 @@ def warn_long(what, items, lengths, limit, whose=""):
     if paths:
         print(f"warning: the {what} of {len(paths)} image(s) is longer than {whose}{limit} tokens and is cut "
               f"({_names(paths)}): shorten those captions")
-
 
 @torch.no_grad()
 def vlm_features(vlm, tokenizer, image_processor, image, prompt, pixels=(512 * 512, 768 * 768)):
@@ -493,13 +452,11 @@ def vlm_features(vlm, tokenizer, image_processor, image, prompt, pixels=(512 * 5
                pixel_values=pix["pixel_values"].to(dev, vlm.dtype), image_grid_thw=grid.to(dev),
                output_hidden_states=True, use_cache=False).hidden_states[-2][0]       # [L', D]
 
-
 def to_pil(image):
     """VAE output [B, 3, H, W] in [-1, 1] -> list of PIL images, rounded as the diffusers image processor does."""
     from PIL import Image
     image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)   # [B, 3, H, W]
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in image]
-
 
 @torch.no_grad()
 def zimage_encode(vae, image):
@@ -507,18 +464,15 @@ def zimage_encode(vae, image):
     z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
     return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
-
 @torch.no_grad()
 def zimage_decode(vae, x):
     """Z-Image latents [B, 16, h, w] -> list of PIL images, as ZImagePipeline decodes them."""
     return to_pil(vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample)
 
-
 def _klein_bn(vae):
     """klein normalises 2×2-patchified latents with the VAE's BatchNorm running statistics: ([1,4C,1,1], [1,4C,1,1])."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
     return mean, torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
-
 
 @torch.no_grad()
 def klein_encode(vae, image):
@@ -529,7 +483,6 @@ def klein_encode(vae, image):
     z = z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, 4 * C, h // 2, w // 2)
     mean, std = _klein_bn(vae)
     return (z - mean) / std                                                           # [B, 4C, H/16, W/16]
-
 
 @torch.no_grad()
 def klein_decode(vae, x):
@@ -546,7 +499,6 @@ def klein_decode(vae, x):
 # Every family's velocity function returns u = ε - x0 (the scheduler's convention), so the loop is family-free:
 #     x0_hat = x - σ·u,      x_next = x + (σ_next - σ)·u.
 
-
 def zimage_sigmas(num_steps, shift=3.0):
     """Z-Image-Turbo's schedule in diffusers 0.42: linspace(1, 1/N, N), shifted by 3, then 0. [N+1], fp32.
 
@@ -554,7 +506,6 @@ def zimage_sigmas(num_steps, shift=3.0):
     s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     s = shift * s / (1 + (shift - 1) * s)
     return torch.cat([s, s.new_zeros(1)]).float()
-
 
 def zimage_velocity(transformer, x, sigma, caps):
     """u = ε - x0 from the Z-Image DiT. x: [B, C, h, w] fp32; sigma: [B]; caps: B × [L_i, D]. Returns [B, C, h, w] fp32.
@@ -566,7 +517,6 @@ def zimage_velocity(transformer, x, sigma, caps):
     out = transformer(xs, (1.0 - sigma).float(), caps, return_dict=False)[0]  # B × [C, 1, h, w]
     return -torch.stack(out).squeeze(2).float()                               # [B, C, h, w]
 
-
 def klein_sigmas(num_steps, image_seq_len):
     """FLUX.2-klein's sampling schedule, as Flux2KleinPipeline builds it: linspace(1, 1/N, N), shifted by the
     resolution-dependent mu, then 0. [N+1] fp32. The public recipe trained on set_timesteps(N, mu) without sigmas
@@ -577,7 +527,6 @@ def klein_sigmas(num_steps, image_seq_len):
     s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))                          # exponential time shift
     return torch.cat([s, s.new_zeros(1)]).float()
-
 
 def klein_velocity(transformer, x, sigma, cond):
     """u = ε - x0 from the FLUX.2 DiT (its raw output already is). x: [B, 4C, h, w] normalised latents; sigma: [B];
@@ -602,7 +551,6 @@ def klein_velocity(transformer, x, sigma, cond):
                       txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]      # [B, S, 4C]
     return out[:, : h * w].float().transpose(1, 2).reshape(B, C, h, w)
 
-
 @torch.no_grad()
 def euler_sample(velocity, noise, sigmas):
     """Plain few-step Euler sampling (what the pipeline does, and what the student rolls out). Returns x at σ = 0."""
@@ -617,12 +565,10 @@ def euler_sample(velocity, noise, sigmas):
 # features. It is evaluated on the student's state under no_grad, and never trained: after each optimizer step its
 # weights move a little towards the student's (EMA). One DiT in memory, two small adapters.
 
-
 def lora_layers(transformer):
     """The peft LoRA layers of a model, listed once so that switching adapters needs no walk over every module."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-
 
 def use_adapter(layers, name, trainable=True):
     """Make adapter `name` the active one on every LoRA layer (from lora_layers(); None: no LoRA, nothing to do).
@@ -634,7 +580,6 @@ def use_adapter(layers, name, trainable=True):
     for layer in layers or ():
         if layer.active_adapters != [name] or layer.lora_A[name].weight.requires_grad != trainable:
             layer.set_adapter(name, inference_mode=not trainable)
-
 
 @torch.no_grad()
 def ema_update(teacher_params, student_params, decay):
@@ -667,7 +612,6 @@ def ema_update(teacher_params, student_params, decay):
 #   fused: forward reads v_s, v_t and writes wd; backward reads wd and writes the gradient: 5s = 20 B fp32, 10 B bf16.
 #   fused + the student's Euler step x + dt·v_s while v_s is in registers (dopsd_loss_and_step): +2s, not +3s..+5s.
 
-
 def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
     """The per-step loss line for line from the math above, in plain eager PyTorch and the inputs' dtype (the tests
     feed it float64). v_student, v_teacher: (B, ...); sigma: (B,). Returns a 0-D tensor; NaN for numel 0."""
@@ -676,7 +620,6 @@ def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
     w = w.view(-1, *([1] * (v_student.dim() - 1)))                  # (B, 1, ..., 1) broadcasts over C, H, W
     d = v_student - v_teacher.detach()                              # (B, ...)  sg on the teacher
     return (w * d**2).mean()                                        # ()  one mean over all N elements
-
 
 def _divergence_fwd_torch(v_s, v_t, w, x=None, dt=None):
     """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype, x_next or None). v_s, v_t, x: (B, ...)
@@ -691,7 +634,6 @@ def _divergence_fwd_torch(v_s, v_t, w, x=None, dt=None):
     # the roll-out's Euler step, on the detached state x, with the student's velocity value
     x_next = None if x is None else (x.to(ct) + dt.to(ct).view(bshape) * vs).to(x.dtype)   # (B, ...) x's dtype
     return loss, wd.to(v_s.dtype), x_next
-
 
 if HAS_TRITON:  # the kernel only exists when triton imports; defining it under `if` keeps the file importable
 
@@ -726,7 +668,6 @@ if HAS_TRITON:  # the kernel only exists when triton imports; defining it under 
             dt = tl.load(dt_ptr + b, mask=mask, other=0.0)
             tl.store(xn_ptr + offs, (x + dt * vs).to(xn_ptr.dtype.element_ty), mask=mask)
 
-
 def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
     """Triton forward of the fused op; same contract as _divergence_fwd_torch. block=1024 with 4 warps is 8 elements
     a thread (two 16-byte loads of fp32): enough bytes in flight for a bandwidth-bound op, and a 1M-element latent
@@ -746,7 +687,6 @@ def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
     # Two-stage reduction: a few thousand fp32 partials summed by torch (pairwise). Unlike atomic_add into one scalar
     # it is deterministic run to run and needs no zero-initialised output, for 4 bytes per block.
     return partials.sum() / N, wd, x_next
-
 
 class DivergenceLoss(torch.autograd.Function):
     """L and w·d in one forward pass; backward only rescales the stored w·d. Shared by both backends."""
@@ -775,12 +715,10 @@ class DivergenceLoss(torch.autograd.Function):
         # ∂/∂v_s = grad_output · 2·w·d / N: the 2/N joins grad_output here, in fp32 (see the fp16 note above)
         return wd * (g_loss * (2.0 / max(ctx.N, 1))), None, None, None, None, None
 
-
 # Resolved once per device type by backend="auto": {"cpu": "torch", "cuda": "triton", ...}. The only module state the
 # loss reads besides HAS_TRITON; tests clear it to hear the banner again.
 LOSS_BACKEND = {}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def triton_probe(device):
     """(ok, why): launch the kernel once on a 4-element tensor of `device`. A Triton that imports can still fail at
@@ -793,7 +731,6 @@ def triton_probe(device):
         return ok, "test launch passed" if ok else "test launch gave a wrong result"
     except Exception as e:                              # anything at all: the PyTorch path is always there
         return False, f"test launch failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}"
-
 
 def _resolve_loss_backend(backend, device, dtype):
     """Turn "auto" / "triton" / "torch" into the path to run; prints the auto choice (and why) once per device type."""
@@ -815,7 +752,6 @@ def _resolve_loss_backend(backend, device, dtype):
         if backend == "triton" and bad:
             raise RuntimeError(f"dopsd_loss: backend='triton': {why}; or use backend='torch'")
     return backend
-
 
 def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto", x=None, dt=None):
     """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
@@ -844,7 +780,6 @@ def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto", x=None, 
     # v_teacher.detach(): the teacher is a stop-gradient target even if its tensor requires grad
     return DivergenceLoss.apply(v_student, v_teacher.detach(), w, x, dt, path)
 
-
 def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend="auto"):
     """dopsd_loss plus the student's next Euler state x + dt·v_s from the same pass over v_s. x: (B, ...) the current
     roll-out state (detached: no backpropagation across steps); dt: float or (B,), Δ_k = σ_{k+1} − σ_k (negative: σ
@@ -856,7 +791,6 @@ def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend=
 # K student Euler steps from noise; at each visited (detached) state the teacher scores it and the student is pulled
 # onto the teacher's prediction. Because the state is detached, loss_k depends on θ only through the k-th student
 # forward, so a backward per step gives exactly the gradient of the mean -- with one step's activations in memory.
-
 
 def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, stepwise=True, backend="auto"):
     """One on-policy roll-out; accumulates grad_scale · ∇(mean_k loss_k) into the student's .grad.
@@ -885,7 +819,6 @@ def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, s
         (graph * (grad_scale / K)).backward()
     return total / K, x.detach()
 
-
 def sft_loss(student, x0, noise, sigma, backend="auto"):
     """Plain flow matching (the SFT baseline): the ground-truth velocity ε - x0 at a random σ. x0, noise: [B, ...]."""
     s = sigma.view(-1, *[1] * (x0.dim() - 1))
@@ -896,39 +829,32 @@ def sft_loss(student, x0, noise, sigma, backend="auto"):
 # training
 # The run in named pieces: check the arguments -> cache every encoder's output -> attach the two roles to one DiT ->
 # the loop, which reads like the paper's algorithm box (roll-out with teacher scoring, clip, AdamW, EMA). Checkpoints,
-# the grids, DDP, Ctrl-C and the log stay in their own small functions. The families differ only in FAMILIES.
+# grids, DDP, Ctrl-C and the log stay in their own small functions. The families differ only in what FAMILIES lists.
 
-FAMILIES = {
-    # deploy: the distilled step count (Z-Image-Turbo: 8 DiT forwards = num_inference_steps=8 in diffusers 0.42;
-    # klein: 4). Neither uses CFG.
+FAMILIES = {  # deploy: the distilled step count (Z-Image-Turbo: 8 DiT forwards in diffusers 0.42; klein 4), no CFG
     "zimage": dict(velocity=zimage_velocity, encode=zimage_encode, decode=zimage_decode, deploy=8),
     "klein": dict(velocity=klein_velocity, encode=klein_encode, decode=klein_decode, deploy=4),
 }
-# The teacher's instruction for klein, appended to the caption (--teacher-suffix overrides it).
 KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
-                        "same as in the reference image.")
+                        "same as in the reference image.")   # appended to the klein teacher's caption (--teacher-suffix)
 MAX_NONFINITE_STREAK = 5
 VLM_CONTEXT = 1024            # Z-Image teacher: tokens of the VLM turn kept (image tokens sit at RoPE position ≤ 1025)
 DEFAULT_LR = {"zimage": 1e-4, "klein": 2e-5}   # the authors' released recipes
 
-
 def latent_cell(family, vae):
-    """Pixels per cell of the DiT's state grid: the VAE's downsampling (8 for the real VAEs, 2^(blocks-1)), times 2
-    for klein, whose state is 2×2-packed latents. The toy klein of examples/toy has a 4× VAE: cell 8."""
+    """Pixels per cell of the DiT's state grid: the VAE's downsampling (2^(blocks-1), 8 for the real VAEs), times 2
+    for klein's 2×2-packed latents. The toy klein of examples/toy has a 4× VAE: cell 8."""
     return 2 ** (len(vae.config.block_out_channels) - 1) * (2 if family == "klein" else 1)
-
 
 def schedule(family, num_steps, h, w):
     """σ schedule [N+1] for a latent grid h×w (klein's shift depends on the token count h·w, Z-Image's does not)."""
     return zimage_sigmas(num_steps) if family == "zimage" else klein_sigmas(num_steps, h * w)
-
 
 def student_features(family, text_encoder, tokenizer, prompts):
     """Per-prompt student conditioning: Z-Image [L_i, D]; klein ([L, 3D], None) (no reference image)."""
     if family == "zimage":
         return zimage_text_features(text_encoder, tokenizer, prompts)
     return [(p, None) for p in klein_text_features(text_encoder, tokenizer, prompts, klein_text_layers(text_encoder))]
-
 
 def collate(conds):
     """Per-sample conditioning -> the batch the family's velocity takes (built once per batch, not once per step)."""
@@ -937,11 +863,10 @@ def collate(conds):
     stack = lambda xs: xs[0][None] if len(xs) == 1 else torch.stack(xs)
     return stack([c[0] for c in conds]), None if conds[0][1] is None else stack([c[1] for c in conds])
 
-
 def check_args(cfg):
-    """Refuse impossible flag values, and a --resume that does not match --out, before anything is loaded."""
-    ckpt = Path(cfg.out) / "checkpoint.pt"
-    counts = {k: getattr(cfg, k) for k in ("rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
+    """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
+    ckpt, counts = Path(cfg.out) / "checkpoint.pt", {k: getattr(cfg, k) for k in (
+        "rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
     refuse([(min(counts.values()) < 1, "--rollout-steps, --rank, --max-steps, --batch-size and --grad-accum must "
              f"be at least 1 (got {counts})"),
             (cfg.resolution < 64 or cfg.resolution % 16,
@@ -952,7 +877,6 @@ def check_args(cfg):
             (cfg.resume and not ckpt.is_file(), f"--resume: no checkpoint at {ckpt}; start without --resume"),
             (not cfg.resume and ckpt.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue it "
              "or choose another --out")])
-
 
 def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype):
     """Every encoder runs here, once per (image, caption), and never inside the loop. Returns a dict: the crops'
@@ -973,12 +897,11 @@ def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, 
         texts = [f"{c} {suffix}" for c in captions]
         warn_long("teacher text (caption + instruction)", items, prompt_tokens(tokenizer, texts, False), limit,
                   "the encoder's ")
-        pe = [student_features(family, text_encoder, tokenizer, [t])[0][0] for t in texts]
-        cache["cond_t"] = [(p, klein_encode(vae, pil_to_tensor(im)[None])[0]) for p, im in zip(pe, crops)]
+        cache["cond_t"] = [(student_features(family, text_encoder, tokenizer, [t])[0][0],
+                            klein_encode(vae, pil_to_tensor(im)[None])[0]) for t, im in zip(texts, crops)]
     else:                                            # SFT regresses onto the clean latents: N × [C, h, w]
         cache["x0"] = [FAMILIES[family]["encode"](vae, pil_to_tensor(im)[None])[0] for im in crops]
     return cache
-
 
 def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
     """The two roles on one DiT -> (student, teacher, trainable, teacher_params); student: (model, x, σ, cond) -> u,
@@ -1014,25 +937,22 @@ def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
         return u
     return student, teacher, trainable, teacher_params
 
-
 def wrap_ddp(tr, device):
-    """PyTorch's own DDP, which averages the student's gradients across ranks in backward. The frozen weights (base
-    DiT, teacher) skip its start-up broadcast: every rank loads the same files and seeds the LoRA alike, and
-    ranks_agree() checks. gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not beside them (a
-    second copy: 25 GB for --full Z-Image); hence zero_grad(set_to_none=False) under DDP."""
+    """PyTorch's own DDP, which averages the student's gradients across ranks in backward. The frozen weights skip its
+    start-up broadcast: every rank loads the same files and seeds the LoRA alike (ranks_agree() checks). With
+    gradient_as_bucket_view the gradients live in DDP's buckets, not beside them (a second copy: 25 GB for --full
+    Z-Image); hence zero_grad(set_to_none=False) under DDP."""
     from torch.nn.parallel import DistributedDataParallel
-    frozen = [n for n, p in tr.named_parameters() if not p.requires_grad]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(tr, frozen)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        tr, [n for n, p in tr.named_parameters() if not p.requires_grad])
     return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False, gradient_as_bucket_view=True)
-
 
 def draw_row(velocity, conds, grid, decode, vae, autocast):
     """One grid row: velocity (x, σ, cond) -> u sampled from each column's fixed noise on the deploy schedule."""
     with autocast():
         return [decode(vae, euler_sample(lambda x, s: velocity(x, s, collate([conds[i]])), noise.to(vae.device),
                                          grid.sigmas))[0] for noise, i in zip(grid.noise, grid.cols)]
-
 
 def save_grid(rows, captions, path, label_width=112, caption_height=24):
     """rows: [(label, [PIL])] -> one captioned PNG (columns = prompts), written atomically. Small images are enlarged."""
@@ -1050,7 +970,6 @@ def save_grid(rows, captions, path, label_width=112, caption_height=24):
     grid.save(Path(str(path) + ".tmp"), format="PNG")
     os.replace(Path(str(path) + ".tmp"), path)
 
-
 def sample_grid(run):
     """Rank 0: the base, student and (D-OPSD) teacher rows on the fixed grid noise -> samples/step_NNNNNN.png."""
     row = lambda v, conds: draw_row(v, conds, run.grid, FAMILIES[run.family]["decode"], run.vae, run.autocast)
@@ -1060,16 +979,13 @@ def sample_grid(run):
         rows.append(("teacher+image", row(run.teacher, run.cache["cond_t"])))
     save_grid(rows, run.grid.captions, run.out / "samples" / f"step_{run.step:06d}.png")
 
-
 def atomic_torch_save(obj, path):
     """Write to a temporary file, flush to disk, then rename: a crash mid-write leaves the previous file intact."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(Path(str(path) + ".tmp"), "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+    os.replace(Path(str(path) + ".tmp"), path)
 
 def save_run(run):
     """checkpoint.pt (everything --resume needs) and the deliverable (the LoRA, or transformer/ for --full), both
@@ -1081,7 +997,7 @@ def save_run(run):
     atomic_torch_save({"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
                        "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
                        "teacher": [p.detach().cpu() for p in run.teacher_params]}, out / "checkpoint.pt")
-    if run.cfg.full:
+    if run.cfg.full:                                 # write beside, swap in, then delete the old folder
         tr.save_pretrained(out / "transformer.tmp")
         if (out / "transformer").exists():
             os.replace(out / "transformer", out / "transformer.old")
@@ -1095,13 +1011,12 @@ def save_run(run):
     os.replace(out / "lora.tmp" / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
     (out / "lora.tmp").rmdir()
 
-
 def load_run(path, run):
     """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
     ck, cfg = torch.load(path, map_location="cpu", weights_only=True), run.cfg
-    for key in ("model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"):
-        refuse([(ck["config"][key] != getattr(cfg, key), f"--resume: --{key.replace('_', '-')} was "
-                 f"{ck['config'][key]!r} in {path}, now {getattr(cfg, key)!r}; use the same value")])
+    refuse((ck["config"][k] != getattr(cfg, k), f"--resume: --{k.replace('_', '-')} was {ck['config'][k]!r} in "
+            f"{path}, now {getattr(cfg, k)!r}; use the same value") for k in (
+        "model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"))
     with torch.no_grad():
         for p, v in zip(run.trainable + run.teacher_params, ck["student"] + ck["teacher"]):
             p.copy_(v)
@@ -1111,19 +1026,17 @@ def load_run(path, run):
     run.step, run.nonfinite = ck["step"], ck["nonfinite"]
     print(f"resumed from {path} at step {run.step}")
 
-
 def save(run):
     """A checkpoint from rank 0, after every rank has checked that all hold the same weights; the others wait."""
     import torch.distributed as dist
     if run.world > 1 and not ranks_agree(run.trainable + run.teacher_params):
         raise RuntimeError("ranks hold different weights: distributed training went out of sync")
-    if run.rank == 0 and run.world > 1:
-        print(f"ranks in sync: {run.world} ranks hold identical student and teacher weights")
     if run.rank == 0:
+        if run.world > 1:
+            print(f"ranks in sync: {run.world} ranks hold identical student and teacher weights")
         save_run(run)
     if run.world > 1:
         dist.barrier()
-
 
 class CtrlC:
     """First Ctrl-C: `requested` turns true, and the loop saves after the step in flight, so the checkpoint is a
@@ -1144,7 +1057,6 @@ class CtrlC:
         if self.main:
             signal.signal(signal.SIGINT, self.old)
 
-
 def train(cfg):
     """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
     check_args(cfg)
@@ -1155,18 +1067,13 @@ def train(cfg):
         cfg = replace(cfg, lr=DEFAULT_LR[family])
         if rank == 0:
             print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
-    if world == 1:
-        return train_rank(cfg, items, family, rank, world, device)
-    return train_distributed(cfg, items, family, rank, world, device)
-
+    return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device)
 
 def train_distributed(cfg, items, family, rank, world, device):
-    """train_rank on every rank, then a teardown that always ends. Only rank 0 prints to stdout.
-
-    All ranks meet at a barrier before teardown, and the DDP wrapper (its Reducer holds the process group) is gone
-    before the group is destroyed: destroying the group first, then dropping the last Reducer, could leave a rank
-    blocked for good in ~ProcessGroupGloo's thread join after rank 0 had exited. A rank that loses its peers (one
-    died, or the collective timeout passed) says so in one line and exits 1; the last checkpoint stays loadable."""
+    """train_rank on every rank, then a teardown that always ends; only rank 0 prints to stdout. All ranks meet at a
+    barrier, and the DDP wrapper (its Reducer holds the process group) is gone before the group is destroyed: the other
+    order could leave a rank blocked for good in ~ProcessGroupGloo's thread join after rank 0 had exited. A rank that
+    loses its peers (one died, or the collective timeout passed) says so in one line and exits 1."""
     import torch.distributed as dist
     code = 1
     try:
@@ -1181,7 +1088,6 @@ def train_distributed(cfg, items, family, rank, world, device):
         if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(   # gloo: RuntimeError
                 r"gloo|onnection|imeout|imed out", str(e)))):
             raise                                     # not a lost peer: a real bug or a UserError, as it is
-        code = 1
         why = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [""])[0])   # drop gloo's source path
         print(f"error: rank {rank} of {world} lost contact with the other ranks (one died, or a collective waited "
               f"over --dist-timeout {cfg.dist_timeout:g} min: {why.split('. ')[0][:120]}); the last checkpoint in "
@@ -1191,10 +1097,9 @@ def train_distributed(cfg, items, family, rank, world, device):
         dist.destroy_process_group()
     return code
 
-
 def train_rank(cfg, items, family, rank, world, device):
-    """One process (rank) of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The
-    returned `run` namespace holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
+    """One process of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The `run`
+    namespace holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
     dtype, autocast, checkpointing = pick_precision(device, cfg.precision, cfg.grad_checkpointing)
     print(f"{family} | method {cfg.method} | roll-out K={cfg.rollout_steps} | deploy {fam['deploy']} steps, no CFG "
@@ -1202,9 +1107,8 @@ def train_rank(cfg, items, family, rank, world, device):
     if rank == 0:
         import diffusers, peft, transformers
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        versions = {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world,
-                                                     "versions": versions}, indent=2))
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world, "versions": {
+            m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}}, indent=2))
     pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
     pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
     cache = build_cache(family, items, cfg.resolution, vae, pipe.text_encoder.to(device).requires_grad_(False),
@@ -1220,9 +1124,8 @@ def train_rank(cfg, items, family, rank, world, device):
     grid = SimpleNamespace(cols=cols, captions=[items[i][1] for i in cols], sigmas=schedule(family, fam["deploy"], n, n),
                            noise=[torch.randn(1, tr.config.in_channels, n, n,
                                               generator=torch.Generator().manual_seed(cfg.seed + j)) for j in cols])
-    if rank == 0:
-        grid.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"], grid, fam["decode"], vae,
-                             autocast)
+    grid.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"], grid, fam["decode"], vae,
+                         autocast) if rank == 0 else None
     student, teacher, trainable, teacher_params = attach_roles(tr, family, dopsd, cfg.full, cfg.rank, cfg.alpha,
                                                                cfg.seed, autocast)
     if checkpointing:
@@ -1235,10 +1138,8 @@ def train_rank(cfg, items, family, rank, world, device):
                           opt=opt, step=0, nonfinite=0)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         load_run(out / "checkpoint.pt", run)
-    if world > 1:
-        run.model = wrap_ddp(tr, device)
+    run.model = wrap_ddp(tr, device) if world > 1 else tr
     return train_loop(run)
-
 
 def micro_step(run, micro):
     """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
@@ -1249,7 +1150,7 @@ def micro_step(run, micro):
     steps and the --grad-accum micro-batches would otherwise each pay one."""
     cfg, cache = run.cfg, run.cache
     idx = batch_for_step(cache["bucket_of"], cfg.batch_size * run.world, cfg.seed, micro)
-    h, w = cache["bucket_of"][idx[0]][0] // run.cell, cache["bucket_of"][idx[0]][1] // run.cell
+    h, w = (side // run.cell for side in cache["bucket_of"][idx[0]])
     g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
     mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
     noise = torch.randn(len(idx), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
@@ -1263,32 +1164,28 @@ def micro_step(run, micro):
         return run.student(run.model, x, s, cs)
     if cfg.method == "dopsd":
         ct = collate([cache["cond_t"][i] for i in idx])
-        loss, _ = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise,
-                                schedule(run.family, cfg.rollout_steps, h, w), cfg.loss_space, 1.0 / cfg.grad_accum,
-                                backend=cfg.loss_backend)
-        return loss
+        return dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise, schedule(
+            run.family, cfg.rollout_steps, h, w), cfg.loss_space, 1.0 / cfg.grad_accum, backend=cfg.loss_backend)[0]
     u = torch.rand(cfg.batch_size * run.world, generator=g)[mine]   # SFT: σ from the model's shifted density (shift 3)
     x0 = torch.stack([cache["x0"][i] for i in idx])
     loss = sft_loss(student_x, x0, noise, (3 * u / (1 + 2 * u)).to(run.device), backend=cfg.loss_backend)
     (loss / cfg.grad_accum).backward()
     return loss
 
-
 def train_loop(run):
     """The algorithm box: for each step, roll out and score every micro-batch (gradients accumulate), clip, AdamW,
     EMA towards the student, log. A non-finite step is skipped; Ctrl-C saves after the step in flight."""
     from tqdm import tqdm
-    cfg, opt, first, streak = run.cfg, run.opt, run.step, 0
+    cfg, opt, first, streak, stop = run.cfg, run.opt, run.step, 0, False
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.method, dynamic_ncols=True, disable=run.rank > 0)
     log = open(run.out / "log.jsonl", "a") if run.rank == 0 else open(os.devnull, "w")
     try:
         with CtrlC() as ctrl_c, bar, log:
-            while run.step < cfg.max_steps:
+            while run.step < cfg.max_steps and not stop and streak < MAX_NONFINITE_STREAK:
                 t0, micro = time.perf_counter(), run.step * cfg.grad_accum
                 loss = sum(micro_step(run, micro + m).detach() / cfg.grad_accum for m in range(cfg.grad_accum))
-                gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)   # equal on every rank: synced
+                gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, 1.0).item()   # equal on every rank: synced
                 loss, stop = sync_loss_and_stop(loss, ctrl_c.requested, run.world, run.device)
-                loss, gnorm = loss.item(), gnorm.item()              # the one host sync per step, for the log line
                 if gnorm == 0 and run.step == first:                 # the student's LoRA got no gradient at all
                     print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
                           "switched away before backward, so training would silently do nothing", file=sys.stderr)
@@ -1300,21 +1197,17 @@ def train_loop(run):
                 opt.zero_grad(set_to_none=run.world == 1)     # under DDP .grad are views into its buckets: keep them
                 streak, run.step, run.nonfinite = streak + 1 if skipped else 0, run.step + 1, run.nonfinite + skipped
                 log_step(log, bar, run, loss, gnorm, time.perf_counter() - t0, skipped)
-                if streak >= MAX_NONFINITE_STREAK:
-                    print(f"\nerror: the loss was not finite for {streak} steps in a row (up to step {run.step}); "
-                          "lower --lr, or check the data; the last finite weights are saved", file=sys.stderr)
-                    break
                 # One process: a Ctrl-C during this step counts now. Several: only the flag all ranks agreed on at
                 # the sync, or one rank would save (a collective) while the others went on to the next step.
-                if stop or (run.world == 1 and ctrl_c.requested):
-                    save(run)
-                    print(f"interrupted: checkpoint saved at step {run.step}; continue with --resume", file=sys.stderr)
-                    return 130
-                if cfg.sample_every and run.step % cfg.sample_every == 0 and run.rank == 0:
+                stop = stop or (run.world == 1 and ctrl_c.requested)
+                if cfg.sample_every and run.step % cfg.sample_every == 0 and run.rank == 0 and not stop:
                     sample_grid(run)
-                if cfg.save_every and run.step % cfg.save_every == 0:
+                if cfg.save_every and run.step % cfg.save_every == 0 and not stop:
                     save(run)
             save(run)
+            if stop:
+                print(f"interrupted: checkpoint saved at step {run.step}; continue with --resume", file=sys.stderr)
+                return 130
             if run.rank == 0:
                 sample_grid(run)
     except KeyboardInterrupt:
@@ -1323,23 +1216,23 @@ def train_loop(run):
             raise                                     # train_distributed ends this rank without a barrier
         return 130
     if streak >= MAX_NONFINITE_STREAK:
+        print(f"error: the loss was not finite for {streak} steps in a row (up to step {run.step}); lower --lr, or "
+              "check the data; the last finite weights are saved", file=sys.stderr)
         return 1
     print(f"done: {run.step} steps, {run.nonfinite} skipped; LoRA and samples in {cfg.out}")
     return 0
 
-
 def sync_loss_and_stop(loss, stop, world, device):
-    """Average the loss over ranks for the log, and let one rank's Ctrl-C stop every rank at the same step."""
-    if world == 1:
-        return loss, stop
-    import torch.distributed as dist
-    both = torch.stack([loss / world, torch.tensor(float(stop), device=device)])
-    dist.all_reduce(both)
-    return both[0], bool(both[1] > 0)
-
+    """(loss averaged over ranks as a float, for the log; stop on every rank if any rank's Ctrl-C asked for it)."""
+    if world > 1:
+        import torch.distributed as dist
+        both = torch.stack([loss / world, torch.tensor(float(stop), device=device)])
+        dist.all_reduce(both)
+        loss, stop = both[0], bool(both[1] > 0)
+    return loss.item(), stop
 
 def log_step(log, bar, run, loss, gnorm, seconds, skipped):
-    """One line of log.jsonl and the progress bar's numbers."""
+    """One line of log.jsonl, and the progress bar's numbers."""
     log.write(json.dumps({"step": run.step, "loss": loss, "lr": run.cfg.lr, "grad_norm": gnorm,
                           "sec": round(seconds, 4), "skipped": skipped}) + "\n")
     log.flush()
@@ -1350,7 +1243,6 @@ def log_step(log, bar, run, loss, gnorm, seconds, skipped):
 # sampling
 # The family's deploy recipe (Z-Image-Turbo 8 steps, klein 4; no CFG), with our own Euler loop -- the same function
 # that draws the training grids, and equal to the diffusers pipeline's output (test_dopsd.py checks both).
-
 
 def load_weights(pipe, weights):
     """A LoRA file/folder from `train`, or a --full run folder (it holds transformer/), into the pipeline."""
@@ -1363,7 +1255,6 @@ def load_weights(pipe, weights):
         pipe.load_lora_weights(str(p))
     else:
         raise UserError(f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a dopsd --out folder")
-
 
 def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width=1024, device="auto", precision="auto"):
     """Render one image with the deploy settings (or `steps`), with a trained LoRA or --full DiT if given."""
@@ -1391,44 +1282,29 @@ def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width
 # --------------------------------------------------------------------------------------------------------------------
 # CLI
 
-
 def build_parser():
     p = argparse.ArgumentParser(prog="dopsd.py", description="D-OPSD: fine-tune a few-step model, keep it few-step.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a LoRA (or the full DiT) with D-OPSD or the SFT baseline")
-    for f in fields(TrainConfig):                    # one flag per field: rank -> --rank (f.type is the class itself)
-        kw = dict(f.metadata)
-        if f.type is bool:
-            kw["action"] = "store_true"
-        elif not kw.get("required"):
-            kw = {"type": type(f.default) if f.default is not None else str, "default": f.default, **kw}
-        t.add_argument("--" + f.name.replace("_", "-"), **kw)
-    d = TrainConfig(data="")
-    s = sub.add_parser("sample", help="render one image with the deploy settings")
-    s.add_argument("--model", default=d.model, help="diffusers pipeline, hub id or folder (default %(default)s)")
-    s.add_argument("--lora", help="a train --out folder, or its pytorch_lora_weights.safetensors")
-    s.add_argument("--prompt", required=True, help="text prompt ([V] as in training, or your --trigger word)")
-    s.add_argument("--out", default="sample.png", help="PNG to write (default %(default)s)")
-    s.add_argument("--steps", type=int, help="sampling steps (default: the family's deploy count: Z-Image-Turbo 8, klein 4)")
-    s.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
-    s.add_argument("--height", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
-    s.add_argument("--width", type=int, default=1024, help="pixels, multiple of 16 (default %(default)s)")
-    s.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), or e.g. cpu")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on cuda/mps, "
-                   "fp32 on CPU")
+    for name, cls, text in (("train", TrainConfig, "train a LoRA (or the full DiT) with D-OPSD or the SFT baseline"),
+                            ("sample", SampleConfig, "render one image with the deploy settings")):
+        s = sub.add_parser(name, help=text)
+        for f in fields(cls):                        # one flag per field: rank -> --rank (f.type is the class itself)
+            kw = dict(f.metadata)
+            if f.type is bool:
+                kw["action"] = "store_true"
+            elif not kw.get("required"):
+                kw = {"type": type(f.default) if f.default is not None else str, "default": f.default, **kw}
+            s.add_argument("--" + f.name.replace("_", "-"), **kw)
     return p
 
-
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
     try:
-        if a.cmd == "train":
-            return train(TrainConfig(**{k: v for k, v in vars(a).items() if k != "cmd"}))
-        return sample(a.model, a.prompt, a.out, a.lora, a.steps, a.seed, a.height, a.width, a.device, a.precision)
+        cmd = args.pop("cmd")
+        return train(TrainConfig(**args)) if cmd == "train" else sample(**args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())
