@@ -2,28 +2,25 @@
 dopsd.py -- D-OPSD in one file: teach a few-step ("turbo") text-to-image model a new subject or style from a handful
 of image-text pairs, without losing its few-step sampling.
 
-D-OPSD (On-Policy Self-Distillation, Jiang et al. 2026, arXiv 2605.05204) uses one DiT in two roles:
+D-OPSD (On-Policy Self-Distillation, Jiang et al. 2026, https://arxiv.org/abs/2605.05204) uses one DiT in two roles:
   * the STUDENT sees the caption only (the model's own text features) and rolls out its own few-step Euler trajectory
     from noise -- on-policy, exactly the states it will visit at inference;
   * the TEACHER is the same DiT with a second LoRA adapter (an EMA of the student's), conditioned on the caption AND the
-    target image (Z-Image: a Qwen3-VL whose language model carries Z-Image's own text-encoder weights; FLUX.2-klein:
-    the target's VAE latents as reference tokens in the DiT, plus an instruction appended to the caption).
+    target image (Z-Image-Turbo: a Qwen3-VL whose language model carries Z-Image's own text-encoder weights;
+    FLUX.2-klein 4B/9B: the target's VAE latents as reference tokens in the DiT, plus an instruction).
 At every state the student visits, the teacher predicts under no_grad and the student is regressed onto it. There is no
 ground-truth denoising target and no reward model; inference is the unchanged few-step pipeline.
 
-References
-  1) D-OPSD paper:        https://arxiv.org/abs/2605.05204  (project page: https://vvvvvjdy.github.io/d-opsd/)
-  2) Z-Image-Turbo:       diffusers ZImagePipeline, Tongyi-MAI/Z-Image-Turbo;
-     FLUX.2-klein 4B/9B:  diffusers Flux2KleinPipeline, black-forest-labs/FLUX.2-klein-4B / -9B (distilled only)
-  3) LoRA through peft, models through diffusers/transformers: we call the libraries rather than re-implementing them.
+References: 1) the paper (project page https://vvvvvjdy.github.io/d-opsd/); 2) diffusers' ZImagePipeline
+(Tongyi-MAI/Z-Image-Turbo) and Flux2KleinPipeline (black-forest-labs/FLUX.2-klein-4B / -9B, distilled only); 3) peft
+for LoRA, transformers for Qwen3-VL: we call the libraries rather than re-implement them.
 
 Glossary (code name -> paper symbol)
   sigma (σ)        noise level, 1 = pure noise, 0 = clean.  x_σ = (1-σ)·x0 + σ·ε
   u                velocity in the scheduler's convention, u = ε - x0 = dx/dσ (Z-Image's raw output is -u; we negate it)
   u_s, u_t         student / teacher velocity  (paper: v_θ(x_t, t, f(p)) and v_φ(x_t, t, f_mm(p, I)))
   cond_s, cond_t   student conditioning f(p) / teacher conditioning f_mm(p, I), one entry per training image
-  K, μ             roll-out steps (--rollout-steps); EMA decay (--ema-decay): φ <- μ·φ + (1-μ)·θ after every step
-
+  K, μ             roll-out steps (--rollout-steps); EMA decay (--ema-decay), φ <- μ·φ + (1-μ)·θ after every step
 Shape letters: B batch, C latent channels, h×w latent grid (Z-Image H/8×W/8 with C=16; klein H/16×W/16, 2×2-patchified,
 4C=128), H×W pixels, L text tokens, D text width.
 
@@ -54,8 +51,8 @@ except ImportError:
 
 # --------------------------------------------------------------------------------------------------------------------
 # config
-# One dataclass per command holds every knob with its --help text: build_parser() turns each field into a flag (rank
-# -> --rank), and config.json records a training run's.
+# One dataclass per command holds every knob with its --help text: build_parser() turns each field into a flag
+# (rank -> --rank) and appends its default; config.json records a training run's.
 
 def knob(default, help, **argparse_kw):
     """A config field that carries its own --help text (and any other add_argument keyword)."""
@@ -65,51 +62,50 @@ def knob(default, help, **argparse_kw):
 class TrainConfig:
     data: str = knob(None, "folder of images (.png .jpg .webp .bmp) with same-name .txt captions, or a "
                      "metadata.jsonl of {file_name, text} rows", required=True)
-    out: str = knob("runs/dopsd", "output folder: LoRA, checkpoint, log, sample grids (default %(default)s)")
-    model: str = knob("Tongyi-MAI/Z-Image-Turbo", "diffusers pipeline, hub id or local folder (default %(default)s)")
-    vlm: str = knob("Qwen/Qwen3-VL-4B-Instruct", "Z-Image teacher's Qwen3-VL, hub id or folder (default %(default)s)")
+    out: str = knob("runs/dopsd", "output folder: LoRA, checkpoint, log, sample grids")
+    model: str = knob("Tongyi-MAI/Z-Image-Turbo", "diffusers pipeline, hub id or local folder")
+    vlm: str = knob("Qwen/Qwen3-VL-4B-Instruct", "Z-Image teacher's Qwen3-VL, hub id or local folder")
     method: str = knob("dopsd", "dopsd, or sft: plain flow matching on the same data and outputs", choices=["dopsd", "sft"])
     caption: str = knob(None, "caption for images without one")
     trigger: str = knob(None, "word that replaces [V] in captions (default: keep [V] literally)")
-    resolution: int = knob(1024, "bucket size in pixels, multiple of 16 (default %(default)s)")
-    rollout_steps: int = knob(4, "K, student Euler steps per roll-out (default %(default)s: σ = 1, .9, .75, .5 -> 0)")
+    resolution: int = knob(1024, "bucket size in pixels, multiple of 16")
+    rollout_steps: int = knob(4, "K, student Euler steps per roll-out (4: σ = 1, .9, .75, .5 -> 0)")
     loss_space: str = knob("x0", "x0: σ²-weighted velocity MSE (released code); v: velocity MSE (paper)",
                            choices=["x0", "v"])
-    ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 keeps the base model (default %(default)s)")
+    ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 keeps the teacher at the base model")
     teacher_suffix: str = knob(None, "klein: instruction appended to the teacher's caption (default: keep the "
                                "reference's subject, details, background and composition)")
-    rank: int = knob(64, "LoRA rank (default %(default)s)")
-    alpha: float = knob(128.0, "LoRA alpha, scale = alpha/rank (default %(default)s)")
+    rank: int = knob(64, "LoRA rank")
+    alpha: float = knob(128.0, "LoRA alpha, scale = alpha/rank")
     full: bool = knob(False, "train every DiT weight instead of a LoRA, an fp32 EMA copy as teacher: ~22 bytes a "
                       "parameter, ~130 GB for Z-Image (examples/memory_plan.py)")
     lr: float = knob(None, "AdamW learning rate, constant (default: the authors', Z-Image 1e-4, klein 2e-5)", type=float)
-    max_steps: int = knob(2000, "optimizer steps (default %(default)s)")
-    batch_size: int = knob(1, "images per micro-batch and rank, one aspect bucket (default %(default)s)")
-    grad_accum: int = knob(1, "micro-batches per optimizer step (default %(default)s)")
-    seed: int = knob(0, "seed of data order, noise, LoRA init and grids (default %(default)s)")
+    max_steps: int = knob(2000, "optimizer steps")
+    batch_size: int = knob(1, "images per micro-batch and rank, one aspect bucket")
+    grad_accum: int = knob(1, "micro-batches per optimizer step")
+    seed: int = knob(0, "seed of data order, noise, LoRA init and grids")
     device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
     precision: str = knob("auto", "auto = bf16 weights + autocast (fp32 LoRA) on cuda/mps, fp32 on CPU",
                           choices=["auto", "fp32", "bf16"])
     grad_checkpointing: str = knob("auto", "recompute activations in backward: auto = on for cuda/mps, off on CPU",
                                    choices=["auto", "on", "off"])
-    dist_timeout: float = knob(60.0, "torchrun: minutes a rank waits for the others (a dead rank, a long --full "
-                               "save) before it exits with an error (default %(default)s)")
-    sample_every: int = knob(250, "steps between sample grids; 0 = only at the end (default %(default)s)")
-    save_every: int = knob(500, "steps between checkpoints; 0 = only at the end (default %(default)s)")
+    dist_timeout: float = knob(60.0, "torchrun: minutes a rank waits for the others (a dead rank, a long --full save)")
+    sample_every: int = knob(250, "steps between sample grids; 0 = only at the end")
+    save_every: int = knob(500, "steps between checkpoints; 0 = only at the end")
     resume: bool = knob(False, "continue from --out/checkpoint.pt")
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
                              choices=["auto", "triton", "torch"])
 
 @dataclass
 class SampleConfig:
-    model: str = knob(TrainConfig.model, "diffusers pipeline, hub id or folder (default %(default)s)")
+    model: str = knob(TrainConfig.model, "diffusers pipeline, hub id or local folder")
     lora: str = knob(None, "a train --out folder, or its pytorch_lora_weights.safetensors")
     prompt: str = knob(None, "text prompt ([V] as in training, or your --trigger word)", required=True)
-    out: str = knob("sample.png", "PNG to write (default %(default)s)")
+    out: str = knob("sample.png", "PNG to write")
     steps: int = knob(None, "sampling steps (default: the family's deploy count: Z-Image-Turbo 8, klein 4)", type=int)
-    seed: int = knob(0, "noise seed (default %(default)s)")
-    height: int = knob(1024, "pixels, multiple of 16 (default %(default)s)")
-    width: int = knob(1024, "pixels, multiple of 16 (default %(default)s)")
+    seed: int = knob(0, "noise seed")
+    height: int = knob(1024, "pixels, multiple of 16")
+    width: int = knob(1024, "pixels, multiple of 16")
     device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu")
     precision: str = knob("auto", "auto = bf16 on cuda/mps, fp32 on CPU", choices=["auto", "fp32", "bf16"])
 
@@ -238,9 +234,10 @@ def pick_device(name="auto"):
         dev, why = torch.device(name), "--device"
     elif torch.cuda.is_available():
         dev, why = torch.device("cuda"), f"CUDA found ({torch.cuda.get_device_name()})"
+    elif has_mps():
+        dev, why = torch.device("mps"), "Apple MPS found, no CUDA"
     else:
-        dev, why = (torch.device("mps"), "Apple MPS found, no CUDA") if has_mps() else (torch.device("cpu"),
-                                                                                          "no CUDA or MPS found")
+        dev, why = torch.device("cpu"), "no CUDA or MPS found"
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     print(f"device: {dev} ({why})")
@@ -387,7 +384,6 @@ def chat(tokenizer, prompts, thinking):
 @torch.no_grad()
 def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
     """Z-Image's student features: chat template -> Qwen3 -> hidden_states[-2], padding stripped -> list of [L_i, D].
-
     Same maths as ZImagePipeline.encode_prompt, which we don't call: it overwrites the caller's prompt list in place."""
     dev = text_encoder.device
     tok = tokenizer(chat(tokenizer, prompts, True), padding="max_length", max_length=max_len, truncation=True,
@@ -400,7 +396,6 @@ def zimage_text_features(text_encoder, tokenizer, prompts, max_len=512):
 @torch.no_grad()
 def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=None):
     """FLUX.2-klein's text features: chat template (thinking off) -> Qwen3 -> hidden states of `layers` side by side.
-
     Returns [B, max_len, len(layers)·D], padding KEPT: the klein DiT has no text mask, so the pad tokens are part of
     the condition and student, teacher and pipeline must all pad to the same length (Flux2KleinPipeline's
     max_sequence_length). max_len=None: klein_text_len(tokenizer), 512 for the real checkpoints."""
@@ -435,7 +430,6 @@ def warn_long(what, items, lengths, limit, whose=""):
 @torch.no_grad()
 def vlm_features(vlm, tokenizer, image_processor, image, prompt, pixels=(512 * 512, 768 * 768)):
     """The teacher's multimodal features f_mm(p, I): hybrid Qwen3-VL on one user turn [image, caption] -> [L', D].
-
     image: PIL RGB (the training crop), seen at 512²..768² pixels (the paper's processor limits). Every token of the
     turn -- template, image and caption -- is kept; they go where cap_feats go (the caller cuts to VLM_CONTEXT)."""
     dev = next(vlm.parameters()).device
@@ -501,7 +495,6 @@ def klein_decode(vae, x):
 
 def zimage_sigmas(num_steps, shift=3.0):
     """Z-Image-Turbo's schedule in diffusers 0.42: linspace(1, 1/N, N), shifted by 3, then 0. [N+1], fp32.
-
     N = 4 gives σ = 1, .9, .75, .5, 0: the D-OPSD training roll-out, and steps 0,2,4,6 of the 8-step deploy schedule."""
     s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     s = shift * s / (1 + (shift - 1) * s)
@@ -509,7 +502,6 @@ def zimage_sigmas(num_steps, shift=3.0):
 
 def zimage_velocity(transformer, x, sigma, caps):
     """u = ε - x0 from the Z-Image DiT. x: [B, C, h, w] fp32; sigma: [B]; caps: B × [L_i, D]. Returns [B, C, h, w] fp32.
-
     Z-Image's model time is t = 1 - σ (1 = clean), kept in fp32 (it is scaled by 1000 inside), and its raw output
     points towards the data (x0 - ε), so we negate it -- exactly what ZImagePipeline does before scheduler.step."""
     dtype = getattr(transformer, "module", transformer).dtype                 # (unwrap DistributedDataParallel)
@@ -531,7 +523,6 @@ def klein_sigmas(num_steps, image_seq_len):
 def klein_velocity(transformer, x, sigma, cond):
     """u = ε - x0 from the FLUX.2 DiT (its raw output already is). x: [B, 4C, h, w] normalised latents; sigma: [B];
     cond = (prompt_embeds [B, L, 3D], reference latents [B, 4C, h_r, w_r] or None). Returns [B, 4C, h, w] fp32.
-
     Reference tokens go AFTER the noisy tokens with their own position ids (time coordinate T = 10, as the pipeline
     gives its first reference image), and the output is sliced back to the noisy tokens. Position ids are shared by
     the batch (the DiT reads ids[0]), so a batch holds one resolution -- the buckets guarantee that."""
@@ -572,7 +563,6 @@ def lora_layers(transformer):
 
 def use_adapter(layers, name, trainable=True):
     """Make adapter `name` the active one on every LoRA layer (from lora_layers(); None: no LoRA, nothing to do).
-
     transformer.set_adapter(name) does the same but walks all modules and re-checks peft's version each call, 2K times
     a step (7 ms a switch on the benchmark's 900-module DiT; this loop: 2.5 ms). peft's layer-level set_adapter makes the
     active adapter trainable unless inference_mode, all others frozen. The teacher is activated frozen: it can never
@@ -606,15 +596,12 @@ def ema_update(teacher_params, student_params, decay):
 # In code d = v_s − v_t, w is a [B] fp32 vector, and flat element j of the contiguous tensor is in sample j // (N/B).
 # The fused paths store wd = w·d = (N/2)·∂L/∂v_s in the input dtype and apply 2/N with grad_output in backward: 2·w·d/N
 # in fp16 is below the smallest subnormal (6e-8) once N ≳ 1e6, and a GradScaler multiplies only after the underflow.
-#
-# Memory traffic per element, in N-sized reads and writes (s bytes each; examples/bench.py counts them op by op):
-#   eager ((w * (v_s - v_t)**2).mean()).backward(): 8 in forward, 10 in backward: 72 B fp32 (52 B from bf16 inputs).
-#   fused: forward reads v_s, v_t and writes wd; backward reads wd and writes the gradient: 5s = 20 B fp32, 10 B bf16.
-#   fused + the student's Euler step x + dt·v_s while v_s is in registers (dopsd_loss_and_step): +2s, not +3s..+5s.
+# Memory traffic per element (examples/bench.py counts it op by op): eager autograd makes 18 N-sized reads and writes,
+# 72 B in fp32; the kernel makes 5 (forward: read v_s, v_t, write wd; backward: read wd, write the gradient), 20 B
+# fp32 or 10 B bf16. Fusing the student's Euler step x + dt·v_s while v_s is in registers costs 2 more, not 3 to 5.
 
 def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
-    """The per-step loss line for line from the math above, in plain eager PyTorch and the inputs' dtype (the tests
-    feed it float64). v_student, v_teacher: (B, ...); sigma: (B,). Returns a 0-D tensor; NaN for numel 0."""
+    """The loss line for line from the math, eager, in the inputs' dtype (the tests feed float64). NaN for numel 0."""
     assert space in ("x0", "v"), f"space must be 'x0' or 'v', got {space!r}"
     w = sigma**2 if space == "x0" else torch.ones_like(sigma)       # (B,)  w(σ_b)
     w = w.view(-1, *([1] * (v_student.dim() - 1)))                  # (B, 1, ..., 1) broadcasts over C, H, W
@@ -622,17 +609,15 @@ def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
     return (w * d**2).mean()                                        # ()  one mean over all N elements
 
 def _divergence_fwd_torch(v_s, v_t, w, x=None, dt=None):
-    """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype, x_next or None). v_s, v_t, x: (B, ...)
-    contiguous; w, dt: (B,) fp32. It runs inside autograd.Function.forward: no graph, only wd is kept. Eager it is 3-4
-    passes; torch.compile fuses it into one loop."""
+    """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype, x + dt·v_s or None). It runs inside
+    autograd.Function.forward, so no graph is built and only wd is kept; torch.compile would fuse it into one loop."""
     ct = torch.promote_types(v_s.dtype, torch.float32)              # fp32 math for bf16/fp16, float64 stays float64
     bshape = (v_s.shape[0],) + (1,) * (v_s.dim() - 1)               # (B, 1, ..., 1)
     vs = v_s.to(ct)                                                 # (B, ...) no copy when v_s is already fp32
     d = vs - v_t                                                    # (B, ...) ct; type promotion upcasts v_t in-loop
     wd = w.to(ct).view(bshape) * d                                  # (B, ...) w(σ_b)·d = (N/2)·∂L/∂v_s
     loss = (torch.dot(wd.view(-1), d.view(-1)) / v_s.numel()).float()   # ()  Σ w·d² / N in fp32, one read of each
-    # the roll-out's Euler step, on the detached state x, with the student's velocity value
-    x_next = None if x is None else (x.to(ct) + dt.to(ct).view(bshape) * vs).to(x.dtype)   # (B, ...) x's dtype
+    x_next = None if x is None else (x.to(ct) + dt.to(ct).view(bshape) * vs).to(x.dtype)   # the roll-out's Euler step
     return loss, wd.to(v_s.dtype), x_next
 
 if HAS_TRITON:  # the kernel only exists when triton imports; defining it under `if` keeps the file importable
@@ -669,9 +654,8 @@ if HAS_TRITON:  # the kernel only exists when triton imports; defining it under 
             tl.store(xn_ptr + offs, (x + dt * vs).to(xn_ptr.dtype.element_ty), mask=mask)
 
 def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
-    """Triton forward of the fused op; same contract as _divergence_fwd_torch. block=1024 with 4 warps is 8 elements
-    a thread (two 16-byte loads of fp32): enough bytes in flight for a bandwidth-bound op, and a 1M-element latent
-    still gives ~1000 programs to fill every SM."""
+    """Triton forward, same contract. block 1024 × 4 warps = 8 elements a thread: enough bytes in flight for a
+    bandwidth-bound op, and ~1000 programs to fill every SM on a 1M-element latent."""
     N, has_step = v_s.numel(), x is not None
     n_blocks = triton.cdiv(N, block)
     wd, x_next = torch.empty_like(v_s), torch.empty_like(x) if has_step else None     # (B, ...)
@@ -679,30 +663,24 @@ def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
     # Without HAS_STEP the x/dt/x_next code is compiled out and any valid pointer fills those slots. Triton launches on
     # the *current* CUDA device and stream, so make that the tensors' device (a no-op when it already is).
     with torch.cuda.device(v_s.device) if v_s.is_cuda else contextlib.nullcontext():
-        _divergence_kernel[(n_blocks,)](
-            v_s, v_t, w, wd, partials,
-            x if has_step else v_s, dt if has_step else w, x_next if has_step else wd,
-            N, N // v_s.shape[0], HAS_STEP=has_step, BLOCK=block, num_warps=4,
-        )
-    # Two-stage reduction: a few thousand fp32 partials summed by torch (pairwise). Unlike atomic_add into one scalar
-    # it is deterministic run to run and needs no zero-initialised output, for 4 bytes per block.
-    return partials.sum() / N, wd, x_next
+        _divergence_kernel[(n_blocks,)](v_s, v_t, w, wd, partials, x if has_step else v_s, dt if has_step else w,
+                                        x_next if has_step else wd, N, N // v_s.shape[0], HAS_STEP=has_step,
+                                        BLOCK=block, num_warps=4)
+    return partials.sum() / N, wd, x_next   # two-stage sum: deterministic, unlike an atomic_add into one scalar
 
 class DivergenceLoss(torch.autograd.Function):
     """L and w·d in one forward pass; backward only rescales the stored w·d. Shared by both backends."""
 
     @staticmethod
     def forward(ctx, v_s, v_t, w, x, dt, backend):
-        # v_s, v_t, x: (B, ...) any strides; w, dt: (B,) fp32; backend: "triton" | "torch" (already resolved)
-        v_s, v_t = v_s.contiguous(), v_t.contiguous()               # copies only if needed; b = j // (N/B) needs this
-        x = x.contiguous() if x is not None else None
+        # v_s, v_t, x: (B, ...) any strides (made contiguous: b = j // (N/B) needs it); w, dt: (B,) fp32
+        v_s, v_t, x = v_s.contiguous(), v_t.contiguous(), None if x is None else x.contiguous()
         ctx.N = v_s.numel()
         if ctx.N == 0:  # mean over zero elements is defined as 0 (not NaN), with an empty gradient; nothing to launch
-            loss, wd = v_s.new_zeros((), dtype=torch.float32), torch.zeros_like(v_s)
-            x_next = x.clone() if x is not None else None
+            loss, wd, x_next = v_s.new_zeros((), dtype=torch.float32), torch.zeros_like(v_s), None if x is None else x.clone()
         else:
-            fwd = _divergence_fwd_triton if backend == "triton" else _divergence_fwd_torch
-            loss, wd, x_next = fwd(v_s, v_t, w, x, dt)
+            loss, wd, x_next = (_divergence_fwd_triton if backend == "triton" else _divergence_fwd_torch)(
+                v_s, v_t, w, x, dt)
         ctx.save_for_backward(wd if ctx.needs_input_grad[0] else None)  # keep N·s bytes only if v_s needs grad
         if x_next is None:
             return loss
@@ -711,19 +689,14 @@ class DivergenceLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *unused):
-        (wd,) = ctx.saved_tensors
         # ∂/∂v_s = grad_output · 2·w·d / N: the 2/N joins grad_output here, in fp32 (see the fp16 note above)
-        return wd * (g_loss * (2.0 / max(ctx.N, 1))), None, None, None, None, None
+        return ctx.saved_tensors[0] * (g_loss * (2.0 / max(ctx.N, 1))), None, None, None, None, None
 
-# Resolved once per device type by backend="auto": {"cpu": "torch", "cuda": "triton", ...}. The only module state the
-# loss reads besides HAS_TRITON; tests clear it to hear the banner again.
-LOSS_BACKEND = {}
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOSS_BACKEND = {}   # backend="auto" per device type, e.g. {"cpu": "torch", "cuda": "triton"}; tests clear it
 
 def triton_probe(device):
-    """(ok, why): launch the kernel once on a 4-element tensor of `device`. A Triton that imports can still fail at
-    its first launch: it compiles a C launcher stub with the host's compiler, which slim CUDA runtime images lack
-    ("Failed to find C compiler", triton/runtime/build.py). Better to learn that here than at the first loss."""
+    """(ok, why) from one launch on a 4-element tensor. A Triton that imports can still fail at its first launch: it
+    builds a C launcher stub, and slim CUDA images have no compiler (triton/runtime/build.py). Better here than later."""
     try:
         v = torch.ones(1, 4, device=device)
         loss, wd, _ = _divergence_fwd_triton(v, v * 0, torch.ones(1, device=device))
@@ -733,57 +706,54 @@ def triton_probe(device):
         return False, f"test launch failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}"
 
 def _resolve_loss_backend(backend, device, dtype):
-    """Turn "auto" / "triton" / "torch" into the path to run; prints the auto choice (and why) once per device type."""
+    """"auto" -> "triton" on CUDA if the test launch passes, else "torch" (printed once per device type); "triton" is
+    checked. The kernel computes in fp32, so other dtypes (float64) take the PyTorch path."""
+    kernel_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
         if device.type not in LOSS_BACKEND:
             use, why = ((False, "triton not installed") if not HAS_TRITON else triton_probe(device)
                         if device.type == "cuda" else (False, f"{device.type} tensor, the Triton kernel needs CUDA"))
             LOSS_BACKEND[device.type] = "triton" if use else "torch"
             print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
-        return LOSS_BACKEND[device.type] if dtype in KERNEL_DTYPES else "torch"   # float64: fp32 math would lose it
-    # Off CUDA the kernel runs only in the interpreter, which @triton.jit picks at *decoration* time: setting the
-    # variable after import leaves a compiled kernel that dies with "0 active drivers ([])". Check both.
-    interpreted = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1" and not isinstance(
+        return LOSS_BACKEND[device.type] if kernel_dtype else "torch"
+    # Off CUDA the kernel can only run in the interpreter, which @triton.jit picks at *decoration* time: a variable
+    # set after import leaves a compiled kernel that dies with "0 active drivers ([])".
+    interpreted = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(
         _divergence_kernel, triton.runtime.jit.JITFunction)
     for bad, why in ((not HAS_TRITON, "triton is not installed; pip install triton"),
-                     (device.type != "cuda" and not interpreted, f"needs a CUDA tensor, got {device.type}; set "
-                      "TRITON_INTERPRET=1 before triton is imported to run it on CPU"),
-                     (dtype not in KERNEL_DTYPES, f"the Triton kernel supports float32/bfloat16/float16, got {dtype}")):
+                     (device.type != "cuda" and not interpreted, f"it needs a CUDA tensor, got {device.type} (set "
+                      "TRITON_INTERPRET=1 before triton is imported to run it on CPU)"),
+                     (not kernel_dtype, f"the kernel supports float32/bfloat16/float16, got {dtype}")):
         if backend == "triton" and bad:
-            raise RuntimeError(f"dopsd_loss: backend='triton': {why}; or use backend='torch'")
+            raise RuntimeError(f"dopsd_loss: backend='triton' but {why}; or use backend='torch'")
     return backend
 
 def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto", x=None, dt=None):
     """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
-
-    v_student: (B, ...) fp32/bf16/fp16, any strides; v_teacher: same shape (never receives a gradient); sigma: (B,)
-    noise level of each sample. backend: "auto" (Triton on CUDA if it launches, else PyTorch; printed once), "triton"
-    or "torch". Returns a 0-D fp32 tensor (0 for numel 0); with x and dt, see dopsd_loss_and_step."""
+    v_student: (B, ...) fp32/bf16/fp16, any strides; v_teacher: the same shape; sigma: (B,). backend: "auto", "triton"
+    or "torch". Returns a 0-D fp32 tensor (0 for numel 0); given x and dt, also x + dt·v_s (dopsd_loss_and_step)."""
     shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
     B = v_student.shape[0] if v_student.dim() else None
-    for bad, message in ((space not in ("x0", "v"), f"space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}"),
-                         (backend not in ("auto", "triton", "torch"), "backend must be 'auto', 'triton' or 'torch', "
-                          f"got {backend!r}"),
-                         (B is None or shape(v_teacher) != shape(v_student), f"v_student {shape(v_student)} and "
-                          f"v_teacher {shape(v_teacher)} must be one shape (B, ...)"),
-                         (shape(sigma) != (B,), f"sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}"),
-                         (x is not None and shape(x) != shape(v_student), f"x must have v_student's shape "
-                          f"{shape(v_student)}, got {shape(x)}")):
+    for bad, why in ((space not in ("x0", "v"), f"space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}"),
+                     (backend not in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got "
+                      f"{backend!r}"),
+                     (B is None or shape(v_teacher) != shape(v_student), f"v_student {shape(v_student)} and v_teacher "
+                      f"{shape(v_teacher)} must be one shape (B, ...)"),
+                     (shape(sigma) != (B,), f"sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}"),
+                     (x is not None and shape(x) != shape(v_student), f"x must have v_student's shape "
+                      f"{shape(v_student)}, got {shape(x)}")):
         if bad:
-            raise ValueError(f"dopsd_loss: {message}")
+            raise ValueError(f"dopsd_loss: {why}")
     sigma = sigma.detach().float()                                  # (B,) the schedule never gets a gradient
     w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()     # (B,) fp32 w(σ_b)
     if x is not None:  # dt: python float, 0-D or (B,) tensor -> (B,) fp32; the roll-out state is detached every step
-        dt = torch.as_tensor(dt, dtype=torch.float32, device=x.device).detach().expand(B).contiguous()
-        x = x.detach()
+        x, dt = x.detach(), torch.as_tensor(dt, dtype=torch.float32, device=x.device).detach().expand(B).contiguous()
     path = _resolve_loss_backend(backend, v_student.device, v_student.dtype)
-    # v_teacher.detach(): the teacher is a stop-gradient target even if its tensor requires grad
-    return DivergenceLoss.apply(v_student, v_teacher.detach(), w, x, dt, path)
+    return DivergenceLoss.apply(v_student, v_teacher.detach(), w, x, dt, path)   # sg: the teacher is only a target
 
 def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend="auto"):
-    """dopsd_loss plus the student's next Euler state x + dt·v_s from the same pass over v_s. x: (B, ...) the current
-    roll-out state (detached: no backpropagation across steps); dt: float or (B,), Δ_k = σ_{k+1} − σ_k (negative: σ
-    falls), as every family's u = ε − x0 here. Returns (loss () fp32, x_next (B, ...) in x's dtype, detached)."""
+    """dopsd_loss plus the student's next Euler state x + dt·v_s from the same pass over v_s; dt = σ_{k+1} − σ_k < 0
+    (float or (B,)). Returns (loss () fp32, x_next in x's dtype, detached: no backpropagation across steps)."""
     return dopsd_loss(v_student, v_teacher, sigma, space, backend, x, dt)
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -794,7 +764,6 @@ def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend=
 
 def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, stepwise=True, backend="auto"):
     """One on-policy roll-out; accumulates grad_scale · ∇(mean_k loss_k) into the student's .grad.
-
     student, teacher: callables (x [B, ...], sigma [B]) -> u [B, ...]; the teacher is called under no_grad.
     noise: [B, ...] start state at σ = sigmas[0]; sigmas: [K+1] schedule ending at 0.
     stepwise=False keeps all K graphs and runs one backward (the public recipe's memory behaviour; for tests/bench).
@@ -842,8 +811,7 @@ VLM_CONTEXT = 1024            # Z-Image teacher: tokens of the VLM turn kept (im
 DEFAULT_LR = {"zimage": 1e-4, "klein": 2e-5}   # the authors' released recipes
 
 def latent_cell(family, vae):
-    """Pixels per cell of the DiT's state grid: the VAE's downsampling (2^(blocks-1), 8 for the real VAEs), times 2
-    for klein's 2×2-packed latents. The toy klein of examples/toy has a 4× VAE: cell 8."""
+    """Pixels per cell of the DiT's state grid: the VAE's 2^(blocks-1) (8 for the real ones), ×2 for klein's packing."""
     return 2 ** (len(vae.config.block_out_channels) - 1) * (2 if family == "klein" else 1)
 
 def schedule(family, num_steps, h, w):
@@ -989,7 +957,19 @@ def atomic_torch_save(obj, path):
 
 def save_run(run):
     """checkpoint.pt (everything --resume needs) and the deliverable (the LoRA, or transformer/ for --full), both
-    atomic. Weights that are not finite are never written: the previous files stay."""
+    atomic, by rank 0 once every rank has checked that all hold the same weights. Non-finite weights are never written."""
+    import torch.distributed as dist
+    if run.world > 1 and not ranks_agree(run.trainable + run.teacher_params):
+        raise RuntimeError("ranks hold different weights: distributed training went out of sync")
+    if run.rank == 0 and run.world > 1:
+        print(f"ranks in sync: {run.world} ranks hold identical student and teacher weights")
+    if run.rank == 0:
+        write_run(run)
+    if run.world > 1:
+        dist.barrier()                               # the other ranks wait for rank 0's write
+
+def write_run(run):
+    """Rank 0's part of save_run: the files, each written beside its old version and swapped in."""
     out, tr = run.out, run.tr
     if not all(torch.isfinite(p).all() for p in run.trainable):
         print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
@@ -1025,18 +1005,6 @@ def load_run(path, run):
         group["lr"] = cfg.lr
     run.step, run.nonfinite = ck["step"], ck["nonfinite"]
     print(f"resumed from {path} at step {run.step}")
-
-def save(run):
-    """A checkpoint from rank 0, after every rank has checked that all hold the same weights; the others wait."""
-    import torch.distributed as dist
-    if run.world > 1 and not ranks_agree(run.trainable + run.teacher_params):
-        raise RuntimeError("ranks hold different weights: distributed training went out of sync")
-    if run.rank == 0:
-        if run.world > 1:
-            print(f"ranks in sync: {run.world} ranks hold identical student and teacher weights")
-        save_run(run)
-    if run.world > 1:
-        dist.barrier()
 
 class CtrlC:
     """First Ctrl-C: `requested` turns true, and the loop saves after the step in flight, so the checkpoint is a
@@ -1143,7 +1111,6 @@ def train_rank(cfg, items, family, rank, world, device):
 
 def micro_step(run, micro):
     """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
-
     The global batch (batch_size × world) and its noise depend on (seed, micro) only, and each rank takes its slice:
     N ranks × batch b train exactly like 1 process × batch N·b, and a resumed run sees the batches an uninterrupted
     one would. Under DDP the gradient all-reduce runs only on the last backward of the optimizer step: the K roll-out
@@ -1203,8 +1170,8 @@ def train_loop(run):
                 if cfg.sample_every and run.step % cfg.sample_every == 0 and run.rank == 0 and not stop:
                     sample_grid(run)
                 if cfg.save_every and run.step % cfg.save_every == 0 and not stop:
-                    save(run)
-            save(run)
+                    save_run(run)
+            save_run(run)
             if stop:
                 print(f"interrupted: checkpoint saved at step {run.step}; continue with --resume", file=sys.stderr)
                 return 130
@@ -1294,6 +1261,7 @@ def build_parser():
                 kw["action"] = "store_true"
             elif not kw.get("required"):
                 kw = {"type": type(f.default) if f.default is not None else str, "default": f.default, **kw}
+                kw["help"] += " (default %(default)s)" if f.default is not None else ""
             s.add_argument("--" + f.name.replace("_", "-"), **kw)
     return p
 
@@ -1308,3 +1276,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
