@@ -113,7 +113,8 @@ class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line and exits with code 2, without a traceback."""
 
 def refuse(checks):
-    """Raise a UserError with the message of the first (bad, message) pair that is bad."""
+    """Raise a UserError with the message of the first (bad, message) pair that is bad. Every message is built
+    before any check runs, so it may only use values that exist when nothing is wrong."""
     for bad, message in checks:
         if bad:
             raise UserError(message)
@@ -153,15 +154,21 @@ def scan_dataset(data_dir, caption=None, trigger=None):
         except Exception:
             bad["unreadable"].append(p)
             continue
-        txt = p.with_suffix(".txt")
-        cap = meta.get(p.name) or (txt.read_text(encoding="utf-8") if txt.is_file() else None)
+        if min(im.size) < MIN_SIDE:
+            bad["small"].append(p)
+            continue
+        cap, txt = meta.get(p.name), p.with_suffix(".txt")              # metadata.jsonl first, then the .txt
+        if cap is None and txt.is_file():
+            cap = txt.read_text(encoding="utf-8")
         cap = (cap or "").strip() or caption
-        kind = "small" if min(im.size) < MIN_SIDE else None if cap else "uncaptioned"
-        bad[kind].append(p) if kind else items.append((p, cap.replace("[V]", trigger) if trigger else cap))
-    fix = {"unreadable": "unreadable or corrupt image(s) ({}): re-export or remove them",
-           "small": f"image(s) smaller than {MIN_SIDE} px on a side ({{}}): use larger images",
-           "uncaptioned": "image(s) without a caption ({}): add a same-name .txt file or pass --caption"}
-    problems += [f"{len(ps)} " + fix[kind].format(_names(ps)) for kind, ps in bad.items() if ps]
+        if cap:
+            items.append((p, cap.replace("[V]", trigger) if trigger else cap))
+        else:
+            bad["uncaptioned"].append(p)
+    fix = {"unreadable": "unreadable or corrupt image(s) ({names}): re-export or remove them",
+           "small": "image(s) smaller than {side} px on a side ({names}): use larger images",
+           "uncaptioned": "image(s) without a caption ({names}): add a same-name .txt file or pass --caption"}
+    problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE) for k, ps in bad.items() if ps]
     refuse([(problems, f"--data {root}: " + "; ".join(problems))])
     return items
 
@@ -604,7 +611,7 @@ def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
     """The loss line for line from the math, eager, in the inputs' dtype (the tests feed float64). NaN for numel 0."""
     assert space in ("x0", "v"), f"space must be 'x0' or 'v', got {space!r}"
     w = sigma**2 if space == "x0" else torch.ones_like(sigma)       # (B,)  w(σ_b)
-    w = w.view(-1, *([1] * (v_student.dim() - 1)))                  # (B, 1, ..., 1) broadcasts over C, H, W
+    w = w.view(v_student.shape[0], *([1] * (v_student.dim() - 1)))  # (B, 1, ..., 1) broadcasts over C, H, W
     d = v_student - v_teacher.detach()                              # (B, ...)  sg on the teacher
     return (w * d**2).mean()                                        # ()  one mean over all N elements
 
@@ -706,48 +713,60 @@ def triton_probe(device):
         return False, f"test launch failed: {(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}"
 
 def _resolve_loss_backend(backend, device, dtype):
-    """"auto" -> "triton" on CUDA if the test launch passes, else "torch" (printed once per device type); "triton" is
-    checked. The kernel computes in fp32, so other dtypes (float64) take the PyTorch path."""
+    """The path to run. auto: Triton on CUDA if its test launch passes, else PyTorch, chosen once per device type and
+    printed with why; the kernel computes in fp32, so other dtypes (float64) take PyTorch. A forced "triton" is checked."""
     kernel_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
         if device.type not in LOSS_BACKEND:
-            use, why = ((False, "triton not installed") if not HAS_TRITON else triton_probe(device)
-                        if device.type == "cuda" else (False, f"{device.type} tensor, the Triton kernel needs CUDA"))
+            if not HAS_TRITON:
+                use, why = False, "triton not installed"
+            elif device.type != "cuda":
+                use, why = False, f"{device.type} tensor, the Triton kernel needs CUDA"
+            else:
+                use, why = triton_probe(device)        # a test launch: triton may import and still not run
             LOSS_BACKEND[device.type] = "triton" if use else "torch"
             print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
         return LOSS_BACKEND[device.type] if kernel_dtype else "torch"
-    # Off CUDA the kernel can only run in the interpreter, which @triton.jit picks at *decoration* time: a variable
-    # set after import leaves a compiled kernel that dies with "0 active drivers ([])".
-    interpreted = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(
-        _divergence_kernel, triton.runtime.jit.JITFunction)
-    for bad, why in ((not HAS_TRITON, "triton is not installed; pip install triton"),
-                     (device.type != "cuda" and not interpreted, f"it needs a CUDA tensor, got {device.type} (set "
-                      "TRITON_INTERPRET=1 before triton is imported to run it on CPU)"),
-                     (not kernel_dtype, f"the kernel supports float32/bfloat16/float16, got {dtype}")):
-        if backend == "triton" and bad:
-            raise RuntimeError(f"dopsd_loss: backend='triton' but {why}; or use backend='torch'")
+    if backend == "triton":
+        # Off CUDA the kernel can only run in the interpreter, which @triton.jit picks at *decoration* time: a variable
+        # set after import leaves a compiled kernel that dies with "0 active drivers ([])".
+        interpreted = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(
+            _divergence_kernel, triton.runtime.jit.JITFunction)
+        for bad, why in ((not HAS_TRITON, "triton is not installed; pip install triton"),
+                         (device.type != "cuda" and not interpreted, f"it needs a CUDA tensor, got {device.type} (set "
+                          "TRITON_INTERPRET=1 before triton is imported to run it on CPU)"),
+                         (not kernel_dtype, f"the kernel supports float32/bfloat16/float16, got {dtype}")):
+            if bad:
+                raise RuntimeError(f"dopsd_loss: backend='triton' but {why}; or use backend='torch'")
     return backend
 
 def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto", x=None, dt=None):
     """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
-    v_student: (B, ...) fp32/bf16/fp16, any strides; v_teacher: the same shape; sigma: (B,). backend: "auto", "triton"
-    or "torch". Returns a 0-D fp32 tensor (0 for numel 0); given x and dt, also x + dt·v_s (dopsd_loss_and_step)."""
+    v_student: (B, ...) float, any strides; v_teacher: the same shape; sigma: (B,); all on one device. backend: "auto",
+    "triton" or "torch". Returns a 0-D fp32 tensor (0 for numel 0); given x and dt, also x + dt·v_s (see
+    dopsd_loss_and_step). A ValueError names any argument the fused paths would misread."""
     shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-    B = v_student.shape[0] if v_student.dim() else None
+    B = v_student.shape[0] if torch.is_tensor(v_student) and v_student.dim() else None
+    tensors = [("v_teacher", v_teacher), ("sigma", sigma), ("x", x), ("dt", dt)]
     for bad, why in ((space not in ("x0", "v"), f"space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}"),
                      (backend not in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got "
                       f"{backend!r}"),
                      (B is None or shape(v_teacher) != shape(v_student), f"v_student {shape(v_student)} and v_teacher "
-                      f"{shape(v_teacher)} must be one shape (B, ...)"),
+                      f"{shape(v_teacher)} must be float tensors of one shape (B, ...)"),
+                     (not (v_student.is_floating_point() and v_teacher.is_floating_point()), "velocities must be float"),
                      (shape(sigma) != (B,), f"sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}"),
                      (x is not None and shape(x) != shape(v_student), f"x must have v_student's shape "
-                      f"{shape(v_student)}, got {shape(x)}")):
+                      f"{shape(v_student)}, got {shape(x)}"),
+                     (torch.is_tensor(dt) and shape(dt) not in ((), (B,)), f"dt must be a float or shape ({B},)"),
+                     *((torch.is_tensor(t) and t.device != v_student.device, f"{n} is on {getattr(t, 'device', '')} "
+                       f"but v_student is on {v_student.device}") for n, t in tensors)):
         if bad:
             raise ValueError(f"dopsd_loss: {why}")
     sigma = sigma.detach().float()                                  # (B,) the schedule never gets a gradient
     w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()     # (B,) fp32 w(σ_b)
     if x is not None:  # dt: python float, 0-D or (B,) tensor -> (B,) fp32; the roll-out state is detached every step
-        x, dt = x.detach(), torch.as_tensor(dt, dtype=torch.float32, device=x.device).detach().expand(B).contiguous()
+        dt = torch.as_tensor(dt, dtype=torch.float32, device=v_student.device).detach().expand(B).contiguous()
+        x = x.detach()
     path = _resolve_loss_backend(backend, v_student.device, v_student.dtype)
     return DivergenceLoss.apply(v_student, v_teacher.detach(), w, x, dt, path)   # sg: the teacher is only a target
 
@@ -857,7 +876,8 @@ def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, 
         student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None)
     if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
         vlm, vtok, vproc = load_hybrid_vlm(vlm_path, text_encoder, dtype)
-        ctx = [vlm_features(vlm.to(vae.device), vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
+        vlm.to(vae.device)
+        ctx = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
         warn_long("teacher context (template + image + caption)", items, map(len, ctx), VLM_CONTEXT)
         cache["cond_t"] = [f[:VLM_CONTEXT] for f in ctx]
         print(f"teacher contexts cached: {len(ctx)} × ~{sum(len(c) for c in cache['cond_t']) // len(ctx)} tokens")
@@ -876,7 +896,8 @@ def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
     teacher: (x, σ, cond) -> u. LoRA: adapters "student" and "teacher" (an exact copy at first). --full: the DiT itself
     is the student, and a frozen fp32 deep copy the EMA teacher (in bf16 its 1e-4 EMA increments would round away)."""
     if full:
-        teacher_model, layers = copy.deepcopy(tr).eval() if dopsd else None, None
+        teacher_model = copy.deepcopy(tr).eval() if dopsd else None
+        layers = None                                # no LoRA layers: use_adapter does nothing
         trainable = list(tr.requires_grad_(True).parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
     else:
@@ -916,11 +937,11 @@ def wrap_ddp(tr, device):
     return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False, gradient_as_bucket_view=True)
 
-def draw_row(velocity, conds, grid, decode, vae, autocast):
-    """One grid row: velocity (x, σ, cond) -> u sampled from each column's fixed noise on the deploy schedule."""
+def draw_row(velocity, conds, preview, decode, vae, autocast):
+    """One preview row: velocity (x, σ, cond) -> u sampled from each column's fixed noise on the deploy schedule."""
     with autocast():
         return [decode(vae, euler_sample(lambda x, s: velocity(x, s, collate([conds[i]])), noise.to(vae.device),
-                                         grid.sigmas))[0] for noise, i in zip(grid.noise, grid.cols)]
+                                         preview.sigmas))[0] for noise, i in zip(preview.noise, preview.cols)]
 
 def save_grid(rows, captions, path, label_width=112, caption_height=24):
     """rows: [(label, [PIL])] -> one captioned PNG (columns = prompts), written atomically. Small images are enlarged."""
@@ -940,12 +961,12 @@ def save_grid(rows, captions, path, label_width=112, caption_height=24):
 
 def sample_grid(run):
     """Rank 0: the base, student and (D-OPSD) teacher rows on the fixed grid noise -> samples/step_NNNNNN.png."""
-    row = lambda v, conds: draw_row(v, conds, run.grid, FAMILIES[run.family]["decode"], run.vae, run.autocast)
-    rows = [("base", run.grid.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c),
+    row = lambda v, conds: draw_row(v, conds, run.preview, FAMILIES[run.family]["decode"], run.vae, run.autocast)
+    rows = [("base", run.preview.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c),
                                                      run.cache["cond_s"]))]
     if run.cfg.method == "dopsd":
         rows.append(("teacher+image", row(run.teacher, run.cache["cond_t"])))
-    save_grid(rows, run.grid.captions, run.out / "samples" / f"step_{run.step:06d}.png")
+    save_grid(rows, run.preview.captions, run.out / "samples" / f"step_{run.step:06d}.png")
 
 def atomic_torch_save(obj, path):
     """Write to a temporary file, flush to disk, then rename: a crash mid-write leaves the previous file intact."""
@@ -1056,6 +1077,7 @@ def train_distributed(cfg, items, family, rank, world, device):
         if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(   # gloo: RuntimeError
                 r"gloo|onnection|imeout|imed out", str(e)))):
             raise                                     # not a lost peer: a real bug or a UserError, as it is
+        code = 1                                      # even when train_rank had finished: the teardown failed
         why = re.sub(r"^\[[^\]]*\] ", "", (str(e).strip().splitlines() or [""])[0])   # drop gloo's source path
         print(f"error: rank {rank} of {world} lost contact with the other ranks (one died, or a collective waited "
               f"over --dist-timeout {cfg.dist_timeout:g} min: {why.split('. ')[0][:120]}); the last checkpoint in "
@@ -1089,11 +1111,11 @@ def train_rank(cfg, items, family, rank, world, device):
     # Sample grids: the same noise and prompts every time; the base model's row is drawn once, before any LoRA.
     cell, cols = latent_cell(family, vae), list(range(min(4, len(items))))
     n = cfg.resolution // cell
-    grid = SimpleNamespace(cols=cols, captions=[items[i][1] for i in cols], sigmas=schedule(family, fam["deploy"], n, n),
-                           noise=[torch.randn(1, tr.config.in_channels, n, n,
-                                              generator=torch.Generator().manual_seed(cfg.seed + j)) for j in cols])
-    grid.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"], grid, fam["decode"], vae,
-                         autocast) if rank == 0 else None
+    preview = SimpleNamespace(cols=cols, captions=[items[i][1] for i in cols], sigmas=schedule(
+        family, fam["deploy"], n, n), noise=[torch.randn(1, tr.config.in_channels, n, n, generator=torch.Generator(
+            ).manual_seed(cfg.seed + j)) for j in cols])
+    preview.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"], preview, fam["decode"],
+                            vae, autocast) if rank == 0 else None
     student, teacher, trainable, teacher_params = attach_roles(tr, family, dopsd, cfg.full, cfg.rank, cfg.alpha,
                                                                cfg.seed, autocast)
     if checkpointing:
@@ -1101,9 +1123,9 @@ def train_rank(cfg, items, family, rank, world, device):
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
     run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cell=cell,
-                          cache=cache, tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast, grid=grid,
-                          student=student, teacher=teacher, trainable=trainable, teacher_params=teacher_params,
-                          opt=opt, step=0, nonfinite=0)
+                          cache=cache, tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
+                          preview=preview, student=student, teacher=teacher, trainable=trainable,
+                          teacher_params=teacher_params, opt=opt, step=0, nonfinite=0)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         load_run(out / "checkpoint.pt", run)
     run.model = wrap_ddp(tr, device) if world > 1 else tr
@@ -1117,7 +1139,7 @@ def micro_step(run, micro):
     steps and the --grad-accum micro-batches would otherwise each pay one."""
     cfg, cache = run.cfg, run.cache
     idx = batch_for_step(cache["bucket_of"], cfg.batch_size * run.world, cfg.seed, micro)
-    h, w = (side // run.cell for side in cache["bucket_of"][idx[0]])
+    h, w = cache["bucket_of"][idx[0]][0] // run.cell, cache["bucket_of"][idx[0]][1] // run.cell
     g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
     mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
     noise = torch.randn(len(idx), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
@@ -1143,16 +1165,17 @@ def train_loop(run):
     """The algorithm box: for each step, roll out and score every micro-batch (gradients accumulate), clip, AdamW,
     EMA towards the student, log. A non-finite step is skipped; Ctrl-C saves after the step in flight."""
     from tqdm import tqdm
-    cfg, opt, first, streak, stop = run.cfg, run.opt, run.step, 0, False
+    cfg, opt, first, streak, stop, ended = run.cfg, run.opt, run.step, 0, False, False
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.method, dynamic_ncols=True, disable=run.rank > 0)
     log = open(run.out / "log.jsonl", "a") if run.rank == 0 else open(os.devnull, "w")
     try:
         with CtrlC() as ctrl_c, bar, log:
-            while run.step < cfg.max_steps and not stop and streak < MAX_NONFINITE_STREAK:
+            while run.step < cfg.max_steps and not ended:
                 t0, micro = time.perf_counter(), run.step * cfg.grad_accum
                 loss = sum(micro_step(run, micro + m).detach() / cfg.grad_accum for m in range(cfg.grad_accum))
-                gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, 1.0).item()   # equal on every rank: synced
+                gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)   # equal on every rank: synced
                 loss, stop = sync_loss_and_stop(loss, ctrl_c.requested, run.world, run.device)
+                gnorm = gnorm.item()                                 # host syncs, after the collective, for the log
                 if gnorm == 0 and run.step == first:                 # the student's LoRA got no gradient at all
                     print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
                           "switched away before backward, so training would silently do nothing", file=sys.stderr)
@@ -1162,17 +1185,19 @@ def train_loop(run):
                     opt.step()
                     ema_update(run.teacher_params, run.trainable, cfg.ema_decay)
                 opt.zero_grad(set_to_none=run.world == 1)     # under DDP .grad are views into its buckets: keep them
-                streak, run.step, run.nonfinite = streak + 1 if skipped else 0, run.step + 1, run.nonfinite + skipped
+                streak = streak + 1 if skipped else 0
+                run.step, run.nonfinite = run.step + 1, run.nonfinite + skipped
                 log_step(log, bar, run, loss, gnorm, time.perf_counter() - t0, skipped)
                 # One process: a Ctrl-C during this step counts now. Several: only the flag all ranks agreed on at
                 # the sync, or one rank would save (a collective) while the others went on to the next step.
                 stop = stop or (run.world == 1 and ctrl_c.requested)
-                if cfg.sample_every and run.step % cfg.sample_every == 0 and run.rank == 0 and not stop:
+                ended = stop or streak >= MAX_NONFINITE_STREAK        # either way: save once, below
+                if cfg.sample_every and run.step % cfg.sample_every == 0 and run.rank == 0 and not ended:
                     sample_grid(run)
-                if cfg.save_every and run.step % cfg.save_every == 0 and not stop:
+                if cfg.save_every and run.step % cfg.save_every == 0 and not ended:
                     save_run(run)
             save_run(run)
-            if stop:
+            if stop and streak < MAX_NONFINITE_STREAK:
                 print(f"interrupted: checkpoint saved at step {run.step}; continue with --resume", file=sys.stderr)
                 return 130
             if run.rank == 0:

@@ -741,6 +741,19 @@ def test_unknown_backend_raises():
         dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), backend="cuda")
 
 
+def test_argument_on_another_device_raises():
+    """A sigma (or teacher, x, dt) on another device than v_student is a ValueError naming it, not a crash inside a
+    kernel (the meta device stands in for a GPU here)."""
+    with pytest.raises(ValueError, match="sigma is on meta but v_student is on cpu"):
+        dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, device="meta"))
+
+
+def test_integer_velocities_raise():
+    """Integer velocities are a ValueError: the loss is defined on float tensors only."""
+    with pytest.raises(ValueError, match="velocities must be float"):
+        dopsd_loss(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.ones(2))
+
+
 def test_step_state_shape_mismatch_raises():
     """dopsd_loss_and_step with x of the wrong shape is a ValueError."""
     with pytest.raises(ValueError, match="x must have v_student's shape"):
