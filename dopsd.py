@@ -91,6 +91,9 @@ class TrainConfig:
                                    choices=["auto", "on", "off"])
     dist_timeout: float = knob(60.0, "torchrun: minutes a rank waits for the others (a dead rank, a long --full save)")
     sample_every: int = knob(250, "steps between sample grids; 0 = only at the end")
+    sample_prompt: list = knob(None, "a prompt not in the training data, drawn as an extra grid column to show whether "
+                               "the concept generalises (repeat the flag for more)", action="append")
+    sample_prompts: str = knob(None, "a file of such prompts, one a line")
     save_every: int = knob(500, "steps between checkpoints; 0 = only at the end")
     resume: bool = knob(False, "continue from --out/checkpoint.pt")
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
@@ -100,7 +103,10 @@ class TrainConfig:
 class SampleConfig:
     model: str = knob(TrainConfig.model, "diffusers pipeline, hub id or local folder")
     lora: str = knob(None, "a train --out folder, or its pytorch_lora_weights.safetensors")
-    prompt: str = knob(None, "text prompt ([V] as in training, or your --trigger word)", required=True)
+    lora_scale: float = knob(1.0, "LoRA strength, 1.0 = as trained")
+    compare: bool = knob(False, "a grid with the base model above the LoRA, on the same noise")
+    prompt: list = knob(None, "text prompt ([V] as in training, or your --trigger word); repeat it for a grid, one "
+                        "column a prompt, each with noise seed + column", required=True, action="append")
     out: str = knob("sample.png", "PNG to write")
     steps: int = knob(None, "sampling steps (default: the family's deploy count: Z-Image-Turbo 8, klein 4)", type=int)
     seed: int = knob(0, "noise seed")
@@ -296,9 +302,23 @@ def ranks_agree(tensors):
     dist.all_gather(gathered, sums)
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
+def check_reachable(repo, flag, filename):
+    """Refuse, in seconds, a hub id that is no local folder, not in the Hugging Face cache, and cannot be fetched:
+    without this, an offline machine retries the hub for ~30 s and then reports only an OSError."""
+    from huggingface_hub import constants, get_session, try_to_load_from_cache
+    if Path(repo).is_dir() or isinstance(try_to_load_from_cache(repo, filename), str):
+        return
+    try:                                             # one request, through the proxies huggingface_hub would use
+        get_session().head(f"{constants.ENDPOINT}/api/models/{repo}", timeout=5)
+    except Exception as e:
+        raise UserError(f"{flag} {repo}: no such local folder, not in the Hugging Face cache, and {constants.ENDPOINT} "
+                        f"cannot be reached ({type(e).__name__}); download it on a connected machine (hf download "
+                        f"{repo}) or pass a local folder") from None
+
 def pipeline_family(model):
     """Read the pipeline class from model_index.json before loading any weights; refuse unsupported ones early."""
     from diffusers import DiffusionPipeline
+    check_reachable(model, "--model", "model_index.json")
     try:
         index = DiffusionPipeline.load_config(model)
     except Exception as e:
@@ -820,8 +840,8 @@ def sft_loss(student, x0, noise, sigma, backend="auto"):
 # grids, DDP, Ctrl-C and the log stay in their own small functions. The families differ only in what FAMILIES lists.
 
 FAMILIES = {  # deploy: the distilled step count (Z-Image-Turbo: 8 DiT forwards in diffusers 0.42; klein 4), no CFG
-    "zimage": dict(velocity=zimage_velocity, encode=zimage_encode, decode=zimage_decode, deploy=8),
-    "klein": dict(velocity=klein_velocity, encode=klein_encode, decode=klein_decode, deploy=4),
+    "zimage": dict(velocity=zimage_velocity, encode=zimage_encode, decode=zimage_decode, deploy=8, arch="z-image-turbo"),
+    "klein": dict(velocity=klein_velocity, encode=klein_encode, decode=klein_decode, deploy=4, arch="flux-2-klein"),
 }
 KLEIN_TEACHER_SUFFIX = ("Keep the main subject with all its details, the background and the overall composition the "
                         "same as in the reference image.")   # appended to the klein teacher's caption (--teacher-suffix)
@@ -850,6 +870,14 @@ def collate(conds):
     stack = lambda xs: xs[0][None] if len(xs) == 1 else torch.stack(xs)
     return stack([c[0] for c in conds]), None if conds[0][1] is None else stack([c[1] for c in conds])
 
+def held_out_prompts(flags, file, trigger=None):
+    """The grids' extra columns: the --sample-prompt flags, then the lines of the --sample-prompts file."""
+    path = Path(file) if file else None
+    refuse([(path and not path.is_file(), f"--sample-prompts {path}: file not found; pass a text file with one prompt "
+             "a line")])
+    prompts = [p.strip() for p in [*(flags or []), *(path.read_text(encoding="utf-8").splitlines() if path else [])]]
+    return [p.replace("[V]", trigger) if trigger else p for p in prompts if p]
+
 def check_args(cfg):
     """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
     ckpt, counts = Path(cfg.out) / "checkpoint.pt", {k: getattr(cfg, k) for k in (
@@ -865,15 +893,17 @@ def check_args(cfg):
             (not cfg.resume and ckpt.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue it "
              "or choose another --out")])
 
-def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype):
+def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype, extra=()):
     """Every encoder runs here, once per (image, caption), and never inside the loop. Returns a dict: the crops'
-    buckets [(H, W)], student conditioning cond_s, teacher conditioning cond_t (D-OPSD) or clean latents x0 (SFT)."""
+    buckets [(H, W)], student conditioning cond_s, teacher conditioning cond_t (D-OPSD) or clean latents x0 (SFT),
+    and cond_x, the student conditioning of the grids' held-out prompts `extra`."""
     buckets, captions = make_buckets(resolution), [c for _, c in items]
     crops = [crop_to(im, *nearest_bucket(im.height, im.width, buckets)) for im in map(load_rgb, (p for p, _ in items))]
     limit = klein_text_len(tokenizer) if family == "klein" else 512
     warn_long("caption", items, prompt_tokens(tokenizer, captions, family == "zimage"), limit, "the encoder's ")
     cache = dict(bucket_of=[(im.height, im.width) for im in crops], cond_s=[
-        student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None)
+        student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None,
+        cond_x=[student_features(family, text_encoder, tokenizer, [p])[0] for p in extra])
     if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
         vlm, vtok, vproc = load_hybrid_vlm(vlm_path, text_encoder, dtype)
         vlm.to(vae.device)
@@ -938,35 +968,63 @@ def wrap_ddp(tr, device):
                                    forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 def draw_row(velocity, conds, preview, decode, vae, autocast):
-    """One preview row: velocity (x, σ, cond) -> u sampled from each column's fixed noise on the deploy schedule."""
+    """One grid row: velocity (x, σ, cond) -> u, sampled on the deploy schedule from each column's fixed noise, with
+    that column's conditioning (conds: one per column; fewer leave the last columns empty)."""
     with autocast():
-        return [decode(vae, euler_sample(lambda x, s: velocity(x, s, collate([conds[i]])), noise.to(vae.device),
-                                         preview.sigmas))[0] for noise, i in zip(preview.noise, preview.cols)]
+        images = [decode(vae, euler_sample(lambda x, s: velocity(x, s, collate([c])), noise.to(vae.device),
+                                           preview.sigmas))[0] for noise, c in zip(preview.noise, conds)]
+    return images + [None] * (len(preview.noise) - len(images))
 
-def save_grid(rows, captions, path, label_width=112, caption_height=24):
-    """rows: [(label, [PIL])] -> one captioned PNG (columns = prompts), written atomically. Small images are enlarged."""
+def save_grid(rows, captions, path, label_width=112):
+    """rows: [(label, [PIL or None])] -> one PNG, columns = prompts with their captions wrapped above, written
+    atomically. Small images are enlarged; None leaves a cell white (the teacher has no image for a held-out prompt)."""
+    import textwrap
     from PIL import Image, ImageDraw
-    zoom = max(1, 128 // rows[0][1][0].width)
-    w, h = rows[0][1][0].width * zoom, rows[0][1][0].height * zoom
-    grid = Image.new("RGB", (label_width + w * len(captions), caption_height + h * len(rows)), "white")
+    first = next(im for _, images in rows for im in images if im is not None)
+    zoom = max(1, 128 // first.width)
+    w, h = first.width * zoom, first.height * zoom
+    lines = [textwrap.wrap(cap, max(8, w // 6))[:12] for cap in captions]   # the default font is ~6 px a character
+    top = 8 + 11 * max(map(len, lines))
+    grid = Image.new("RGB", (label_width + w * len(captions), top + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for j, cap in enumerate(captions):
-        draw.text((label_width + j * w + 2, 4), cap[: max(4, w // 6)], fill="black")
+    for j, text in enumerate(lines):
+        draw.multiline_text((label_width + j * w + 2, 4), "\n".join(text), fill="black", spacing=1)
     for i, (label, images) in enumerate(rows):
-        draw.text((4, caption_height + i * h + h // 2 - 6), label, fill="black")
+        draw.text((4, top + i * h + h // 2 - 6), label, fill="black")
         for j, im in enumerate(images):
-            grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, caption_height + i * h))
+            if im is not None:
+                grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, top + i * h))
     grid.save(Path(str(path) + ".tmp"), format="PNG")
     os.replace(Path(str(path) + ".tmp"), path)
 
 def sample_grid(run):
-    """Rank 0: the base, student and (D-OPSD) teacher rows on the fixed grid noise -> samples/step_NNNNNN.png."""
-    row = lambda v, conds: draw_row(v, conds, run.preview, FAMILIES[run.family]["decode"], run.vae, run.autocast)
-    rows = [("base", run.preview.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c),
-                                                     run.cache["cond_s"]))]
+    """Rank 0: the base, student and (D-OPSD) teacher rows on the fixed noise -> samples/step_NNNNNN.png, and the loss
+    curve so far -> loss.png. The teacher has an image only for the training columns."""
+    p = run.preview
+    row = lambda v, conds: draw_row(v, conds, p, FAMILIES[run.family]["decode"], run.vae, run.autocast)
+    rows = [("base", p.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c), p.cond_s))]
     if run.cfg.method == "dopsd":
-        rows.append(("teacher+image", row(run.teacher, run.cache["cond_t"])))
-    save_grid(rows, run.preview.captions, run.out / "samples" / f"step_{run.step:06d}.png")
+        rows.append(("teacher+image", row(run.teacher, p.cond_t)))
+    save_grid(rows, p.captions, run.out / "samples" / f"step_{run.step:06d}.png")
+    save_loss_curve(run.out / "log.jsonl", run.out / "loss.png")
+
+def save_loss_curve(log_path, png_path, size=(480, 200), margin=30):
+    """log.jsonl -> a small PNG of the loss against the step, drawn with PIL (no plotting library)."""
+    from PIL import Image, ImageDraw
+    with open(log_path) as f:
+        pts = [(r["step"], r["loss"]) for r in map(json.loads, f) if math.isfinite(r["loss"])]
+    if len(pts) < 2:
+        return
+    (s0, lo), (s1, hi) = (pts[0][0], min(v for _, v in pts)), (pts[-1][0], max(v for _, v in pts))
+    (W, H), m = size, margin
+    im = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(im)
+    draw.line([(m + (s - s0) / max(s1 - s0, 1) * (W - 2 * m), H - m - (v - lo) / max(hi - lo, 1e-12) * (H - 2 * m))
+               for s, v in pts], fill="black")
+    draw.text((4, 4), f"loss, max {hi:.4g}", fill="gray")
+    draw.text((4, H - m + 6), f"min {lo:.4g}   steps {s0} to {s1}", fill="gray")
+    im.save(Path(str(png_path) + ".tmp"), format="PNG")
+    os.replace(Path(str(png_path) + ".tmp"), png_path)
 
 def atomic_torch_save(obj, path):
     """Write to a temporary file, flush to disk, then rename: a crash mid-write leaves the previous file intact."""
@@ -1005,12 +1063,38 @@ def write_run(run):
         os.replace(out / "transformer.tmp", out / "transformer")
         shutil.rmtree(out / "transformer.old", ignore_errors=True)
         return
+    save_lora(tr, run.pipe_cls, "student", LORA_TARGETS[run.family], out / "pytorch_lora_weights.safetensors",
+              lora_card(run.cfg, run.family, run.step))
+
+def save_lora(transformer, pipe_cls, adapter, target_regex, path, card):
+    """One adapter as a diffusers LoRA file that every loader applies at its trained strength. diffusers scales B·A by
+    the metadata's lora_alpha/r; ComfyUI reads no metadata and applies B·A at strength 1.0 (a per-module .alpha tensor
+    would tell it, but breaks diffusers' loader for both families). So B is written times alpha/r with lora_alpha = r:
+    the same delta in both. `card`: extra metadata for LoRA browsers. checkpoint.pt keeps the factors as trained."""
     from peft.utils import get_peft_model_state_dict
-    meta = {**tr.peft_config["student"].to_dict(), "target_modules": LORA_TARGETS[run.family]}   # rank, alpha too
-    run.pipe_cls.save_lora_weights(out / "lora.tmp", transformer_lora_adapter_metadata=meta,
-                                   transformer_lora_layers=get_peft_model_state_dict(tr, adapter_name="student"))
-    os.replace(out / "lora.tmp" / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
-    (out / "lora.tmp").rmdir()
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    lc, tmp = transformer.peft_config[adapter], Path(str(path) + ".d")
+    layers = {k: v * (lc.lora_alpha / lc.r) if ".lora_B." in k else v
+              for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter).items()}
+    pipe_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata={
+        **lc.to_dict(), "lora_alpha": lc.r, "target_modules": target_regex})
+    with safe_open(tmp / "pytorch_lora_weights.safetensors", "pt") as f:        # diffusers' header, plus the card
+        meta = {**f.metadata(), **card}
+    save_file(load_file(tmp / "pytorch_lora_weights.safetensors"), tmp / "with_card", metadata=meta)
+    os.replace(tmp / "with_card", path)
+    shutil.rmtree(tmp)
+
+def lora_card(cfg, family, step):
+    """What LoRA browsers show: ModelSpec keys (github.com/Stability-AI/ModelSpec) where one fits, else dopsd.*. No
+    date, so that a fixed-seed run writes the same file every time."""
+    fam = FAMILIES[family]
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{fam['arch']}/lora",
+            "modelspec.implementation": "diffusers", "modelspec.title": Path(cfg.out).name,
+            "modelspec.description": f"{cfg.method} LoRA for {cfg.model}, {step} steps (dopsd.py)",
+            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}", "modelspec.trigger_phrase": cfg.trigger or "[V]",
+            "modelspec.usage_hint": f"{fam['deploy']} steps, no CFG; strength 1.0 = as trained",
+            "dopsd.base_model": cfg.model, "dopsd.deploy_steps": str(fam["deploy"])}
 
 def load_run(path, run):
     """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
@@ -1050,15 +1134,18 @@ def train(cfg):
     """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
     check_args(cfg)
     items = scan_dataset(cfg.data, cfg.caption, cfg.trigger)         # bad data stops us before any model is loaded
+    extra = held_out_prompts(cfg.sample_prompt, cfg.sample_prompts, cfg.trigger)
     family = pipeline_family(cfg.model)
+    if family == "zimage" and cfg.method == "dopsd":
+        check_reachable(cfg.vlm, "--vlm", "config.json")
     rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
     if cfg.lr is None:
         cfg = replace(cfg, lr=DEFAULT_LR[family])
         if rank == 0:
             print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
-    return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device)
+    return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device, extra)
 
-def train_distributed(cfg, items, family, rank, world, device):
+def train_distributed(cfg, items, family, rank, world, device, extra=()):
     """train_rank on every rank, then a teardown that always ends; only rank 0 prints to stdout. All ranks meet at a
     barrier, and the DDP wrapper (its Reducer holds the process group) is gone before the group is destroyed: the other
     order could leave a rank blocked for good in ~ProcessGroupGloo's thread join after rank 0 had exited. A rank that
@@ -1067,7 +1154,7 @@ def train_distributed(cfg, items, family, rank, world, device):
     code = 1
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null) if rank else contextlib.nullcontext():
-            code = train_rank(cfg, items, family, rank, world, device)
+            code = train_rank(cfg, items, family, rank, world, device, extra)
         gc.collect()                                  # frees the DDP wrapper even if a reference cycle held it
         dist.barrier()
     except BaseException as e:
@@ -1087,7 +1174,7 @@ def train_distributed(cfg, items, family, rank, world, device):
         dist.destroy_process_group()
     return code
 
-def train_rank(cfg, items, family, rank, world, device):
+def train_rank(cfg, items, family, rank, world, device, extra=()):
     """One process of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The `run`
     namespace holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
@@ -1102,19 +1189,23 @@ def train_rank(cfg, items, family, rank, world, device):
     pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
     pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
     cache = build_cache(family, items, cfg.resolution, vae, pipe.text_encoder.to(device).requires_grad_(False),
-                        pipe.tokenizer, dopsd, cfg.vlm, cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype)
+                        pipe.tokenizer, dopsd, cfg.vlm, cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype, extra)
     del pipe                                         # the encoders go: the loop only ever runs the DiT
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     tr.to(device).requires_grad_(False)
-    # Sample grids: the same noise and prompts every time; the base model's row is drawn once, before any LoRA.
-    cell, cols = latent_cell(family, vae), list(range(min(4, len(items))))
+    # Sample grids: the same noise and prompts every time (up to 4 training captions, then the held-out prompts); the
+    # base model's row is drawn once, before any LoRA.
+    cell, cols = latent_cell(family, vae), range(min(4, len(items)))
     n = cfg.resolution // cell
-    preview = SimpleNamespace(cols=cols, captions=[items[i][1] for i in cols], sigmas=schedule(
-        family, fam["deploy"], n, n), noise=[torch.randn(1, tr.config.in_channels, n, n, generator=torch.Generator(
-            ).manual_seed(cfg.seed + j)) for j in cols])
-    preview.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), cache["cond_s"], preview, fam["decode"],
+    preview = SimpleNamespace(
+        captions=[items[i][1] for i in cols] + [f"(held out) {p}" for p in extra], sigmas=schedule(
+            family, fam["deploy"], n, n), cond_s=[cache["cond_s"][i] for i in cols] + cache["cond_x"],
+        cond_t=[cache["cond_t"][i] for i in cols] if dopsd else [],
+        noise=[torch.randn(1, tr.config.in_channels, n, n, generator=torch.Generator().manual_seed(cfg.seed + j))
+               for j in range(len(cols) + len(extra))])
+    preview.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), preview.cond_s, preview, fam["decode"],
                             vae, autocast) if rank == 0 else None
     student, teacher, trainable, teacher_params = attach_roles(tr, family, dopsd, cfg.full, cfg.rank, cfg.alpha,
                                                                cfg.seed, autocast)
@@ -1211,7 +1302,10 @@ def train_loop(run):
         print(f"error: the loss was not finite for {streak} steps in a row (up to step {run.step}); lower --lr, or "
               "check the data; the last finite weights are saved", file=sys.stderr)
         return 1
-    print(f"done: {run.step} steps, {run.nonfinite} skipped; LoRA and samples in {cfg.out}")
+    print(f"done: {run.step} steps, {run.nonfinite} skipped. LoRA: {run.out / 'pytorch_lora_weights.safetensors'}; "
+          f"grid: {run.out / 'samples' / f'step_{run.step:06d}.png'} (the student row should take on the data's look "
+          f"and stay sharp at {FAMILIES[run.family]['deploy']} steps, like the base row above it); loss: "
+          f"{run.out / 'loss.png'}")
     return 0
 
 def sync_loss_and_stop(loss, stop, world, device):
@@ -1236,39 +1330,53 @@ def log_step(log, bar, run, loss, gnorm, seconds, skipped):
 # The family's deploy recipe (Z-Image-Turbo 8 steps, klein 4; no CFG), with our own Euler loop -- the same function
 # that draws the training grids, and equal to the diffusers pipeline's output (test_dopsd.py checks both).
 
-def load_weights(pipe, weights):
-    """A LoRA file/folder from `train`, or a --full run folder (it holds transformer/), into the pipeline."""
+def load_weights(pipe, weights, scale=1.0):
+    """A LoRA file/folder from `train` at `scale` (1.0 = as trained), or a --full run folder (it holds transformer/)."""
     p = Path(weights)
     if (p / "transformer" / "config.json").is_file():
+        refuse([(scale != 1.0, f"--lora-scale {scale}: {p} is a --full run (a whole DiT), it has no LoRA to scale")])
         pipe.transformer = type(pipe.transformer).from_pretrained(p / "transformer", dtype=pipe.transformer.dtype)
-    elif p.is_file():
-        pipe.load_lora_weights(str(p.parent), weight_name=p.name)
-    elif (p / "pytorch_lora_weights.safetensors").is_file():
-        pipe.load_lora_weights(str(p))
-    else:
-        raise UserError(f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a dopsd --out folder")
+        return
+    file = p if p.is_file() else p / "pytorch_lora_weights.safetensors"
+    refuse([(not file.is_file(), f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a "
+             "dopsd --out folder")])
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="dopsd")
+    pipe.set_adapters(["dopsd"], [scale])
 
-def sample(model, prompt, out, lora=None, steps=None, seed=0, height=1024, width=1024, device="auto", precision="auto"):
-    """Render one image with the deploy settings (or `steps`), with a trained LoRA or --full DiT if given."""
+def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=None, seed=0, height=1024, width=1024,
+           device="auto", precision="auto"):
+    """Render each prompt (a string or a list) with the deploy settings (or `steps`) and the trained weights if given.
+    One prompt: the image; several, or compare=True (the base model above the LoRA, same noise): one grid."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     refuse([(height % 16 or width % 16 or min(height, width) < 16,
-             f"--height/--width must be multiples of 16 (got {height}×{width})")])
+             f"--height/--width must be multiples of 16 (got {height}×{width})"),
+            (compare and not lora, "--compare needs --lora: it draws the base model beside the trained one")])
     family = pipeline_family(model)
     fam, device = FAMILIES[family], pick_device(device)
     dtype, autocast, _ = pick_precision(device, precision, None)
     pipe = load_pipeline(model, dtype)
+    conds = [student_features(family, pipe.text_encoder.to(device), pipe.tokenizer, [p])[0] for p in prompts]
+    cell, steps = latent_cell(family, pipe.vae), steps or fam["deploy"]
+    h, w = height // cell, width // cell
+    preview = SimpleNamespace(sigmas=schedule(family, steps, h, w), noise=[torch.randn(
+        1, pipe.transformer.config.in_channels, h, w, generator=torch.Generator().manual_seed(seed + j))
+        for j in range(len(prompts))])                                     # CPU noise: the same on any device
+    row = lambda: draw_row(lambda x, s, c: fam["velocity"](pipe.transformer, x, s, c), conds, preview, fam["decode"],
+                           pipe.vae, autocast)
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
+    rows = [("base", row())] if compare else []
     if lora:
-        load_weights(pipe, lora)
-    tr, vae = pipe.transformer.to(device), pipe.vae.to(device)
-    cond = collate(student_features(family, pipe.text_encoder.to(device), pipe.tokenizer, [prompt]))
-    cell = latent_cell(family, vae)
-    h, w, steps = height // cell, width // cell, steps or fam["deploy"]
-    noise = torch.randn(1, tr.config.in_channels, h, w, generator=torch.Generator().manual_seed(seed))
-    with autocast():                                                        # CPU noise: same on any device
-        x = euler_sample(lambda x, s: fam["velocity"](tr, x, s, cond), noise.to(device), schedule(family, steps, h, w))
-        image = fam["decode"](vae, x)[0]
+        load_weights(pipe, lora, lora_scale)
+        pipe.transformer.to(device)
+    rows.append((f"LoRA, scale {lora_scale:g}" if lora else "base", row()))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    print(f"wrote {out} ({width}×{height}, {steps} steps, seed {seed})")
+    if len(rows) == 1 and len(prompts) == 1:
+        rows[0][1][0].save(out)
+    else:
+        save_grid(rows, prompts, out)
+    print(f"wrote {out} ({len(prompts)} prompt(s){', base and LoRA' if compare else ''}, {width}×{height}, {steps} "
+          f"steps, seed {seed}{'+column' if len(prompts) > 1 else ''})")
     return 0
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -815,6 +815,117 @@ def test_sample_writes_a_png_of_the_asked_size(tiny, tmp_path):
     assert Image.open(out).size == (96, 64)
 
 
+def student_names(tiny, family):
+    """The adapter_params order that checkpoint.pt's "student" list follows, from a fresh DiT with our adapters."""
+    tr = dopsd.load_pipeline(tiny[family], torch.float32).transformer.requires_grad_(False)
+    dopsd.add_lora_adapters(tr, dopsd.LORA_TARGETS[family], 4, 128.0)
+    return list(dopsd.adapter_params(tr, "student"))
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_the_lora_file_holds_the_trained_delta_at_strength_1_with_alpha_equal_to_rank(request, tiny, family):
+    """ComfyUI applies B·A at strength 1.0 and reads no metadata; diffusers scales by the metadata's lora_alpha/r. The
+    file holds B × alpha/r with lora_alpha = r, so its B·A equals the trained (B·A)·alpha/r of checkpoint.pt in every
+    module (these runs train r 4, alpha 128: a factor 32), and it says what it is to LoRA browsers."""
+    from safetensors import safe_open
+    out = request.getfixturevalue("trained" if family == "zimage" else "klein_trained")
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta, file = f.metadata(), {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+    peft_meta = json.loads(meta["lora_adapter_metadata"])
+    assert peft_meta["transformer.r"] == peft_meta["transformer.lora_alpha"] == 4
+    names = student_names(tiny, family)
+    ck = dict(zip(names, torch.load(out / "checkpoint.pt", weights_only=True)["student"]))
+    assert set(file) == set(ck)
+    for a in (n for n in names if ".lora_A." in n):
+        b = a.replace(".lora_A.", ".lora_B.")
+        assert_close(file[b] @ file[a], (ck[b] @ ck[a]) * 32, rtol=1e-6, what=a, normwise=True)
+    assert any(ck[n].abs().max() > 0 for n in names if ".lora_B." in n)      # a real delta, not zeros
+    assert meta["modelspec.architecture"] == dopsd.FAMILIES[family]["arch"] + "/lora"
+    assert meta["modelspec.trigger_phrase"] == "[V]" and meta["modelspec.resolution"] == "64x64"
+    assert meta["dopsd.base_model"] == str(tiny[family]) and meta["dopsd.deploy_steps"] in ("8", "4")
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_the_pipeline_with_our_lora_reproduces_the_in_training_student(request, tiny, family):
+    """A diffusers pipeline with pipe.load_lora_weights(out) gives, on a fixed input, the velocity the student had in
+    training: its adapter restored from checkpoint.pt into attach_roles' student. The LoRA moves it off the base."""
+    import contextlib
+    out = request.getfixturevalue("trained" if family == "zimage" else "klein_trained")
+    train_pipe = dopsd.load_pipeline(tiny[family], torch.float32)
+    tr = train_pipe.transformer.requires_grad_(False)
+    student, _, trainable, _ = dopsd.attach_roles(tr, family, True, False, 4, 128.0, 0, contextlib.nullcontext)
+    with torch.no_grad():
+        for p, v in zip(trainable, torch.load(out / "checkpoint.pt", weights_only=True)["student"]):
+            p.copy_(v)
+    deploy = dopsd.load_pipeline(tiny[family], torch.float32)
+    cond = dopsd.collate(dopsd.student_features(family, deploy.text_encoder, deploy.tokenizer, ["a red circle"]))
+    n = 64 // dopsd.latent_cell(family, deploy.vae)
+    x, s = torch.randn(1, deploy.transformer.config.in_channels, n, n, generator=torch.Generator().manual_seed(3)), \
+        torch.tensor([0.75])
+    velocity = dopsd.FAMILIES[family]["velocity"]
+    with torch.no_grad():
+        base = velocity(deploy.transformer, x, s, cond)
+        deploy.load_lora_weights(str(out))
+        u_deploy, u_train = velocity(deploy.transformer, x, s, cond), student(tr, x, s, cond)
+    assert_close(u_deploy, u_train, rtol=1e-5, what="deployed vs in-training student", normwise=True)
+    assert (u_train - base).abs().max() > 100 * (u_deploy - u_train).abs().max()
+
+
+def test_held_out_prompts_add_grid_columns_and_the_loss_curve_is_drawn(tiny, tmp_path):
+    """--sample-prompt (repeatable) and --sample-prompts FILE add columns after the training captions; the teacher,
+    which has no image for them, leaves those cells white; loss.png is drawn next to log.jsonl."""
+    import numpy as np
+    from PIL import Image
+    (tmp_path / "p.txt").write_text("a purple star, [V] style\n\n an orange moon \n")
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "2", "--sample-prompt", "a teal cube",
+                                 "--sample-prompts", str(tmp_path / "p.txt"))) == 0
+    grid = np.asarray(Image.open(tmp_path / "o" / "samples" / "step_000002.png").convert("L"))
+    assert grid.shape[1] == 112 + (2 + 3) * 128                  # labels, 2 training images + 3 held out, 128 px each
+    teacher = grid[-128:, 112:]
+    assert (teacher[:, 2 * 128:] == 255).all() and (teacher[:, : 2 * 128] < 255).any()
+    assert Image.open(tmp_path / "o" / "loss.png").size == (480, 200)
+
+
+def test_a_missing_sample_prompts_file_is_one_line(tiny, tmp_path, capsys):
+    """--sample-prompts naming no file stops before any model loads, with the fix."""
+    code = dopsd.main(train_args(tiny, tmp_path / "o", "--sample-prompts", str(tmp_path / "nope.txt")))
+    assert code == 2 and "--sample-prompts" in capsys.readouterr().err
+
+
+def test_sample_compare_draws_the_base_above_the_lora_and_scale_0_is_the_base(tiny, trained, tmp_path):
+    """`sample --compare` with two prompts: one grid, base row above the LoRA row, same noise; --lora-scale 0 makes the
+    LoRA row the base row, scale 1 moves it."""
+    import numpy as np
+    from PIL import Image
+    rows = {}
+    for scale in ("0", "1"):
+        path = tmp_path / f"{scale}.png"
+        assert dopsd.main(["sample", "--model", str(tiny["zimage"]), "--lora", str(trained), "--prompt", "a red circle",
+                           "--prompt", "a blue square in [V] style", "--compare", "--lora-scale", scale, "--out",
+                           str(path), "--height", "64", "--width", "64"]) == 0
+        g = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        assert g.shape[1] == 112 + 2 * 128
+        rows[scale] = g[-256:-128, 112:], g[-128:, 112:]          # (base, LoRA), each 2 cells of 128 px
+    assert (rows["0"][0] == rows["0"][1]).all() and (rows["0"][0] == rows["1"][0]).all()
+    assert np.abs(rows["1"][1] - rows["1"][0]).max() > 10
+
+
+@pytest.mark.parametrize("flag", ["--model", "--vlm"])
+def test_an_unreachable_hub_id_fails_at_once_in_one_line(tiny, tmp_path, monkeypatch, capsys, flag):
+    """A hub id that is no folder, not cached, with the hub unreachable (here nothing listens on the endpoint) is one
+    line naming the flag, the id and the fix, before any model loads: no half-minute retry storm."""
+    import time
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    args = train_args(tiny, tmp_path / "o")
+    args[args.index(flag) + 1] = "nobody/no-such-model"
+    t0 = time.perf_counter()
+    code = dopsd.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{flag} nobody/no-such-model" in err[0] and "hf download" in err[0]
+    assert time.perf_counter() - t0 < 20
+
+
 def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
     """2 steps + --resume to 4 steps gives exactly the weights of 4 straight steps."""
     a, b = tmp_path / "a", tmp_path / "b"
