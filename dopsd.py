@@ -70,6 +70,9 @@ class TrainConfig:
     trigger: str = knob(None, "word that replaces [V] in captions (default: keep [V] literally)")
     resolution: int = knob(1024, "bucket size in pixels, multiple of 16")
     rollout_steps: int = knob(4, "K, student Euler steps per roll-out (4: σ = 1, .9, .75, .5 -> 0)")
+    loss_steps: int = knob(None, "M: a loss at M of the K roll-out states only, drawn anew each step and weighted "
+                           "K/M (an unbiased gradient); the others cost one student forward: at K 4 the bench "
+                           "measures M 1 at 0.44x the step time, for a noisier gradient (default: M = K)", type=int)
     loss_space: str = knob("x0", "x0: σ²-weighted velocity MSE (released code); v: velocity MSE (paper)",
                            choices=["x0", "v"])
     ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 keeps the teacher at the base model")
@@ -95,6 +98,12 @@ class TrainConfig:
                                "the concept generalises (repeat the flag for more)", action="append")
     sample_prompts: str = knob(None, "a file of such prompts, one a line")
     save_every: int = knob(500, "steps between checkpoints; 0 = only at the end")
+    preserve_prompts: str = knob(None, "a file of prompts without the concept, one a line: each step the student also "
+                                 "rolls out on one from noise and is pulled onto the base model (LoRA off) at its own "
+                                 "states, against bleeding into them; a second roll-out, 1.9x the step time in the "
+                                 "bench; "
+                                 "the logged loss adds --preserve-weight × its loss")
+    preserve_weight: float = knob(1.0, "weight of the --preserve-prompts roll-out's loss")
     resume: bool = knob(False, "continue from --out/checkpoint.pt")
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
                              choices=["auto", "triton", "torch"])
@@ -589,13 +598,18 @@ def lora_layers(transformer):
     return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
 
 def use_adapter(layers, name, trainable=True):
-    """Make adapter `name` the active one on every LoRA layer (from lora_layers(); None: no LoRA, nothing to do).
+    """Make adapter `name` the active one on every LoRA layer (from lora_layers(); layers None: no LoRA, nothing to
+    do); name None switches every adapter off, for the base model.
     transformer.set_adapter(name) does the same but walks all modules and re-checks peft's version each call, 2K times
     a step (7 ms a switch on the benchmark's 900-module DiT; this loop: 2.5 ms). peft's layer-level set_adapter makes the
     active adapter trainable unless inference_mode, all others frozen. The teacher is activated frozen: it can never
     collect a gradient, and autocast keeps no bf16 copies of weights that need no grad through the roll-out."""
     for layer in layers or ():
-        if layer.active_adapters != [name] or layer.lora_A[name].weight.requires_grad != trainable:
+        if name is None:
+            layer.enable_adapters(False)             # every adapter off (and frozen)
+        elif layer.disable_adapters or layer.active_adapters != [name] or \
+                layer.lora_A[name].weight.requires_grad != trainable:
+            layer.enable_adapters(True)
             layer.set_adapter(name, inference_mode=not trainable)
 
 @torch.no_grad()
@@ -801,31 +815,39 @@ def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend=
 # onto the teacher's prediction. Because the state is detached, loss_k depends on θ only through the k-th student
 # forward, so a backward per step gives exactly the gradient of the mean -- with one step's activations in memory.
 
-def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, stepwise=True, backend="auto"):
+def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, stepwise=True, backend="auto",
+                  trained=None):
     """One on-policy roll-out; accumulates grad_scale · ∇(mean_k loss_k) into the student's .grad.
     student, teacher: callables (x [B, ...], sigma [B]) -> u [B, ...]; the teacher is called under no_grad.
     noise: [B, ...] start state at σ = sigmas[0]; sigmas: [K+1] schedule ending at 0.
     stepwise=False keeps all K graphs and runs one backward (the public recipe's memory behaviour; for tests/bench).
-    Returns (mean loss over the K steps, detached, fp32 scalar; the final state x at σ = 0)."""
+    trained: the M steps that get a loss (default all K), each weighted K/M, so the gradient is an unbiased estimate
+    of the full one; at the others the student only moves on (a no_grad forward) and the teacher is not called.
+    Returns (mean loss over the trained steps, detached, fp32 scalar; the final state x at σ = 0)."""
     K, B = len(sigmas) - 1, noise.shape[0]
+    trained = range(K) if trained is None else trained
     sigmas = sigmas.to(noise.device)                               # once, not a host->device copy per step
     x, total, graph = noise, noise.new_zeros((), dtype=torch.float32), 0.0
     for k in range(K):
         x = x.detach()                                             # no gradient through earlier steps (no BPTT)
         s = sigmas[k].expand(B)                                    # [B]
+        if k not in trained:                                       # no loss here: the student's Euler step only
+            with torch.no_grad():
+                x = x + (sigmas[k + 1] - sigmas[k]) * student(x, s)
+            continue
         with torch.no_grad():
             u_t = teacher(x, s)                                    # teacher on the STUDENT's state
         u_s = student(x, s)                                        # with grad
         # loss_k, and the student's own Euler step x + (σ_next - σ)·u_s from the same pass over u_s (on-policy)
         loss, x = dopsd_loss_and_step(u_s, u_t, s, x, sigmas[k + 1] - sigmas[k], space=space, backend=backend)
         if stepwise:
-            (loss * (grad_scale / K)).backward()                   # frees this step's activations now
+            (loss * (grad_scale / len(trained))).backward()        # (K/M)·(1/K); frees this step's activations now
         else:
             graph = graph + loss
         total += loss.detach()
     if not stepwise:
-        (graph * (grad_scale / K)).backward()
-    return total / K, x.detach()
+        (graph * (grad_scale / len(trained))).backward()
+    return total / len(trained), x.detach()
 
 def sft_loss(student, x0, noise, sigma, backend="auto"):
     """Plain flow matching (the SFT baseline): the ground-truth velocity ε - x0 at a random σ. x0, noise: [B, ...]."""
@@ -870,12 +892,10 @@ def collate(conds):
     stack = lambda xs: xs[0][None] if len(xs) == 1 else torch.stack(xs)
     return stack([c[0] for c in conds]), None if conds[0][1] is None else stack([c[1] for c in conds])
 
-def held_out_prompts(flags, file, trigger=None):
-    """The grids' extra columns: the --sample-prompt flags, then the lines of the --sample-prompts file."""
-    path = Path(file) if file else None
-    refuse([(path and not path.is_file(), f"--sample-prompts {path}: file not found; pass a text file with one prompt "
-             "a line")])
-    prompts = [p.strip() for p in [*(flags or []), *(path.read_text(encoding="utf-8").splitlines() if path else [])]]
+def read_prompts(flags, file, trigger=None):
+    """Prompts from repeated flags, then the lines of a file (blank lines skipped), [V] replaced as in captions."""
+    prompts = [p.strip() for p in [*(flags or []), *(Path(file).read_text(encoding="utf-8").splitlines() if file
+                                                     else [])]]
     return [p.replace("[V]", trigger) if trigger else p for p in prompts if p]
 
 def check_args(cfg):
@@ -887,23 +907,31 @@ def check_args(cfg):
             (cfg.resolution < 64 or cfg.resolution % 16,
              f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})"),
             (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
+            (cfg.loss_steps is not None and not 1 <= cfg.loss_steps <= cfg.rollout_steps,
+             f"--loss-steps must be from 1 to --rollout-steps {cfg.rollout_steps} (got {cfg.loss_steps})"),
             (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
             (cfg.dist_timeout <= 0, f"--dist-timeout must be positive minutes (got {cfg.dist_timeout})"),
             (cfg.resume and not ckpt.is_file(), f"--resume: no checkpoint at {ckpt}; start without --resume"),
             (not cfg.resume and ckpt.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue it "
-             "or choose another --out")])
+             "or choose another --out"),
+            *((f and not Path(f).is_file(), f"--{flag} {f}: file not found; pass a text file with one prompt a line")
+              for flag, f in (("sample-prompts", cfg.sample_prompts), ("preserve-prompts", cfg.preserve_prompts))),
+            (cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"), "--preserve-prompts pulls a LoRA student "
+             "onto the base model: it needs --method dopsd without --full")])
 
-def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype, extra=()):
+def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype, extra=(),
+                preserve=()):
     """Every encoder runs here, once per (image, caption), and never inside the loop. Returns a dict: the crops'
     buckets [(H, W)], student conditioning cond_s, teacher conditioning cond_t (D-OPSD) or clean latents x0 (SFT),
-    and cond_x, the student conditioning of the grids' held-out prompts `extra`."""
+    and the student conditioning of the grids' held-out prompts `extra` (cond_x) and of `preserve` (cond_p)."""
     buckets, captions = make_buckets(resolution), [c for _, c in items]
     crops = [crop_to(im, *nearest_bucket(im.height, im.width, buckets)) for im in map(load_rgb, (p for p, _ in items))]
     limit = klein_text_len(tokenizer) if family == "klein" else 512
     warn_long("caption", items, prompt_tokens(tokenizer, captions, family == "zimage"), limit, "the encoder's ")
     cache = dict(bucket_of=[(im.height, im.width) for im in crops], cond_s=[
         student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None,
-        cond_x=[student_features(family, text_encoder, tokenizer, [p])[0] for p in extra])
+        cond_x=[student_features(family, text_encoder, tokenizer, [p])[0] for p in extra],
+        cond_p=[student_features(family, text_encoder, tokenizer, [p])[0] for p in preserve])
     if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
         vlm, vtok, vproc = load_hybrid_vlm(vlm_path, text_encoder, dtype)
         vlm.to(vae.device)
@@ -948,8 +976,8 @@ def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
         with autocast():
             return velocity(model, x, s, c)
 
-    def teacher(x, s, c):
-        use_adapter(layers, "teacher", trainable=False)
+    def teacher(x, s, c, adapter="teacher"):        # adapter=None: the base model, for --preserve-prompts
+        use_adapter(layers, adapter, trainable=False)
         with autocast():
             u = velocity(teacher_model, x, s, c)
         use_adapter(layers, "student")
@@ -1134,7 +1162,6 @@ def train(cfg):
     """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
     check_args(cfg)
     items = scan_dataset(cfg.data, cfg.caption, cfg.trigger)         # bad data stops us before any model is loaded
-    extra = held_out_prompts(cfg.sample_prompt, cfg.sample_prompts, cfg.trigger)
     family = pipeline_family(cfg.model)
     if family == "zimage" and cfg.method == "dopsd":
         check_reachable(cfg.vlm, "--vlm", "config.json")
@@ -1143,9 +1170,9 @@ def train(cfg):
         cfg = replace(cfg, lr=DEFAULT_LR[family])
         if rank == 0:
             print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
-    return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device, extra)
+    return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device)
 
-def train_distributed(cfg, items, family, rank, world, device, extra=()):
+def train_distributed(cfg, items, family, rank, world, device):
     """train_rank on every rank, then a teardown that always ends; only rank 0 prints to stdout. All ranks meet at a
     barrier, and the DDP wrapper (its Reducer holds the process group) is gone before the group is destroyed: the other
     order could leave a rank blocked for good in ~ProcessGroupGloo's thread join after rank 0 had exited. A rank that
@@ -1154,7 +1181,7 @@ def train_distributed(cfg, items, family, rank, world, device, extra=()):
     code = 1
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null) if rank else contextlib.nullcontext():
-            code = train_rank(cfg, items, family, rank, world, device, extra)
+            code = train_rank(cfg, items, family, rank, world, device)
         gc.collect()                                  # frees the DDP wrapper even if a reference cycle held it
         dist.barrier()
     except BaseException as e:
@@ -1174,7 +1201,7 @@ def train_distributed(cfg, items, family, rank, world, device, extra=()):
         dist.destroy_process_group()
     return code
 
-def train_rank(cfg, items, family, rank, world, device, extra=()):
+def train_rank(cfg, items, family, rank, world, device):
     """One process of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The `run`
     namespace holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
@@ -1186,10 +1213,14 @@ def train_rank(cfg, items, family, rank, world, device, extra=()):
         (out / "samples").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world, "versions": {
             m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}}, indent=2))
+    extra = read_prompts(cfg.sample_prompt, cfg.sample_prompts, cfg.trigger)         # the grids' held-out columns
+    preserve = read_prompts(None, cfg.preserve_prompts, cfg.trigger)
+    refuse([(cfg.preserve_prompts and not preserve, f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")])
     pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
     pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
     cache = build_cache(family, items, cfg.resolution, vae, pipe.text_encoder.to(device).requires_grad_(False),
-                        pipe.tokenizer, dopsd, cfg.vlm, cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype, extra)
+                        pipe.tokenizer, dopsd, cfg.vlm, cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype, extra,
+                        preserve)
     del pipe                                         # the encoders go: the loop only ever runs the DiT
     gc.collect()
     if device.type == "cuda":
@@ -1216,7 +1247,7 @@ def train_rank(cfg, items, family, rank, world, device, extra=()):
     run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cell=cell,
                           cache=cache, tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
                           preview=preview, student=student, teacher=teacher, trainable=trainable,
-                          teacher_params=teacher_params, opt=opt, step=0, nonfinite=0)
+                          teacher_params=teacher_params, opt=opt, step=0, nonfinite=0, trained_states=[])
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         load_run(out / "checkpoint.pt", run)
     run.model = wrap_ddp(tr, device) if world > 1 else tr
@@ -1235,17 +1266,29 @@ def micro_step(run, micro):
     mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
     noise = torch.randn(len(idx), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
     idx, cs, calls = idx[mine], collate([cache["cond_s"][i] for i in idx[mine]]), [0]
-    backwards, last = cfg.rollout_steps if cfg.method == "dopsd" else 1, (micro + 1) % cfg.grad_accum == 0
+    M, K = cfg.loss_steps or cfg.rollout_steps, cfg.rollout_steps
+    trained = sorted(torch.randperm(K, generator=g)[:M].tolist()) if M < K and cfg.method == "dopsd" else None
+    run.trained_states += [trained] if trained else []       # for the log (--loss-steps)
+    rollouts = (2 if cache["cond_p"] else 1) if cfg.method == "dopsd" else 0
+    backwards, last = max(1, rollouts * M), (micro + 1) % cfg.grad_accum == 0
 
-    def student_x(x, s):                             # the student on this batch's captions
-        calls[0] += 1
+    def student_x(x, s, c=cs):                       # the student on this batch's captions, or on c
+        calls[0] += torch.is_grad_enabled()          # count the forwards that will have a backward
         if run.world > 1:
             run.model.require_backward_grad_sync = last and calls[0] == backwards
-        return run.student(run.model, x, s, cs)
+        return run.student(run.model, x, s, c)
     if cfg.method == "dopsd":
-        ct = collate([cache["cond_t"][i] for i in idx])
-        return dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise, schedule(
-            run.family, cfg.rollout_steps, h, w), cfg.loss_space, 1.0 / cfg.grad_accum, backend=cfg.loss_backend)[0]
+        ct, sigmas = collate([cache["cond_t"][i] for i in idx]), schedule(run.family, cfg.rollout_steps, h, w)
+        loss = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise, sigmas, cfg.loss_space,
+                             1.0 / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
+        if cache["cond_p"]:  # --preserve-prompts: on-policy from new noise, onto the base model (every adapter off)
+            pick = torch.randint(len(cache["cond_p"]), (len(noise) * run.world,), generator=g)[mine].tolist()
+            noise_p = torch.randn(len(noise) * run.world, *noise.shape[1:], generator=g)[mine].to(run.device)
+            cp = collate([cache["cond_p"][i] for i in pick])
+            loss = loss + cfg.preserve_weight * dopsd_rollout(
+                lambda x, s: student_x(x, s, cp), lambda x, s: run.teacher(x, s, cp, adapter=None), noise_p, sigmas,
+                cfg.loss_space, cfg.preserve_weight / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
+        return loss
     u = torch.rand(cfg.batch_size * run.world, generator=g)[mine]   # SFT: σ from the model's shifted density (shift 3)
     x0 = torch.stack([cache["x0"][i] for i in idx])
     loss = sft_loss(student_x, x0, noise, (3 * u / (1 + 2 * u)).to(run.device), backend=cfg.loss_backend)
@@ -1262,7 +1305,7 @@ def train_loop(run):
     try:
         with CtrlC() as ctrl_c, bar, log:
             while run.step < cfg.max_steps and not ended:
-                t0, micro = time.perf_counter(), run.step * cfg.grad_accum
+                t0, micro, run.trained_states = time.perf_counter(), run.step * cfg.grad_accum, []
                 loss = sum(micro_step(run, micro + m).detach() / cfg.grad_accum for m in range(cfg.grad_accum))
                 gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)   # equal on every rank: synced
                 loss, stop = sync_loss_and_stop(loss, ctrl_c.requested, run.world, run.device)
@@ -1319,8 +1362,8 @@ def sync_loss_and_stop(loss, stop, world, device):
 
 def log_step(log, bar, run, loss, gnorm, seconds, skipped):
     """One line of log.jsonl, and the progress bar's numbers."""
-    log.write(json.dumps({"step": run.step, "loss": loss, "lr": run.cfg.lr, "grad_norm": gnorm,
-                          "sec": round(seconds, 4), "skipped": skipped}) + "\n")
+    log.write(json.dumps({"step": run.step, "loss": loss, "lr": run.cfg.lr, "grad_norm": gnorm, "sec": round(
+        seconds, 4), "skipped": skipped, **({"trained_states": run.trained_states} if run.trained_states else {})}) + "\n")
     log.flush()
     bar.set_postfix(loss=f"{loss:.4g}", s_per_step=f"{seconds:.2f}", skipped=run.nonfinite)
     bar.update(1)

@@ -339,6 +339,49 @@ def test_teacher_adapter_gets_no_gradient(two_role_dit):
     assert all(g is not None and g.abs().sum() > 0 for g in grads(tr, "student").values())
 
 
+def test_all_K_loss_steps_are_the_full_gradient_bit_for_bit(two_role_dit):
+    """trained = every step (--loss-steps M = K) is today's roll-out exactly: loss, final state and gradient."""
+    tr, student, teacher = two_role_dit
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = []
+    for trained in (None, [0, 1, 2, 3]):
+        tr.zero_grad(set_to_none=True)
+        loss, x = dopsd.dopsd_rollout(student, teacher, noise, dopsd.zimage_sigmas(4), trained=trained)
+        out.append((loss, x, grads(tr, "student")))
+    (l1, x1, g1), (l2, x2, g2) = out
+    assert torch.equal(l1, l2) and torch.equal(x1, x2) and all(torch.equal(g1[n], g2[n]) for n in g1)
+
+
+def test_one_loss_step_averaged_over_its_K_choices_is_the_full_gradient(two_role_dit):
+    """--loss-steps 1: the loss at one state, weighted K, is an unbiased estimate. Averaged over the K choices it is
+    the full gradient; the roll-out's final state is the same whichever state gets the loss."""
+    tr, student, teacher = two_role_dit
+    noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    dopsd.dopsd_rollout(student, teacher, noise, dopsd.zimage_sigmas(4))
+    full = grads(tr, "student")
+    mean = {n: torch.zeros_like(g) for n, g in full.items()}
+    for k in range(4):
+        tr.zero_grad(set_to_none=True)
+        _, x = dopsd.dopsd_rollout(student, teacher, noise, dopsd.zimage_sigmas(4), trained=[k])
+        for n, g in grads(tr, "student").items():
+            mean[n] += g / 4
+    for n in full:
+        assert_close(mean[n], full[n], rtol=1e-5, what=n, normwise=True)
+
+
+def test_the_teacher_runs_M_times_per_rollout_and_the_student_has_M_backwards():
+    """At the K − M unchosen states the teacher is not called and the student runs without grad."""
+    calls = {"teacher": 0, "grad": 0, "no_grad": 0}
+
+    def student(x, s):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return x * w
+    w = torch.tensor(0.5, requires_grad=True)
+    teacher = lambda x, s: calls.__setitem__("teacher", calls["teacher"] + 1) or x * 0
+    dopsd.dopsd_rollout(student, teacher, torch.randn(2, 3), dopsd.zimage_sigmas(4), trained=[1, 3])
+    assert calls == {"teacher": 2, "grad": 2, "no_grad": 2} and w.grad is not None
+
+
 def test_stepwise_backward_equals_one_backward(two_role_dit):
     """Backward per step (flat memory) gives the same gradient and loss as one backward over the mean of the K losses."""
     tr, student, teacher = two_role_dit
@@ -871,6 +914,31 @@ def test_the_pipeline_with_our_lora_reproduces_the_in_training_student(request, 
     assert (u_train - base).abs().max() > 100 * (u_deploy - u_train).abs().max()
 
 
+def test_fewer_loss_steps_resume_bit_exactly_and_log_the_trained_states(tiny, tmp_path, capsys):
+    """--rollout-steps 4 --loss-steps 1: 2 steps + --resume to 3 equal 3 straight steps (the states are drawn from the
+    step's seed), log.jsonl names the state trained at each step, and --loss-steps 2 of 2 is the default run exactly.
+    M outside 1..K is refused."""
+    few = ["--rollout-steps", "4", "--loss-steps", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert dopsd.main(train_args(tiny, a, "--max-steps", "3", *few)) == 0
+    assert dopsd.main(train_args(tiny, b, "--max-steps", "2", *few)) == 0
+    assert dopsd.main(train_args(tiny, b, "--max-steps", "3", "--resume", *few)) == 0
+    wa, wb = lora_weights(a), lora_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines()]
+    assert all(len(r["trained_states"]) == 1 and len(r["trained_states"][0]) == 1 for r in rows)
+    c, d = tmp_path / "c", tmp_path / "d"
+    assert dopsd.main(train_args(tiny, c, "--max-steps", "2")) == 0
+    assert dopsd.main(train_args(tiny, d, "--max-steps", "2", "--loss-steps", "2")) == 0
+    wc, wd = lora_weights(c), lora_weights(d)
+    assert all(torch.equal(wc[k], wd[k]) for k in wc)
+    assert "trained_states" not in (d / "log.jsonl").read_text()
+    capsys.readouterr()
+    for m in ("0", "3"):
+        assert dopsd.main(train_args(tiny, tmp_path / f"x{m}", "--loss-steps", m)) == 2
+        assert "--loss-steps must be from 1 to --rollout-steps 2" in capsys.readouterr().err
+
+
 def test_held_out_prompts_add_grid_columns_and_the_loss_curve_is_drawn(tiny, tmp_path):
     """--sample-prompt (repeatable) and --sample-prompts FILE add columns after the training captions; the teacher,
     which has no image for them, leaves those cells white; loss.png is drawn next to log.jsonl."""
@@ -884,6 +952,53 @@ def test_held_out_prompts_add_grid_columns_and_the_loss_curve_is_drawn(tiny, tmp
     teacher = grid[-128:, 112:]
     assert (teacher[:, 2 * 128:] == 255).all() and (teacher[:, : 2 * 128] < 255).any()
     assert Image.open(tmp_path / "o" / "loss.png").size == (480, 200)
+
+
+def test_a_preserve_step_pulls_the_student_towards_the_base_model(tiny):
+    """--preserve-prompts' term, in isolation: the student rolls out on a prompt without the concept and is regressed
+    onto the base model (every adapter off) at its own states; one SGD step on it moves the student's velocity towards
+    the base's. The base callable is exactly the DiT without LoRA, and hands the DiT back with the student trainable."""
+    import contextlib
+    from diffusers import ZImageTransformer2DModel
+    tr = ZImageTransformer2DModel.from_pretrained(tiny["zimage"] / "transformer").requires_grad_(False)
+    plain = ZImageTransformer2DModel.from_pretrained(tiny["zimage"] / "transformer")
+    student, teacher, trainable, _ = dopsd.attach_roles(tr, "zimage", True, False, 4, 8.0, 0, contextlib.nullcontext)
+    with torch.no_grad():
+        for n, p in tr.named_parameters():
+            if "lora_B.student" in n:                                   # a student that has drifted from the base
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    caps = [torch.randn(7, 32, generator=torch.Generator().manual_seed(1))]
+    x, s = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([0.9])
+    base = lambda x, s: teacher(x, s, caps, adapter=None)
+    with torch.no_grad():
+        assert torch.equal(base(x, s), dopsd.zimage_velocity(plain, x, s, caps))
+        gap = (student(tr, x, s, caps) - base(x, s)).norm()
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    dopsd.dopsd_rollout(lambda x, s: student(tr, x, s, caps), base, torch.randn(1, 16, 8, 8), dopsd.zimage_sigmas(2))
+    assert sum(p.grad.abs().sum() for p in trainable) > 0             # the student, not the base, got the gradient
+    opt.step()
+    with torch.no_grad():
+        assert (student(tr, x, s, caps) - base(x, s)).norm() < 0.9 * gap
+
+
+def test_preserve_prompts_add_a_second_rollout_to_each_step(tiny, tmp_path, capsys):
+    """With --preserve-prompts the same seed trains a different LoRA. At step 1 the student still is the base model,
+    so the preserve term, and the loss it adds to the log, is exactly 0; from step 2 on it pulls. With --full, with
+    SFT, or with an empty file it is a one-line refusal."""
+    (tmp_path / "keep.txt").write_text("a photo of a dog\na bowl of fruit\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert dopsd.main(train_args(tiny, a, "--max-steps", "2")) == 0
+    assert dopsd.main(train_args(tiny, b, "--max-steps", "2", "--preserve-prompts", str(tmp_path / "keep.txt"))) == 0
+    la, lb = ([json.loads(l)["loss"] for l in (d / "log.jsonl").read_text().splitlines()] for d in (a, b))
+    assert lb[0] == la[0] and lb[1] != la[1]
+    wa, wb = lora_weights(a), lora_weights(b)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    capsys.readouterr()
+    for i, extra in enumerate([["--full"], ["--method", "sft"], []]):
+        keep = str(tmp_path / ("empty.txt" if not extra else "keep.txt"))
+        code = dopsd.main(train_args(tiny, tmp_path / f"r{i}", "--preserve-prompts", keep, *extra))
+        assert code == 2 and "--preserve-prompts" in capsys.readouterr().err
 
 
 def test_a_missing_sample_prompts_file_is_one_line(tiny, tmp_path, capsys):

@@ -15,8 +15,12 @@ Qwen3-VL and VAE, with a bigger DiT (see FULL) so that the DiT dominates every s
             --method dopsd (K = 4) and --method sft on the same data, batch and seed: the `sec` field of
             OUT/log.jsonl, median after warm-up, over alternating runs SFT, D-OPSD, SFT, D-OPSD, SFT; and their ratio.
             During these runs every text-encoder / VLM / VAE-encoder forward is counted (goal: none in the loop).
+  preserve  a D-OPSD step with --preserve-prompts (a second roll-out, onto the base model) over one without,
+            alternating runs as in train; its floor is 2.0.
   floor     the floor, measured on this DiT: student forward, forward+backward and teacher forward, interleaved with
             whole D-OPSD and SFT steps in one process (a drift-free cross-check of the train-loop ratio).
+  loss_steps  a D-OPSD step with --loss-steps M = 4, 1, 2 at K = 4 (a loss at M of the K states), in rounds, each
+            against M = K and against its pass-count floor on this DiT's floor timings.
   reencode  a D-OPSD step with the feature cache vs one that re-encodes caption and image every step (public recipe).
   memory    the step's own peak memory at K = 2, 4, 8, step-wise backward (dopsd's default) vs one backward over the
             whole roll-out; one fresh subprocess per configuration.
@@ -25,7 +29,8 @@ Qwen3-VL and VAE, with a bigger DiT (see FULL) so that the DiT dominates every s
   loss      the fused divergence loss vs the naive autograd composition (fwd+bwd time, saved bytes, bytes touched;
             on CUDA also the Triton kernel's GB/s vs a copy).
 Goals (PASS/FAIL): D-OPSD/SFT step-time ratio <= 6.0 at K = 4 (CPU fp32); peak at K = 8 <= 1.15 x peak at K = 2
-(step-wise); encoders never run inside the loop; our sampler no more than 5 % slower than the pipeline.
+(step-wise); encoders never run inside the loop; our sampler no more than 5 % slower than the pipeline; the
+--loss-steps 1 step at most 0.5 x the M = K step at K = 4.
 Timings are medians over repeats after a warm-up. On a shared machine they are only as good as its idle cores: the CPU
 time other processes used during each part is measured (foreign_cores) and a warning says when it distorts the numbers.
 """
@@ -79,8 +84,8 @@ QUICK = dict(dim=128, n_heads=2, n_layers=2, n_refiner_layers=1, axes_dims=[16, 
              n_images=2, train_pairs=1, dopsd_steps=3, dopsd_warmup=1, sft_steps=4, sft_warmup=1,
              mem_ks=(2, 8), reencode_repeats=2, floor_repeats=2, sampler_repeats=2, loss_repeats=3)
 K_MAIN = 4                            # the goal's roll-out length (dopsd's default --rollout-steps)
-PHASES = ("train", "floor", "reencode", "memory", "sampler", "loss")   # in the order they run
-GOALS = dict(ratio=6.0, mem=1.15, sampler=0.05)
+PHASES = ("train", "preserve", "floor", "loss_steps", "reencode", "memory", "sampler", "loss")   # in the order they run
+GOALS = dict(ratio=6.0, mem=1.15, sampler=0.05, loss_steps=0.5)
 PROMPT = "a red circle in [V] style"  # sampler prompt (any caption works; the embeds are shared by both paths)
 
 
@@ -349,8 +354,9 @@ class EncoderCalls:
         return {"before_loop": start, "in_loop": {k: self.calls[k] - start[k] for k in self.calls}}
 
 
-def bench_train(root, s, device, method, work, tag=""):
-    """Run `dopsd.py train` in-process for a few steps; return the per-step seconds from log.jsonl and encoder counts."""
+def bench_train(root, s, device, method, work, tag="", extra=()):
+    """Run `dopsd.py train` in-process for a few steps; return the per-step seconds from log.jsonl and encoder counts.
+    extra: more train flags (the preserve phase adds --preserve-prompts)."""
     out = work / f"train_{method}{tag}"
     steps, warmup = s[f"{method}_steps"], s[f"{method}_warmup"]
     argv = ["train", "--data", str(root / "data"), "--model", str(root / "zimage"), "--vlm", str(root / "vlm"),
@@ -362,7 +368,7 @@ def bench_train(root, s, device, method, work, tag=""):
             "--batch-size", "1", "--seed", "0",        # same data, batch and seed for both methods
             "--sample-every", "0",                     # 0 = no grid inside the loop (dopsd still renders the base row
                                                        # before and one grid after it: outside the timed steps)
-            "--save-every", "0"]                       # 0 = save only at the end, after the last timed step
+            "--save-every", "0", *extra]               # 0 = save only at the end, after the last timed step
     log = io.StringIO()
     with EncoderCalls() as enc, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         t0 = time.perf_counter()
@@ -405,6 +411,50 @@ def bench_train_alternating(root, s, device, work):
     out["per_run_ratios"] = [d["sec_per_step"] / statistics.mean([sft[i]["sec_per_step"], sft[i + 1]["sec_per_step"]])
                              for i, d in enumerate(dop)]
     return out
+
+
+def bench_preserve(root, s, device, work):
+    """The cost of --preserve-prompts: D-OPSD steps with and without it, alternating (plain, preserve, plain, ...)
+    like the train phase. Its floor is 2.0: a second roll-out of K student forward+backward and K base forwards (the
+    base model sees text only, a shorter context than the teacher's, so slightly under 2 is possible)."""
+    prompts = work / "preserve_prompts.txt"
+    prompts.write_text("a photo of a dog on grass\na bowl of fruit on a table\n")
+    plain, kept = [bench_train(root, s, device, "dopsd", work, "_plain_1")], []
+    for i in range(s["train_pairs"]):
+        kept.append(bench_train(root, s, device, "dopsd", work, f"_preserve_{i + 1}",
+                                extra=("--preserve-prompts", str(prompts))))
+        plain.append(bench_train(root, s, device, "dopsd", work, f"_plain_{i + 2}"))
+    med = lambda runs: statistics.median(t for r in runs for t in r["timed_secs"])
+    return dict(plain_s=med(plain), preserve_s=med(kept), ratio=med(kept) / med(plain),
+                per_run_ratios=[k["sec_per_step"] / statistics.mean([plain[i]["sec_per_step"],
+                                                                    plain[i + 1]["sec_per_step"]])
+                                for i, k in enumerate(kept)])
+
+
+def bench_loss_steps(root, s, device, work, ms=(K_MAIN, 1, 2)):
+    """Seconds per D-OPSD step with --loss-steps M at K = 4, in rounds of M = 4, 1, 2 (drift hits each alike), and
+    each M's ratio to M = K. Its pass-count floor: (K - M) student forwards + M (student forward+backward + teacher
+    forward), over K of the latter; print_loss_steps evaluates it with the floor phase's timings of this DiT."""
+    runs = {m: [] for m in ms}
+    for i in range(s["train_pairs"]):
+        for m in ms:
+            runs[m].append(bench_train(root, s, device, "dopsd", work, f"_M{m}_{i + 1}", extra=("--loss-steps", str(m))))
+    med = {m: statistics.median(t for r in rs for t in r["timed_secs"]) for m, rs in runs.items()}
+    return dict(K=K_MAIN, sec_per_step=med, ratio_vs_K={m: med[m] / med[K_MAIN] for m in ms})
+
+
+def print_loss_steps(r, floor):
+    for m, sec in sorted(r["sec_per_step"].items(), key=lambda kv: -kv[0]):
+        line = f"   M = {m}: {sec:.3f} s/step, {r['ratio_vs_K'][m]:.2f} x the M = K step"
+        if floor:                                    # the pass-count floor of this ratio, on this DiT's own timings
+            full = floor["fwdbwd_s"] + floor["fwd_t"]
+            line += f" (floor {((r['K'] - m) * floor['fwd_s'] + m * full) / (r['K'] * full):.2f})"
+        print(line)
+
+
+def print_preserve(r):
+    print(f"   D-OPSD step {r['plain_s']:.3f} s | with --preserve-prompts {r['preserve_s']:.3f} s | ratio "
+          f"{r['ratio']:.2f} (floor 2.0: a second roll-out; per run {', '.join(f'{x:.2f}' for x in r['per_run_ratios'])})")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -754,6 +804,7 @@ def check_goals(res, device):
         enc = dict(in_loop_calls=sum(sum(r["encoder_calls"]["in_loop"].values()) for r in runs),
                    cache_once_per_pair=all(r["encoder_calls"]["before_loop"] == expect[r["method"]] for r in runs))
     d = sm["rel_diff"] if sm else None
+    ls = res["loss_steps"]["ratio_vs_K"][1] if _ok(res.get("loss_steps")) else None
     fl = res.get("floor") if _ok(res.get("floor")) else None
     ratio_note = "the goal is for CPU fp32" if device.type == "cpu" else \
         "measured on CUDA bf16 with gradient checkpointing; the goal is for CPU fp32"
@@ -769,6 +820,8 @@ def check_goals(res, device):
                                       ok=enc is not None and enc["in_loop_calls"] == 0 and enc["cache_once_per_pair"]),
         "sampler_within_5pct": dict(value=d, limit=f"ours <= (1 + {GOALS['sampler']}) x pipeline",
                                     ok=d is not None and d <= GOALS["sampler"]),
+        "loss_steps_m1_over_mk": dict(value=ls, limit=f"<= {GOALS['loss_steps']} (K = {K_MAIN})",
+                                      ok=ls is not None and ls <= GOALS["loss_steps"]),
     }
     for g in goals.values():
         ok = g.pop("ok")
@@ -930,8 +983,11 @@ def main(argv=None):
               f"alpha {mi['lora_alpha']} | {mi['n_images']} training pairs, batch 1, seed 0, K = {K_MAIN}")
         phases = {
             "train": (lambda: bench_train_alternating(root, s, device, work), print_train),
+            "preserve": (lambda: bench_preserve(root, s, device, work), print_preserve),
             "floor": (lambda: bench_floor(get_harness(), s),
                       lambda r: print_floor(r, res["train"] if _ok(res.get("train")) else None)),
+            "loss_steps": (lambda: bench_loss_steps(root, s, device, work),
+                           lambda r: print_loss_steps(r, res["floor"] if _ok(res.get("floor")) else None)),
             "reencode": (lambda: bench_reencode(get_harness(), s), print_reencode),
             "memory": (lambda: bench_memory(root, s, device, torch.get_num_threads()),
                        lambda r: print_memory(r, s, device)),
