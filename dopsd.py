@@ -1281,7 +1281,9 @@ def micro_step(run, micro):
         ct, sigmas = collate([cache["cond_t"][i] for i in idx]), schedule(run.family, cfg.rollout_steps, h, w)
         loss = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise, sigmas, cfg.loss_space,
                              1.0 / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
-        if cache["cond_p"]:  # --preserve-prompts: on-policy from new noise, onto the base model (every adapter off)
+        # --preserve-prompts: on-policy from new noise, onto the base model (all adapters off), with a loss at the
+        # same states as the main roll-out
+        if cache["cond_p"]:
             pick = torch.randint(len(cache["cond_p"]), (len(noise) * run.world,), generator=g)[mine].tolist()
             noise_p = torch.randn(len(noise) * run.world, *noise.shape[1:], generator=g)[mine].to(run.device)
             cp = collate([cache["cond_p"][i] for i in pick])
