@@ -79,21 +79,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data = world.write_finetune_set(work / "data")
     ev = rp.Evaluator(data)
-    ref = dict(teacher=ev.images([world.caption(s, c, world.TRIGGER) for s, c in world.NEW_PROMPTS], rp.NOISE,
-                                 teacher=True), old=ev.images([world.caption(s, c) for s, c in rp.OLD_PROMPTS], rp.NOISE))
-    lrs = {}
-    for m in MS:                                         # the learning-rate rule of reproduce.py
-        if args.quick:
-            lrs[m] = 3e-4
-            continue
-        scores = {}
-        for lr in rp.LR_SWEEP:
-            run = work / f"sweep_{m}_{lr:g}"
-            scores[lr] = ev.measure(train_m(m, lr, 0, SWEEP_LENGTH, run, data)[0], None, rp.VAL_NOISE,
-                                    rp.VAL_PROMPTS)["style"]
-            shutil.rmtree(run)
-        lrs[m] = min(scores, key=scores.get)
-        rp.log(f"lr sweep M={m}: " + ", ".join(f"{k:g} -> {v:.3f}" for k, v in scores.items()) + f" => {lrs[m]:g}")
+    ref = rp.references(ev)
+    lrs = {m: 3e-4 if args.quick else rp.pick_lr(f"M={m}", lambda lr, seed, n, run, m=m: train_m(
+        m, lr, seed, n, run, data)[0], ev, work, SWEEP_LENGTH) for m in MS}      # the learning-rate rule of reproduce.py
     results = {}
     for m in MS:
         for seed in seeds:

@@ -48,21 +48,9 @@ def main(argv=None):
                   "dopsd+preserve": ["--method", "dopsd", "--preserve-prompts", str(work / "keep.txt")]}
     data = world.write_finetune_set(work / "data")
     ev = rp.Evaluator(data)
-    ref = dict(teacher=ev.images([world.caption(s, c, world.TRIGGER) for s, c in world.NEW_PROMPTS], rp.NOISE,
-                                 teacher=True), old=ev.images([world.caption(s, c) for s, c in rp.OLD_PROMPTS], rp.NOISE))
-    lrs = {}
-    for method in rp.METHODS:                          # the learning-rate rule of reproduce.py
-        if args.quick:
-            lrs[method] = 3e-4
-            continue
-        scores = {}
-        for lr in rp.LR_SWEEP:
-            run = work / f"sweep_{method}_{lr:g}"
-            scores[lr] = ev.measure(rp.train(method, lr, 0, lengths[0], run, data), None, rp.VAL_NOISE,
-                                    rp.VAL_PROMPTS)["style"]
-            shutil.rmtree(run)
-        lrs[method] = min(scores, key=scores.get)
-        rp.log(f"lr sweep {method}: " + ", ".join(f"{k:g} -> {v:.3f}" for k, v in scores.items()) + f" => {lrs[method]:g}")
+    ref = rp.references(ev)
+    lrs = {m: 3e-4 if args.quick else rp.pick_lr(m, lambda lr, seed, n, run, m=m: rp.train(m, lr, seed, n, run, data),
+                                                 ev, work, lengths[0]) for m in rp.METHODS}   # reproduce.py's LR rule
     results = {}
     for method in rp.METHODS:
         for seed in seeds:

@@ -132,6 +132,27 @@ class Evaluator:
         return m, ims_new, ims_old
 
 
+def references(ev):
+    """What measure() compares with: the teacher's new-concept samples and the base's old-prompt samples, on NOISE."""
+    return dict(teacher=ev.images([world.caption(s, c, world.TRIGGER) for s, c in world.NEW_PROMPTS], NOISE,
+                                  teacher=True),
+                old=ev.images([world.caption(s, c) for s, c in OLD_PROMPTS], NOISE))
+
+
+def pick_lr(name, train_lora, ev, work, length):
+    """The one learning-rate rule: the LR of LR_SWEEP with the lowest new-concept style distance after `length`
+    steps, on validation prompts and noise the evaluation never uses (training seed 0).
+    train_lora(lr, seed, steps, run folder) -> LoRA file."""
+    scores = {}
+    for lr in LR_SWEEP:
+        run = work / f"sweep_{name}_{lr:g}"
+        scores[lr] = ev.measure(train_lora(lr, 0, length, run), None, VAL_NOISE, VAL_PROMPTS)["style"]
+        shutil.rmtree(run)
+    best = min(scores, key=scores.get)
+    log(f"lr sweep {name}: " + ", ".join(f"{k:g} -> {v:.3f}" for k, v in scores.items()) + f" => {best:g}")
+    return best
+
+
 def colour_err(ims, pairs):
     """Mean shape colour error of seed-major samples of the (shape, colour) prompts `pairs`."""
     return float(np.mean([world.colour_error(im, pairs[k % len(pairs)][1]) for k, im in enumerate(ims)]))
@@ -172,9 +193,7 @@ def main(argv=None):
     t0 = time.time()
     data = world.write_finetune_set(work / "data")
     ev = Evaluator(data)
-    base_ref = dict(teacher=ev.images([world.caption(s, c, world.TRIGGER) for s, c in world.NEW_PROMPTS], NOISE,
-                                      teacher=True),
-                    old=ev.images([world.caption(s, c) for s, c in OLD_PROMPTS], NOISE))
+    base_ref = references(ev)
     base, base_new, base_old = ev.measure(None, base_ref)
     # The teacher only ever draws new-concept prompts with an image in context: the other columns don't apply.
     teacher_m = dict(style=ev.style(base_ref["teacher"])[0], contrast=ev.style(base_ref["teacher"])[1],
@@ -182,18 +201,8 @@ def main(argv=None):
     log(f"base: {base}\nteacher (ceiling): style {teacher_m['style']:.3f}")
 
     # ---- learning rate: the same rule for every method
-    lrs = {}
-    for method in METHODS:
-        if args.quick:
-            lrs[method] = 3e-4
-            continue
-        scores = {}
-        for lr in LR_SWEEP:
-            run = work / f"sweep_{method}_{lr:g}"
-            scores[lr] = ev.measure(train(method, lr, 0, lengths[0], run, data), None, VAL_NOISE, VAL_PROMPTS)["style"]
-            shutil.rmtree(run)
-        lrs[method] = min(scores, key=scores.get)
-        log(f"lr sweep {method}: " + ", ".join(f"{k:g} -> {v:.3f}" for k, v in scores.items()) + f" => {lrs[method]:g}")
+    lrs = {m: 3e-4 if args.quick else pick_lr(m, lambda lr, seed, n, run, m=m: train(m, lr, seed, n, run, data), ev,
+                                              work, lengths[0]) for m in METHODS}
 
     # ---- the runs: each (method, seed) trains once, evaluated at every length on the way (constant LR + resume)
     results, grids = {}, {}
