@@ -70,9 +70,10 @@ class TrainConfig:
     trigger: str = knob(None, "word that replaces [V] in captions (default: keep [V] literally)")
     resolution: int = knob(1024, "bucket size in pixels, multiple of 16")
     rollout_steps: int = knob(4, "K, student Euler steps per roll-out (4: σ = 1, .9, .75, .5 -> 0)")
-    loss_steps: int = knob(None, "M: a loss at M of the K roll-out states only, drawn anew each step and weighted "
-                           "K/M (an unbiased gradient); the others cost one student forward: at K 4 the bench "
-                           "measures M 1 at 0.44x the step time, for a noisier gradient (default: M = K)", type=int)
+    loss_steps: int = knob(None, "M: a loss at M of the K roll-out states only, drawn anew each micro-batch (shared by "
+                           "its samples and ranks) and weighted K/M (an unbiased gradient before clipping); the "
+                           "others cost one student forward: at K 4 the bench measures M 1 at 0.44x the step time, "
+                           "for a noisier gradient (default: M = K)", type=int)
     loss_space: str = knob("x0", "x0: σ²-weighted velocity MSE (released code); v: velocity MSE (paper)",
                            choices=["x0", "v"])
     ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 keeps the teacher at the base model")
@@ -98,11 +99,11 @@ class TrainConfig:
                                "the concept generalises (repeat the flag for more)", action="append")
     sample_prompts: str = knob(None, "a file of such prompts, one a line")
     save_every: int = knob(500, "steps between checkpoints; 0 = only at the end")
-    preserve_prompts: str = knob(None, "a file of prompts without the concept, one a line: each step the student also "
-                                 "rolls out on one from noise and is pulled onto the base model (LoRA off) at its own "
-                                 "states, against bleeding into them; a second roll-out, 1.9x the step time in the "
-                                 "bench; "
-                                 "the logged loss adds --preserve-weight × its loss")
+    preserve_prompts: str = knob(None, "a file of prompts without the concept, one a line: each micro-batch the student "
+                                 "also rolls out on a random one per sample, from noise, and is pulled onto the base "
+                                 "model (LoRA off) at its own states (the --loss-steps ones), against bleeding into "
+                                 "them; a second roll-out, 1.9x the step time in the bench; the logged loss adds "
+                                 "--preserve-weight × its loss")
     preserve_weight: float = knob(1.0, "weight of the --preserve-prompts roll-out's loss")
     resume: bool = knob(False, "continue from --out/checkpoint.pt")
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
@@ -313,10 +314,16 @@ def ranks_agree(tensors):
 
 def check_reachable(repo, flag, filename):
     """Refuse, in seconds, a hub id that is no local folder, not in the Hugging Face cache, and cannot be fetched:
-    without this, an offline machine retries the hub for ~30 s and then reports only an OSError."""
+    without this, an offline machine retries the hub for ~30 s and then reports only an OSError. (A cached id is let
+    through: offline, set HF_HUB_OFFLINE=1 so that diffusers reads the cache without trying the hub.)"""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
-    if Path(repo).is_dir() or isinstance(try_to_load_from_cache(repo, filename), str):
+    if Path(repo).is_dir():
         return
+    try:
+        if isinstance(try_to_load_from_cache(repo, filename), str):
+            return
+    except ValueError:                               # HFValidationError: not shaped like a hub id (a mistyped path)
+        raise UserError(f"{flag} {repo}: no such local folder, and not a Hugging Face hub id") from None
     try:                                             # one request, through the proxies huggingface_hub would use
         get_session().head(f"{constants.ENDPOINT}/api/models/{repo}", timeout=5)
     except Exception as e:
@@ -909,6 +916,8 @@ def check_args(cfg):
             (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
             (cfg.loss_steps is not None and not 1 <= cfg.loss_steps <= cfg.rollout_steps,
              f"--loss-steps must be from 1 to --rollout-steps {cfg.rollout_steps} (got {cfg.loss_steps})"),
+            (cfg.loss_steps is not None and cfg.method != "dopsd", "--loss-steps chooses roll-out states: it needs "
+             "--method dopsd"),
             (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
             (cfg.dist_timeout <= 0, f"--dist-timeout must be positive minutes (got {cfg.dist_timeout})"),
             (cfg.resume and not ckpt.is_file(), f"--resume: no checkpoint at {ckpt}; start without --resume"),
@@ -1022,7 +1031,7 @@ def save_grid(rows, captions, path, label_width=112):
         for j, im in enumerate(images):
             if im is not None:
                 grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, top + i * h))
-    grid.save(Path(str(path) + ".tmp"), format="PNG")
+    grid.save(Path(str(path) + ".tmp"), format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
     os.replace(Path(str(path) + ".tmp"), path)
 
 def sample_grid(run):
@@ -1040,7 +1049,8 @@ def save_loss_curve(log_path, png_path, size=(480, 200), margin=30):
     """log.jsonl -> a small PNG of the loss against the step, drawn with PIL (no plotting library)."""
     from PIL import Image, ImageDraw
     with open(log_path) as f:
-        pts = [(r["step"], r["loss"]) for r in map(json.loads, f) if math.isfinite(r["loss"])]
+        last = {r["step"]: r["loss"] for r in map(json.loads, f)}   # after a resume a step may be logged twice
+    pts = [(s, v) for s, v in sorted(last.items()) if math.isfinite(v)]
     if len(pts) < 2:
         return
     (s0, lo), (s1, hi) = (pts[0][0], min(v for _, v in pts)), (pts[-1][0], max(v for _, v in pts))
@@ -1116,13 +1126,14 @@ def save_lora(transformer, pipe_cls, adapter, target_regex, path, card):
 def lora_card(cfg, family, step):
     """What LoRA browsers show: ModelSpec keys (github.com/Stability-AI/ModelSpec) where one fits, else dopsd.*. No
     date, so that a fixed-seed run writes the same file every time."""
-    fam = FAMILIES[family]
+    fam, base = FAMILIES[family], Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model  # no local paths
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{fam['arch']}/lora",
             "modelspec.implementation": "diffusers", "modelspec.title": Path(cfg.out).name,
-            "modelspec.description": f"{cfg.method} LoRA for {cfg.model}, {step} steps (dopsd.py)",
+            "modelspec.description": f"{cfg.method} LoRA for {base}, {step} steps (dopsd.py)",
             "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}", "modelspec.trigger_phrase": cfg.trigger or "[V]",
             "modelspec.usage_hint": f"{fam['deploy']} steps, no CFG; strength 1.0 = as trained",
-            "dopsd.base_model": cfg.model, "dopsd.deploy_steps": str(fam["deploy"])}
+            "dopsd.base_model": base, "dopsd.deploy_steps": str(fam["deploy"]),
+            "dopsd.trained_rank_alpha": f"{cfg.rank}/{cfg.alpha:g} (folded into lora_B; lora_alpha = rank here)"}
 
 def load_run(path, run):
     """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
@@ -1349,8 +1360,8 @@ def train_loop(run):
         return 1
     print(f"done: {run.step} steps, {run.nonfinite} skipped. LoRA: {run.out / 'pytorch_lora_weights.safetensors'}; "
           f"grid: {run.out / 'samples' / f'step_{run.step:06d}.png'} (the student row should take on the data's look "
-          f"and stay sharp at {FAMILIES[run.family]['deploy']} steps, like the base row above it); loss: "
-          f"{run.out / 'loss.png'}")
+          f"and stay sharp at {FAMILIES[run.family]['deploy']} steps, like the base row above it)"
+          + (f"; loss: {run.out / 'loss.png'}" if (run.out / "loss.png").is_file() else ""))
     return 0
 
 def sync_loss_and_stop(loss, stop, world, device):
@@ -1414,7 +1425,8 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     if lora:
         load_weights(pipe, lora, lora_scale)
         pipe.transformer.to(device)
-    rows.append((f"LoRA, scale {lora_scale:g}" if lora else "base", row()))
+    full = lora and (Path(lora) / "transformer" / "config.json").is_file()
+    rows.append(("trained (--full)" if full else f"LoRA, scale {lora_scale:g}" if lora else "base", row()))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if len(rows) == 1 and len(prompts) == 1:
         rows[0][1][0].save(out)
@@ -1431,7 +1443,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="dopsd.py", description="D-OPSD: fine-tune a few-step model, keep it few-step.")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, cls, text in (("train", TrainConfig, "train a LoRA (or the full DiT) with D-OPSD or the SFT baseline"),
-                            ("sample", SampleConfig, "render one image with the deploy settings")):
+                            ("sample", SampleConfig, "render prompts with the deploy settings: an image, or a grid "
+                             "(several --prompt, --compare)")):
         s = sub.add_parser(name, help=text)
         for f in fields(cls):                        # one flag per field: rank -> --rank (f.type is the class itself)
             kw = dict(f.metadata)

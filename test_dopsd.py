@@ -885,7 +885,8 @@ def test_the_lora_file_holds_the_trained_delta_at_strength_1_with_alpha_equal_to
     assert any(ck[n].abs().max() > 0 for n in names if ".lora_B." in n)      # a real delta, not zeros
     assert meta["modelspec.architecture"] == dopsd.FAMILIES[family]["arch"] + "/lora"
     assert meta["modelspec.trigger_phrase"] == "[V]" and meta["modelspec.resolution"] == "64x64"
-    assert meta["dopsd.base_model"] == str(tiny[family]) and meta["dopsd.deploy_steps"] in ("8", "4")
+    assert meta["dopsd.base_model"] == tiny[family].name and meta["dopsd.deploy_steps"] in ("8", "4")  # no local path
+    assert meta["dopsd.trained_rank_alpha"].startswith("4/128")
 
 
 @pytest.mark.parametrize("family", ["zimage", "klein"])
@@ -1023,6 +1024,16 @@ def test_sample_compare_draws_the_base_above_the_lora_and_scale_0_is_the_base(ti
         rows[scale] = g[-256:-128, 112:], g[-128:, 112:]          # (base, LoRA), each 2 cells of 128 px
     assert (rows["0"][0] == rows["0"][1]).all() and (rows["0"][0] == rows["1"][0]).all()
     assert np.abs(rows["1"][1] - rows["1"][0]).max() > 10
+
+
+@pytest.mark.parametrize("model", ["./no/such/folder", "/data/models/zimage"])
+def test_a_mistyped_model_path_is_one_line(tiny, tmp_path, capsys, model):
+    """A --model path that does not exist (and is no hub id) is one line naming it, not a traceback."""
+    args = train_args(tiny, tmp_path / "o")
+    args[args.index("--model") + 1] = model
+    assert dopsd.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--model {model}: no such local folder" in err[0]
 
 
 @pytest.mark.parametrize("flag", ["--model", "--vlm"])

@@ -6,7 +6,7 @@ an unbiased, noisier estimate of the same gradient, for about (K - M) student fo
 (bench: 0.44x the step time at M = 1). Per optimizer step M < K learns at most as fast; the question is per second.
 
 Same protocol as reproduce.py: each M's learning rate is the best of LR_SWEEP by the lowest new-concept style distance
-after the shortest length, on validation prompts and noise the evaluation never uses (seed 0); then 3 training seeds,
+after 50 steps (reproduce.py's shortest length), on validation prompts and noise the evaluation never uses (seed 0); then 3 training seeds,
 evaluated at 25, 50, 75, 100, 150 and 300 optimizer steps. "seconds" is the training time of those steps: the sum of log.jsonl's
 per-step `sec` (the loop only: no model loading, no evaluation).
 
