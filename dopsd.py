@@ -1387,17 +1387,19 @@ def log_step(log, bar, run, loss, gnorm, seconds, skipped):
 # that draws the training grids, and equal to the diffusers pipeline's output (test_dopsd.py checks both).
 
 def load_weights(pipe, weights, scale=1.0):
-    """A LoRA file/folder from `train` at `scale` (1.0 = as trained), or a --full run folder (it holds transformer/)."""
+    """A LoRA file/folder from `train` at `scale` (1.0 = as trained), or a --full run folder (it holds transformer/).
+    Returns a label for what was loaded."""
     p = Path(weights)
     if (p / "transformer" / "config.json").is_file():
         refuse([(scale != 1.0, f"--lora-scale {scale}: {p} is a --full run (a whole DiT), it has no LoRA to scale")])
         pipe.transformer = type(pipe.transformer).from_pretrained(p / "transformer", dtype=pipe.transformer.dtype)
-        return
+        return "trained (--full)"
     file = p if p.is_file() else p / "pytorch_lora_weights.safetensors"
     refuse([(not file.is_file(), f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a "
              "dopsd --out folder")])
     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="dopsd")
     pipe.set_adapters(["dopsd"], [scale])
+    return f"LoRA, scale {scale:g}"
 
 def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=None, seed=0, height=1024, width=1024,
            device="auto", precision="auto"):
@@ -1422,11 +1424,9 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     pipe.transformer.to(device)
     pipe.vae.to(device)
     rows = [("base", row())] if compare else []
-    if lora:
-        load_weights(pipe, lora, lora_scale)
-        pipe.transformer.to(device)
-    full = lora and (Path(lora) / "transformer" / "config.json").is_file()
-    rows.append(("trained (--full)" if full else f"LoRA, scale {lora_scale:g}" if lora else "base", row()))
+    label = load_weights(pipe, lora, lora_scale) if lora else "base"
+    pipe.transformer.to(device)
+    rows.append((label, row()))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if len(rows) == 1 and len(prompts) == 1:
         rows[0][1][0].save(out)
