@@ -6,11 +6,12 @@ an unbiased, noisier estimate of the same gradient, for about (K - M) student fo
 (bench: 0.44x the step time at M = 1). Per optimizer step M < K learns at most as fast; the question is per second.
 
 Same protocol as reproduce.py: each M's learning rate is the best of LR_SWEEP by the lowest new-concept style distance
-after 50 steps (reproduce.py's shortest length), on validation prompts and noise the evaluation never uses (seed 0); then 3 training seeds,
-evaluated at 25, 50, 75, 100, 150 and 300 optimizer steps. "seconds" is the training time of those steps: the sum of log.jsonl's
-per-step `sec` (the loop only: no model loading, no evaluation).
+after 50 steps (reproduce.py's shortest length), on validation prompts and noise the evaluation never uses (seed 0);
+then 3 training seeds, evaluated at 25, 50, 75, 100, 150 and 300 optimizer steps, in reproduce.py's worker processes.
+"seconds" is the training time of those steps: the sum of log.jsonl's per-step `sec` (the loop only: no model
+loading, no evaluation).
 
-Run as: python examples/toy/loss_steps.py          # ~20 min on 2 CPU cores; results/loss_steps.{md,json,png}
+Run as: python examples/toy/loss_steps.py          # ~10 min on 2 CPU cores; results/loss_steps.{md,json,png}
 """
 import argparse
 import json
@@ -30,16 +31,8 @@ import world  # noqa: E402
 
 MS = (4, 2, 1)
 K = 4
-LENGTHS = (25, 50, 75, 100, 150, 300)   # denser than reproduce.py's (50, 150, 300): where the curves cross matters
+LENGTHS = (25, 50, 75, 100, 150, 300)   # denser than reproduce.py's early lengths: where the curves cross matters
 SWEEP_LENGTH = 50                       # reproduce.py's rule: the LR is picked after its shortest length, 50 steps
-
-
-def train_m(m, lr, seed, steps, run, data):
-    """reproduce.train with --rollout-steps K --loss-steps m; returns (LoRA file, training seconds so far)."""
-    rp.METHODS[f"M{m}"] = ["--method", "dopsd", "--rollout-steps", str(K), "--loss-steps", str(m)]
-    lora = rp.train(f"M{m}", lr, seed, steps, run, data)
-    secs = [json.loads(line)["sec"] for line in (run / "log.jsonl").read_text().splitlines()]
-    return lora, float(sum(secs))
 
 
 def plot(results, lengths, path, size=(560, 320), margin=48):
@@ -72,27 +65,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(HERE / "results"), help="loss_steps.md, .json and .png go here")
     p.add_argument("--quick", action="store_true", help="1 seed, lengths 5/10, no sweep (a smoke run)")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes of 1 thread each (as reproduce.py)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     lengths, seeds = ((5, 10), (0,)) if args.quick else (LENGTHS, rp.SEEDS)
+    workers = 1 if args.quick else args.jobs
     out, work, t0 = Path(args.out), Path(tempfile.mkdtemp(prefix="dopsd_toy_ls_")), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    data = world.write_finetune_set(work / "data")
-    ev = rp.Evaluator(data)
-    ref = rp.references(ev)
-    lrs = {m: 3e-4 if args.quick else rp.pick_lr(f"M={m}", lambda lr, seed, n, run, m=m: train_m(
-        m, lr, seed, n, run, data)[0], ev, work, SWEEP_LENGTH) for m in MS}      # the learning-rate rule of reproduce.py
+    data = str(world.write_finetune_set(work / "data"))
+    methods = {m: ["--method", "dopsd", "--rollout-steps", str(K), "--loss-steps", str(m)] for m in MS}
+    lrs = ({m: 3e-4 for m in MS} if args.quick else
+           rp.pick_lrs(methods, data, work, SWEEP_LENGTH, workers))            # the learning-rate rule of reproduce.py
+    jobs = [dict(name=m, args=methods[m], lr=lrs[m], seed=s, lengths=lengths, data=data, run=str(work / f"M{m}_{s}"))
+            for m in MS for s in seeds]
     results = {}
-    for m in MS:
-        for seed in seeds:
-            run = work / f"M{m}_{seed}"
-            for n in lengths:
-                lora, sec = train_m(m, lrs[m], seed, n, run, data)
-                metrics = ev.measure(lora, ref)[0]
-                results.setdefault((m, n), []).append(dict(metrics, sec=sec))
-                rp.log(f"M={m} seed {seed} {n} steps, {sec:.0f} s of training: style {metrics['style']:.3f}, "
-                       f"sharpness {metrics['sharpness']:.3f}")
-            shutil.rmtree(run)
+    for r in rp.run_jobs(jobs, workers):
+        for n, m in zip(lengths, r["metrics"]):
+            results.setdefault((r["name"], n), []).append(m)
     lines = ["| M (K = 4) | lr | steps | training seconds | style dist. to [V] ↓ | sharpness (teacher = 1) |",
              "|---|---|---|---|---|---|"]
     for m in MS:
@@ -101,8 +90,11 @@ def main(argv=None):
             lines.append(f"| {m} | {lrs[m]:g} | {n} | {rp.fmt([r['sec'] for r in rs])} | "
                          f"{rp.fmt([r['style'] for r in rs])} | {rp.fmt([r['sharpness'] for r in rs])} |")
     wall = time.time() - t0
-    md = (f"Toy turbo model (world v1), D-OPSD at K = 4 with --loss-steps M; {len(seeds)} training seed(s), mean ± std; "
-          f"evaluated as in reproduce.py; wall time {wall / 60:.1f} min.\n\n" + "\n".join(lines) + "\n")
+    md = (f"Toy turbo model (world v2), D-OPSD at K = 4 with --loss-steps M; {len(seeds)} training seed(s), "
+          f"mean ± std; "
+          f"evaluated as in reproduce.py; {workers} worker process(es) of {1 if workers > 1 else 2} thread(s) (the "
+          f"seconds are per-step training time in such a process); wall time {wall / 60:.1f} min.\n\n"
+          + "\n".join(lines) + "\n")
     print(md)
     (out / "loss_steps.md").write_text(md)
     (out / "loss_steps.json").write_text(json.dumps(dict(lrs=lrs, lengths=lengths, seeds=seeds, wall_s=round(wall, 1),

@@ -7,18 +7,20 @@ draw a background style from an image in its context, because D-OPSD's teacher i
 
 Stages (each checkpoints into --work and resumes where it stopped; `all` runs them in order):
   vae        train the 4× VAE (MSE + L1, tiny KL), then set its latent BatchNorm statistics from the data
-  data       render the pre-training set, cache VAE latents and text features
-  pretrain   flow matching on the caption; half of each batch also sees a same-style reference image as reference
-             tokens with dopsd.py's teacher instruction appended -- exactly the context dopsd.py builds for klein
+  data       render the pre-training set (world v2: 4 instances per style, a third of the styles NAMED in the
+             caption), cache VAE latents and text features
+  pretrain   flow matching on the caption (10 % dropped: the unconditional model CFG needs); half of each batch also
+             sees another instance of the same style as reference tokens with dopsd.py's teacher instruction
+             appended -- exactly the context dopsd.py builds for klein, never pixel-aligned with the target
   distill    4-step distillation on the pipeline's own schedule: each Euler jump regresses onto the undistilled
-             model's 6-sub-step path over the same interval, from the same state
+             model's 6-sub-step path under CFG (GUIDANCE) over the same interval, from the same state
   save       write the Flux2KleinPipeline folder (is_distilled=True) that `dopsd.py --model` loads
   gate       measure the gate metrics (validated on world images first), print them, write gate.json beside the model
 
 Every model call goes through dopsd.py's own klein functions (text features, latent packing, reference tokens,
 schedule), so the toy is conditioned exactly as dopsd.py conditions a real klein checkpoint.
 
-Run as: python examples/toy/make_turbo.py                     # ~80 min on 2 CPU cores; resumes if stopped
+Run as: python examples/toy/make_turbo.py                     # ~80 min on 2 CPU cores (65 with --reuse-vae); resumes
         python examples/toy/make_turbo.py --stage gate        # re-measure the committed model's gate
 """
 import argparse
@@ -62,9 +64,11 @@ def log(msg):
 # tokenizer and text encoder
 
 def all_captions():
-    """Every caption the toy world can produce: pre-training ones, the new concept's, and their teacher versions."""
-    caps = [world.caption(s, c, t) for s in world.SHAPES for c in world.COLOURS for t in (None, world.TRIGGER)]
-    return caps + [f"{c} {SUFFIX}" for c in caps]
+    """Every caption the toy world can produce: unnamed, named-style and new-concept ones, their teacher versions,
+    and the empty caption (dropped captions in pre-training: the unconditional branch of the distillation's CFG)."""
+    words = [None, world.TRIGGER] + [world.named_words(n) for n in world.NAMED]
+    caps = [world.caption(s, c, t) for s in world.SHAPES for c in world.COLOURS for t in words]
+    return caps + [f"{c} {SUFFIX}" for c in caps] + [""]
 
 
 def build_tokenizer():
@@ -89,7 +93,7 @@ def build_tokenizer():
                          model_max_length=TEXT_LEN)
     tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in THINK])
     tok.chat_template = CHAT_TEMPLATE
-    longest = max(dopsd.prompt_tokens(tok, c) + 4 for c in all_captions())      # + the empty think block
+    longest = max(dopsd.prompt_tokens(tok, all_captions(), False))              # klein's template, thinking off
     assert longest <= TEXT_LEN, f"teacher caption needs {longest} tokens > TEXT_LEN {TEXT_LEN}"
     return tok
 
@@ -107,19 +111,28 @@ def build_text_encoder(tok):
 # VAE
 
 def world_batch(rng, n, styles=None):
-    """n random world images as a [n, 3, 64, 64] tensor in [-1, 1] (and their (style, shape, colour))."""
+    """n random world images as a [n, 3, 64, 64] tensor in [-1, 1] (and their (style, shape, colour)); each image a
+    fresh instance of its style, its colour one that stands out from it (world.visible_colours)."""
     meta, ims = [], []
     for i in range(n):
         s = styles[i] if styles else world.random_style(rng)
-        shape, colour = world.SHAPES[rng.integers(6)], list(world.COLOURS)[rng.integers(8)]
+        vis = world.visible_colours(s)
+        shape, colour = world.SHAPES[rng.integers(6)], vis[rng.integers(len(vis))]
         ims.append(dopsd.pil_to_tensor(world.render(s, shape, colour, rng)))
         meta.append((s, shape, colour))
     return torch.stack(ims), meta
 
 
-def stage_vae(work, steps=1000, batch=24):
+def stage_vae(work, steps=1000, batch=24, reuse=None):
+    """Train the VAE, or (reuse: a Flux2KleinPipeline folder) take that model's VAE: world v2 draws the same
+    components as v1, so v1's VAE (trained here in 12 min) serves it unchanged."""
     from diffusers import AutoencoderKLFlux2
     path = work / "vae.pt"
+    if reuse is not None and not path.is_file():
+        vae = AutoencoderKLFlux2.from_pretrained(Path(reuse) / "vae")
+        dopsd.atomic_torch_save({"vae": vae.state_dict(), "step": steps, "done": True, "from": str(reuse)}, path)
+        log(f"vae: reused {reuse}/vae")
+        return vae.eval()
     torch.manual_seed(0)
     vae = AutoencoderKLFlux2(**VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -172,6 +185,7 @@ def load_vae(work):
 # data: rendered once, encoded once (VAE latents, text features), then only the DiT runs
 
 N_STYLES, GROUP = 4000, 4      # 4000 training styles × 4 images; an image's reference is another of its group
+NAMED_SHARE = 1 / 3            # groups of a NAMED style (captioned by name); the rest are unnamed random styles
 
 
 @torch.no_grad()
@@ -180,19 +194,22 @@ def stage_data(work):
     te = build_text_encoder(tok)
     tok.save_pretrained(work / "text"), te.save_pretrained(work / "text")   # the features below belong to these
     rng = np.random.default_rng(200)
-    styles = [world.random_style(rng) for _ in range(N_STYLES)]
+    names = list(world.NAMED)
+    named = [names[rng.integers(len(names))] if rng.random() < NAMED_SHARE else None for _ in range(N_STYLES)]
+    styles = [world.NAMED[n] if n else world.random_style(rng) for n in named]
     lats, caps = [], []
     cap_index = {c: i for i, c in enumerate(all_captions())}
     t0 = time.time()
     for i in range(0, N_STYLES, 32):
         group = [s for s in styles[i:i + 32] for _ in range(GROUP)]
+        words = [world.named_words(n) if n else None for n in named[i:i + 32] for _ in range(GROUP)]
         x, meta = world_batch(rng, len(group), group)
         lats.append(dopsd.klein_encode(vae, x))                                 # [n, 32, 8, 8]
-        caps += [cap_index[world.caption(sh, co)] for _, sh, co in meta]
+        caps += [cap_index[world.caption(sh, co, w)] for (_, sh, co), w in zip(meta, words)]
         if i % 640 == 0:
             log(f"data {i * GROUP}/{N_STYLES * GROUP} images ({time.time() - t0:.0f}s)")
     feats = dopsd.klein_text_features(te, tok, all_captions(), dopsd.klein_text_layers(te), max_len=TEXT_LEN)
-    torch.save({"lat": torch.cat(lats), "cap": torch.tensor(caps), "feats": feats, "styles": styles,
+    torch.save({"lat": torch.cat(lats), "cap": torch.tensor(caps), "feats": feats, "styles": styles, "named": named,
                 "captions": all_captions()}, work / "data.pt")
     log(f"data: {len(caps)} images, {feats.shape[0]} captions -> {work / 'data.pt'}")
 
@@ -236,7 +253,17 @@ def batch_conditions(d, idx, with_ref, gen):
 def load_data(work):
     d = torch.load(work / "data.pt", weights_only=False)
     d["tcap"] = teacher_caption_index(d["captions"])
+    d["empty"] = d["captions"].index("")
     return d
+
+
+CAPTION_DROP = 0.1             # text-only pre-training batches with the empty caption: the CFG's unconditional model
+
+
+def drop_captions(d, feats, gen):
+    """feats [b, L, 3D] with a CAPTION_DROP share of rows replaced by the empty caption's features."""
+    drop = torch.rand(len(feats), generator=gen) < CAPTION_DROP
+    return torch.where(drop.view(-1, 1, 1), d["feats"][d["empty"]], feats)
 
 
 def ema_(avg, model, decay):
@@ -285,7 +312,7 @@ def run_training(work, name, steps, loss_fn, model, lr, batch, log_every=50, ext
     return avg
 
 
-PRETRAIN_STEPS, PRETRAIN_BATCH = 3000, 48
+PRETRAIN_STEPS, PRETRAIN_BATCH = 4500, 48
 
 
 def stage_pretrain(work, steps=None):
@@ -303,7 +330,9 @@ def stage_pretrain(work, steps=None):
             x0, eps = d["lat"][idx], torch.randn(batch // 2, 32, 8, 8, generator=gen)
             s = train_sigmas(batch // 2, gen)
             x = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
-            u = dopsd.klein_velocity(model, x, s, batch_conditions(d, idx, with_ref, gen))
+            cond = batch_conditions(d, idx, with_ref, gen)
+            cond = cond if with_ref else (drop_captions(d, cond[0], gen), None)
+            u = dopsd.klein_velocity(model, x, s, cond)
             total = total + (u - (eps - x0)).pow(2).mean() / 2
         return total
 
@@ -326,12 +355,23 @@ def stage_pretrain(work, steps=None):
 # 8-sub-step path over the same σ interval from the same state (a trajectory bank, computed once)
 
 SUB, BANK, DISTILL_STEPS = 6, 1536, 800
+GUIDANCE = 2.0                 # the undistilled model's CFG scale that the distilled model learns (README: how chosen)
+
+
+def guided_velocity(model, x, s, cond, empty, g=GUIDANCE):
+    """Classifier-free guidance u(∅) + g·(u(c) − u(∅)), ∅ = the empty caption and no reference. Real turbo models
+    are distilled from their guided base, so that one pass does what two do there; the toy's is too."""
+    u = dopsd.klein_velocity(model, x, s, cond)
+    if g == 1:
+        return u
+    u0 = dopsd.klein_velocity(model, x, s, (empty.expand(len(x), -1, -1), None))
+    return u0 + g * (u - u0)
 
 
 @torch.no_grad()
 def teacher_bank(base, d, n, gen, sigmas, sub=SUB, chunk=128):
-    """n trajectories of the undistilled model: states at the 5 schedule points [n, 5, 32, 8, 8], caption indices,
-    and whether each used a reference (then: its reference latents)."""
+    """n trajectories of the undistilled model under CFG: states at the 5 schedule points [n, 5, 32, 8, 8], caption
+    indices, and whether each used a reference (then: its reference latents)."""
     xs, caps, refs, with_ref = [], [], [], []
     t0 = time.time()
     for i in range(0, n, chunk):
@@ -342,7 +382,8 @@ def teacher_bank(base, d, n, gen, sigmas, sub=SUB, chunk=128):
         states = [x]
         for a, b in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
             for s, s_next in zip(np.linspace(a, b, sub + 1)[:-1], np.linspace(a, b, sub + 1)[1:]):
-                x = x + (s_next - s) * dopsd.klein_velocity(base, x, torch.full((chunk,), float(s)), cond)
+                x = x + (s_next - s) * guided_velocity(base, x, torch.full((chunk,), float(s)), cond,
+                                                       d["feats"][d["empty"]])
             states.append(x)
         xs.append(torch.stack(states, 1))
         caps.append(d["cap"][idx])
@@ -388,8 +429,9 @@ def stage_distill(work, steps=None):
 
 MODEL_CARD = """# toy turbo: a CPU-trained, step-distilled FLUX.2-klein
 
-Built by `examples/toy/make_turbo.py` (random init, trained from scratch on the world of `examples/toy/world.py`):
-64×64 px, 4× VAE, 8×8 = 64 image tokens, 4-step deploy, no CFG. A `Flux2KleinPipeline` folder with
+Built by `examples/toy/make_turbo.py` (random init, trained from scratch on world v2 of `examples/toy/world.py`):
+64×64 px, 4× VAE, 8×8 = 64 image tokens, 4-step deploy, no CFG at inference (the undistilled model's CFG 2 is
+distilled in). A `Flux2KleinPipeline` folder with
 `is_distilled=True`; load it like the real checkpoint. Its gate metrics are in `gate.json`.
 
 In diffusers, pass the toy's text length and encoder layers (its tokenizer has model_max_length 48; the encoder has
@@ -428,18 +470,30 @@ def mean_std(per_seed):
     return [round(float(a.mean()), 4), round(float(a.std()), 4)]
 
 
-def held_out_stats(rng, n=8):
-    """Reference statistics of the held-out style: the mean over n real images (they are identical in the frame)."""
-    st = [world.style_stats(world.render(world.HELD_OUT, world.SHAPES[i % 6], list(world.COLOURS)[i % 8], rng))
+def style_reference(style, rng, n=8):
+    """Reference statistics of a style: the mean over n real instances of it (they differ in phase and period)."""
+    st = [world.style_stats(world.render(style, world.SHAPES[i % 6], world.visible_colours(style)[0], rng))
           for i in range(n)]
     return dict(colour=np.mean([s["colour"] for s in st], 0), texture=np.mean([s["texture"] for s in st], 0))
 
 
+def named_prompts(per_name=2):
+    """(caption, name, shape, colour) for every NAMED style, in colours that stand out from it."""
+    out = []
+    for k, (name, style) in enumerate(world.NAMED.items()):
+        vis = world.visible_colours(style)
+        for j in range(per_name):
+            shape, colour = world.SHAPES[(k + 2 * j) % 6], vis[(k + j) % len(vis)]
+            out.append((world.caption(shape, colour, world.named_words(name)), name, shape, colour))
+    return out
+
+
 class Sampler:
-    """Text features, reference latents and Euler sampling through dopsd.py's klein functions."""
+    """Text features, reference latents and Euler sampling (optionally under CFG) through dopsd.py's klein code."""
 
     def __init__(self, pipe):
         self.pipe, self.tok, self.te, self.vae = pipe, pipe.tokenizer, pipe.text_encoder, pipe.vae
+        self.empty = self.text([""])
 
     def text(self, prompts):
         return torch.stack([c[0] for c in dopsd.student_features("klein", self.te, self.tok, prompts)])
@@ -448,79 +502,128 @@ class Sampler:
         return dopsd.klein_encode(self.vae, torch.stack([dopsd.pil_to_tensor(im) for im in images]))
 
     @torch.no_grad()
-    def __call__(self, tr, prompts, seed, steps, ref=None):
+    def __call__(self, tr, prompts, seed, steps, ref=None, guidance=1.0):
         noise = torch.randn(len(prompts), 32, 8, 8, generator=torch.Generator().manual_seed(seed))
         cond = (self.text(prompts), ref)
-        x = dopsd.euler_sample(lambda x, s: dopsd.klein_velocity(tr, x, s, cond), noise,
+        x = dopsd.euler_sample(lambda x, s: guided_velocity(tr, x, s, cond, self.empty, guidance), noise,
                                dopsd.klein_sigmas(steps, TOKENS))
         return dopsd.klein_decode(self.vae, x)
 
 
-def validate_metrics(rng):
-    """The statistics on real world images: same style vs other styles, and sharpness vs a blurred copy."""
+def fidelity(ims, pairs):
+    """Mean (colour fidelity, shape fidelity) of images drawn for the (shape, colour) pairs."""
+    return (float(np.mean([world.colour_fidelity(im, c) for im, (_, c) in zip(ims, pairs)])),
+            float(np.mean([world.shape_fidelity(im, s) for im, (s, _) in zip(ims, pairs)])))
+
+
+def validate_metrics(rng, n=96):
+    """The statistics on real world images: two instances of one style vs two styles, sharpness vs a blurred copy,
+    and colour / shape fidelity of real images (1.0 = the metric reads every real image right)."""
     from PIL import ImageFilter
-    same_c, same_t, diff_c, diff_t, sharp, blur = [], [], [], [], [], []
-    for i in range(64):
+    rows = {k: [] for k in ("same_style_colour", "same_style_texture", "other_style_colour", "other_style_texture",
+                            "sharpness_real", "sharpness_real_blurred_1_5px", "colour_fidelity_real",
+                            "shape_fidelity_real")}
+    for i in range(n):
         s, o = world.random_style(rng), world.random_style(rng)
-        a = world.render(s, world.SHAPES[i % 6], list(world.COLOURS)[i % 8], rng)
-        b = world.render(s, world.SHAPES[(i + 2) % 6], list(world.COLOURS)[(i + 3) % 8], rng)
-        c = world.render(o, world.SHAPES[(i + 2) % 6], list(world.COLOURS)[(i + 3) % 8], rng)
+        co = world.visible_colours(s)[i % len(world.visible_colours(s))]
+        a = world.render(s, world.SHAPES[i % 6], co, rng)
+        b = world.render(s, world.SHAPES[(i + 2) % 6], co, rng)                 # same style, another instance
+        c = world.render(o, world.SHAPES[(i + 2) % 6], world.visible_colours(o)[0], rng)
         sa, sb, sc = world.style_stats(a), world.style_stats(b), world.style_stats(c)
-        same_c.append(world.colour_distance(sa, sb)), same_t.append(world.texture_distance(sa, sb))
-        diff_c.append(world.colour_distance(sa, sc)), diff_t.append(world.texture_distance(sa, sc))
-        sharp.append(world.sharpness(a)), blur.append(world.sharpness(a.filter(ImageFilter.GaussianBlur(1.5))))
-    r = lambda v: [round(float(np.mean(v)), 4), round(float(np.std(v)), 4)]
-    return dict(same_style_colour=r(same_c), same_style_texture=r(same_t), other_style_colour=r(diff_c),
-                other_style_texture=r(diff_t), sharpness_real=r(sharp), sharpness_real_blurred_1_5px=r(blur))
+        rows["same_style_colour"].append(world.colour_distance(sa, sb))
+        rows["same_style_texture"].append(world.texture_distance(sa, sb))
+        rows["other_style_colour"].append(world.colour_distance(sa, sc))
+        rows["other_style_texture"].append(world.texture_distance(sa, sc))
+        rows["sharpness_real"].append(world.sharpness(a))
+        rows["sharpness_real_blurred_1_5px"].append(world.sharpness(a.filter(ImageFilter.GaussianBlur(1.5))))
+        rows["colour_fidelity_real"].append(world.colour_fidelity(a, co))
+        rows["shape_fidelity_real"].append(world.shape_fidelity(a, world.SHAPES[i % 6]))
+    return {k: mean_std(v) for k, v in rows.items()}
 
 
-def stage_gate(work, out):
-    from diffusers import Flux2KleinPipeline
-    pipe = dopsd.load_pipeline(str(out), torch.float32)              # through dopsd.py: family + distilled checks
-    sampler, turbo = Sampler(pipe), pipe.transformer.eval()
-    rng = np.random.default_rng(300)
-    gate = {"metric_validation_on_world_images": validate_metrics(rng)}
-    combos = [(s, c) for s in world.SHAPES for c in world.COLOURS]
-    ims = [world.render(world.random_style(rng), *combos[i % len(combos)], rng) for i in range(32)]
+def gate_vae(pipe, sampler, rng, combos):
+    """The metrics after a VAE round trip of real images: what the VAE alone costs every model."""
+    pairs = [combos[i % len(combos)] for i in range(48)]
+    styles = [world.random_style(rng) for _ in pairs]
+    pairs = [(s, world.visible_colours(st)[i % len(world.visible_colours(st))])
+             for i, ((s, _), st) in enumerate(zip(pairs, styles))]
+    ims = [world.render(st, sh, co, rng) for st, (sh, co) in zip(styles, pairs)]
     rec = dopsd.klein_decode(pipe.vae, sampler.ref(ims))
-    pairs = [(world.style_stats(a), world.style_stats(b)) for a, b in zip(ims, rec)]
-    gate["metric_validation_on_world_images"]["vae_roundtrip_colour"] = mean_std(
-        [world.colour_distance(a, b) for a, b in pairs])
-    gate["metric_validation_on_world_images"]["vae_roundtrip_texture"] = mean_std(
-        [world.texture_distance(a, b) for a, b in pairs])
-    gate["metric_validation_on_world_images"]["vae_roundtrip_rms"] = round(world.rms(ims, rec), 4)
-    log(f"metric validation: {gate['metric_validation_on_world_images']}")
-    prompts = [world.caption(*combos[(7 * i) % len(combos)]) for i in range(16)]
+    st = [(world.style_stats(a), world.style_stats(b)) for a, b in zip(ims, rec)]
+    cf, sf = fidelity(rec, pairs)
+    return dict(vae_roundtrip_colour=mean_std([world.colour_distance(a, b) for a, b in st]),
+                vae_roundtrip_texture=mean_std([world.texture_distance(a, b) for a, b in st]),
+                vae_roundtrip_rms=round(world.rms(ims, rec), 4), vae_roundtrip_colour_fidelity=round(cf, 4),
+                vae_roundtrip_shape_fidelity=round(sf, 4))
 
-    # (1) distillation: 4 steps vs many steps from the same noise, and sharpness, distilled vs undistilled
-    if (work / "base.pt").is_file():
-        base = build_dit()
-        base.load_state_dict(torch.load(work / "base.pt"))
-        base.eval()
-        rows = {k: [] for k in ("turbo4_vs_base32", "base4_vs_base32", "turbo4_vs_turbo32", "sharp_turbo4",
-                                "sharp_base4", "sharp_base32", "sharp_real", "sharp_real_vae")}
-        for seed in range(SEEDS):
-            b32, b4 = sampler(base, prompts, seed, MANY), sampler(base, prompts, seed, DEPLOY)
-            t4, t32 = sampler(turbo, prompts, seed, DEPLOY), sampler(turbo, prompts, seed, MANY)
-            rows["turbo4_vs_base32"].append(world.rms(t4, b32)), rows["base4_vs_base32"].append(world.rms(b4, b32))
-            rows["turbo4_vs_turbo32"].append(world.rms(t4, t32))
-            for k, ims in (("sharp_turbo4", t4), ("sharp_base4", b4), ("sharp_base32", b32)):
-                rows[k].append(np.mean([world.sharpness(im) for im in ims]))
-            real = [world.render(world.random_style(rng), *combos[(7 * i) % len(combos)], rng) for i in range(16)]
-            rows["sharp_real"].append(np.mean([world.sharpness(im) for im in real]))
-            rec = dopsd.klein_decode(pipe.vae, sampler.ref(real))      # the same images through the VAE
-            rows["sharp_real_vae"].append(np.mean([world.sharpness(im) for im in rec]))
-        gate["distillation"] = {k: mean_std(v) for k, v in rows.items()}
-        gate["distillation"]["note"] = ("pixel RMS distances in [0,1] units, 16 prompts x %d noise seeds (mean ± std "
-                                        "over seeds); many = %d Euler steps on the pipeline's schedule" % (SEEDS, MANY))
-        log(f"distillation: {gate['distillation']}")
 
-    # (2) teacher ceiling: the held-out style drawn with its images as reference vs without
-    hs = held_out_stats(rng)
-    rows = {k: [] for k in ("with_ref_colour", "with_ref_texture", "no_ref_colour", "no_ref_texture",
-                            "trigger_no_ref_colour", "trigger_no_ref_texture", "with_ref_contrast")}
+def gate_distillation(work, sampler, turbo, prompts, pairs, rng, combos):
+    """4 steps vs many from the same noise, sharpness, and prompt following: distilled vs undistilled (under CFG)."""
+    base = build_dit()
+    base.load_state_dict(torch.load(work / "base.pt"))
+    base.eval()
+    rows = {k: [] for k in ("turbo4_vs_base32", "base4_vs_base32", "turbo4_vs_turbo32", "sharp_turbo4",
+                            "sharp_base4", "sharp_base32", "sharp_real", "sharp_real_vae", "colour_fidelity_base32",
+                            "shape_fidelity_base32")}
     for seed in range(SEEDS):
-        refs = [world.render(world.HELD_OUT, *combos[(5 * i + seed) % len(combos)], rng) for i in range(16)]
+        b32 = sampler(base, prompts, seed, MANY, guidance=GUIDANCE)
+        b4 = sampler(base, prompts, seed, DEPLOY, guidance=GUIDANCE)
+        t4, t32 = sampler(turbo, prompts, seed, DEPLOY), sampler(turbo, prompts, seed, MANY)
+        rows["turbo4_vs_base32"].append(world.rms(t4, b32)), rows["base4_vs_base32"].append(world.rms(b4, b32))
+        rows["turbo4_vs_turbo32"].append(world.rms(t4, t32))
+        for k, ims in (("sharp_turbo4", t4), ("sharp_base4", b4), ("sharp_base32", b32)):
+            rows[k].append(np.mean([world.sharpness(im) for im in ims]))
+        real = [world.render(world.random_style(rng), *combos[(7 * i) % len(combos)], rng) for i in range(16)]
+        rows["sharp_real"].append(np.mean([world.sharpness(im) for im in real]))
+        rows["sharp_real_vae"].append(np.mean([world.sharpness(im) for im in
+                                               dopsd.klein_decode(sampler.vae, sampler.ref(real))]))
+        cf, sf = fidelity(b32, pairs)
+        rows["colour_fidelity_base32"].append(cf), rows["shape_fidelity_base32"].append(sf)
+    out = {k: mean_std(v) for k, v in rows.items()}
+    out["note"] = (f"pixel RMS distances in [0,1] units, {len(prompts)} prompts x {SEEDS} noise seeds (mean ± std over "
+                   f"seeds); the undistilled model samples under CFG {GUIDANCE}, many = {MANY} Euler steps")
+    return out
+
+
+def gate_prompt_following(sampler, turbo, prompts, pairs, named):
+    """The distilled model at 4 steps, text only: colour and shape fidelity on unnamed and named-style prompts, and
+    whether a style's name draws that style (distance to it vs to the other named styles)."""
+    rng = np.random.default_rng(301)
+    refs = {n: style_reference(st, rng) for n, st in world.NAMED.items()}
+    rows = {k: [] for k in ("colour_fidelity_unnamed", "shape_fidelity_unnamed", "colour_fidelity_named",
+                            "shape_fidelity_named", "named_distance_to_own_style", "named_distance_to_other_named",
+                            "unnamed_distance_to_nearest_named")}
+    for seed in range(SEEDS):
+        ims = sampler(turbo, prompts, seed, DEPLOY)
+        cf, sf = fidelity(ims, pairs)
+        rows["colour_fidelity_unnamed"].append(cf), rows["shape_fidelity_unnamed"].append(sf)
+        rows["unnamed_distance_to_nearest_named"].append(np.mean([min(world.style_distance(world.style_stats(im), r)
+                                                                      for r in refs.values()) for im in ims]))
+        nims = sampler(turbo, [c for c, *_ in named], seed, DEPLOY)
+        cf, sf = fidelity(nims, [(s, c) for _, _, s, c in named])
+        rows["colour_fidelity_named"].append(cf), rows["shape_fidelity_named"].append(sf)
+        st = [world.style_stats(im) for im in nims]
+        rows["named_distance_to_own_style"].append(np.mean([world.style_distance(s, refs[n])
+                                                            for s, (_, n, *_) in zip(st, named)]))
+        rows["named_distance_to_other_named"].append(np.mean([np.mean([world.style_distance(s, r) for m, r in
+                                                                       refs.items() if m != n])
+                                                              for s, (_, n, *_) in zip(st, named)]))
+    return {k: mean_std(v) for k, v in rows.items()}
+
+
+def gate_teacher(sampler, turbo, prompts, combos, rng):
+    """The teacher's ceiling: the held-out style drawn with other instances of it as reference (never pixel-aligned
+    with the sample) vs without; and how far the output's frame is from its reference's, pixel for pixel."""
+    hs = style_reference(world.HELD_OUT, rng)
+    vis = world.visible_colours(world.HELD_OUT)
+    rows = {k: [] for k in ("with_ref_colour", "with_ref_texture", "no_ref_colour", "no_ref_texture",
+                            "trigger_no_ref_colour", "trigger_no_ref_texture", "with_ref_contrast",
+                            "frame_rms_output_to_its_reference", "frame_rms_two_real_instances")}
+    frame = world.frame_mask()
+    frame_rms = lambda a, b: float(np.sqrt((((np.asarray(a, float) - np.asarray(b, float)) / 255)[frame] ** 2).mean()))
+    for seed in range(SEEDS):
+        refs = [world.render(world.HELD_OUT, world.SHAPES[(5 * i + seed) % 6], vis[i % len(vis)], rng)
+                for i in range(len(prompts))]
         teach = sampler(turbo, [f"{p} {SUFFIX}" for p in prompts], seed, DEPLOY, ref=sampler.ref(refs))
         plain = sampler(turbo, prompts, seed, DEPLOY)
         trig = sampler(turbo, [f"{p}, {world.TRIGGER}" for p in prompts], seed, DEPLOY)
@@ -529,36 +632,61 @@ def stage_gate(work, out):
             rows[k + "_colour"].append(np.mean([world.colour_distance(s, hs) for s in st]))
             rows[k + "_texture"].append(np.mean([world.texture_distance(s, hs) for s in st]))
         rows["with_ref_contrast"].append(np.mean([world.style_stats(im)["contrast"] for im in teach]))
-    gate["teacher_ceiling_held_out"] = {k: mean_std(v) for k, v in rows.items()}
-    gate["teacher_ceiling_held_out"]["held_out_contrast_real"] = round(float(
-        np.linalg.norm(hs["colour"][3:] - hs["colour"][:3])), 4)
-    log(f"teacher ceiling: {gate['teacher_ceiling_held_out']}")
+        rows["frame_rms_output_to_its_reference"].append(np.mean([frame_rms(a, b) for a, b in zip(teach, refs)]))
+        other = [world.render(world.HELD_OUT, "circle", "red", rng) for _ in refs]
+        rows["frame_rms_two_real_instances"].append(np.mean([frame_rms(a, b) for a, b in zip(other, refs)]))
+    out = {k: mean_std(v) for k, v in rows.items()}
+    out["held_out_contrast_real"] = round(float(np.linalg.norm(hs["colour"][3:] - hs["colour"][:3])), 4)
+    return out
 
-    # (3) swap sensitivity: reference of style A -> output's distance to A vs to another style B
+
+def gate_swap(sampler, turbo, prompts, rng):
+    """Reference of style A -> the output's style distance to A vs to another style B."""
     to_a, to_b = [], []
     for seed in range(SEEDS):
-        A = [world.random_style(rng) for _ in range(16)]
-        B = [world.random_style(rng) for _ in range(16)]
-        refs = [world.render(a, *combos[(3 * i + seed) % len(combos)], rng) for i, a in enumerate(A)]
-        outs = sampler(turbo, [f"{p} {SUFFIX}" for p in prompts], seed, DEPLOY, ref=sampler.ref(refs))
-        st = [world.style_stats(im) for im in outs]
-        to_a.append(np.mean([world.style_distance(s, world.style_stats(world.render_background(a)))
-                             for s, a in zip(st, A)]))
-        to_b.append(np.mean([world.style_distance(s, world.style_stats(world.render_background(b)))
-                             for s, b in zip(st, B)]))
-    gate["swap_sensitivity"] = dict(distance_to_reference_style=mean_std(to_a),
-                                    distance_to_other_style=mean_std(to_b))
-    log(f"swap: {gate['swap_sensitivity']}")
+        A = [world.random_style(rng) for _ in prompts]
+        B = [world.random_style(rng) for _ in prompts]
+        refs = [world.render(a, world.SHAPES[(3 * i + seed) % 6], world.visible_colours(a)[0], rng)
+                for i, a in enumerate(A)]
+        st = [world.style_stats(im) for im in sampler(turbo, [f"{p} {SUFFIX}" for p in prompts], seed, DEPLOY,
+                                                      ref=sampler.ref(refs))]
+        to_a.append(np.mean([world.style_distance(s, style_reference(a, rng, 2)) for s, a in zip(st, A)]))
+        to_b.append(np.mean([world.style_distance(s, style_reference(b, rng, 2)) for s, b in zip(st, B)]))
+    return dict(distance_to_reference_style=mean_std(to_a), distance_to_other_style=mean_std(to_b))
 
-    # (4) the diffusers pipeline draws what dopsd.py's sampler draws (same noise, 4 steps)
+
+def gate_pipeline(out, sampler, turbo, prompt):
+    """Max grey-level difference between Flux2KleinPipeline and dopsd.py's sampler, same noise, 4 steps."""
+    from diffusers import Flux2KleinPipeline
     p2 = Flux2KleinPipeline.from_pretrained(out)
     noise = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = sampler(turbo, prompts[:1], 0, DEPLOY)[0]
-    theirs = p2(prompt=prompts[0], height=world.SIZE, width=world.SIZE, num_inference_steps=DEPLOY, guidance_scale=1.0,
+    ours = sampler(turbo, [prompt], 0, DEPLOY)[0]
+    theirs = p2(prompt=prompt, height=world.SIZE, width=world.SIZE, num_inference_steps=DEPLOY, guidance_scale=1.0,
                 latents=noise, text_encoder_out_layers=dopsd.klein_text_layers(p2.text_encoder),
                 max_sequence_length=TEXT_LEN).images[0]
-    gate["pipeline_agreement_max_abs_grey_levels"] = int(np.abs(np.asarray(ours, dtype=int) -
-                                                               np.asarray(theirs, dtype=int)).max())
+    return int(np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int)).max())
+
+
+def stage_gate(work, out):
+    pipe = dopsd.load_pipeline(str(out), torch.float32)              # through dopsd.py: family + distilled checks
+    sampler, turbo = Sampler(pipe), pipe.transformer.eval()
+    rng = np.random.default_rng(300)
+    gate = {"world": "v2", "metric_validation_on_world_images": validate_metrics(rng)}
+    combos = [(s, c) for s in world.SHAPES for c in world.COLOURS]
+    gate["metric_validation_on_world_images"].update(gate_vae(pipe, sampler, rng, combos))
+    log(f"metric validation: {gate['metric_validation_on_world_images']}")
+    pairs = [combos[(7 * i) % len(combos)] for i in range(16)]
+    prompts = [world.caption(*p) for p in pairs]
+    if (work / "base.pt").is_file():
+        gate["distillation"] = gate_distillation(work, sampler, turbo, prompts, pairs, rng, combos)
+        log(f"distillation: {gate['distillation']}")
+    gate["prompt_following"] = gate_prompt_following(sampler, turbo, prompts, pairs, named_prompts())
+    log(f"prompt following: {gate['prompt_following']}")
+    gate["teacher_ceiling_held_out"] = gate_teacher(sampler, turbo, prompts, combos, rng)
+    log(f"teacher ceiling: {gate['teacher_ceiling_held_out']}")
+    gate["swap_sensitivity"] = gate_swap(sampler, turbo, prompts, rng)
+    log(f"swap: {gate['swap_sensitivity']}")
+    gate["pipeline_agreement_max_abs_grey_levels"] = gate_pipeline(out, sampler, turbo, prompts[0])
     gate["model_size_mib"] = round(sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 2**20, 2)
     (Path(out) / "gate.json").write_text(json.dumps(gate, indent=2))
     print(json.dumps(gate, indent=2))
@@ -569,14 +697,19 @@ def main(argv=None):
     p.add_argument("--stage", default="all", choices=["all", "vae", "data", "pretrain", "distill", "save", "gate"])
     p.add_argument("--work", default=str(HERE / "work"), help="checkpoints and caches (not committed)")
     p.add_argument("--out", default=str(HERE / "model"), help="the finished Flux2KleinPipeline folder")
+    p.add_argument("--reuse-vae", default=None, metavar="PIPELINE",
+                   help="take the VAE of this pipeline folder instead of training one (e.g. the v1 toy model)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     stages = ["vae", "data", "pretrain", "distill", "save", "gate"] if args.stage == "all" else [args.stage]
+    run = dict(vae=lambda: stage_vae(work, reuse=args.reuse_vae), data=lambda: stage_data(work),
+               pretrain=lambda: stage_pretrain(work), distill=lambda: stage_distill(work),
+               save=lambda: stage_save(work, out), gate=lambda: stage_gate(work, out))
     for s in stages:
         log(f"stage {s}")
-        globals()[f"stage_{s}"](work) if s not in ("save", "gate") else globals()[f"stage_{s}"](work, out)
+        run[s]()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""The toy world: coloured shapes on a parametric background *style* that captions never name.
+"""The toy world (v2): coloured shapes on a parametric background *style*, named in words for some styles only.
 
 An image is a named shape in a named colour ("a red circle") drawn near the centre of a 64×64 background. The
 background is a style: two colours mixed as soft stripes, checks or a linear gradient, with an angle and a period.
-Captions say nothing about it, so a text-only model can only guess a style; a model that sees an image of the style
-in its context (D-OPSD's teacher) can copy it. One style, HELD_OUT, never appears in pre-training: it is the new
-concept, "[V] style", that examples/toy/reproduce.py teaches.
+Every image is a fresh *instance* of its style: a random phase (or, for a gradient, offset) and a small jitter in
+period, so two images of one style are never pixel-aligned and a style cannot be learnt as a fixed set of pixels.
+Most captions say nothing about the style, so a text-only model can only guess one; a few styles (NAMED) are always
+captioned by name ("a red circle, ocean style"), so text controls those. A model that sees an image of the style in
+its context (D-OPSD's teacher) can copy it, phase aside. One style, HELD_OUT, never appears in pre-training: it is
+the new concept, "[V] style", that examples/toy/reproduce.py teaches.
 
 The style statistics below read only the border frame (FRAME px wide), which shapes never reach, so they measure the
 background whatever the shape. They are checked on real world images in make_turbo.py before any model is judged by
@@ -28,60 +31,84 @@ KINDS = ["stripes", "checks", "gradient"]
 HELD_OUT = dict(kind="stripes", c1=(0.10, 0.45, 0.50), c2=(0.95, 0.70, 0.45), angle=0.6, period=13.0)
 HELD_OUT_MARGIN = 0.35
 TRIGGER = "[V] style"          # the new concept's words; no pre-training caption contains them
+# Styles with a name: pre-training always captions them "..., <name> style", so an old name has a style to keep and
+# a model can bind words to a style. Unnamed styles stay HELD_OUT_MARGIN away from all of them.
+NAMED = {"ocean": dict(kind="stripes", c1=(0.05, 0.15, 0.45), c2=(0.55, 0.80, 0.95), angle=0.0, period=16.0),
+         "desert": dict(kind="gradient", c1=(0.55, 0.30, 0.12), c2=(0.92, 0.80, 0.55), angle=1.2, period=16.0),
+         "forest": dict(kind="checks", c1=(0.08, 0.30, 0.10), c2=(0.55, 0.75, 0.35), angle=0.3, period=18.0),
+         "candy": dict(kind="stripes", c1=(0.90, 0.45, 0.70), c2=(0.98, 0.92, 0.95), angle=2.3, period=11.5),
+         "night": dict(kind="checks", c1=(0.05, 0.05, 0.18), c2=(0.40, 0.35, 0.65), angle=1.0, period=22.0),
+         "rust": dict(kind="stripes", c1=(0.35, 0.12, 0.05), c2=(0.80, 0.50, 0.30), angle=1.9, period=20.0)}
 
 
 # The fine-tuning set of the new concept (reproduce.py, the README quick start): 6 images of HELD_OUT, shapes and
 # colours from a subset; NEW_PROMPTS use only shapes and colours that never appear in it.
-FINETUNE = [("circle", "red"), ("square", "blue"), ("triangle", "white"), ("circle", "black"), ("square", "red"),
-            ("triangle", "blue")]
-NEW_PROMPTS = [("diamond", "green"), ("cross", "yellow"), ("ring", "orange"), ("diamond", "purple"),
-               ("cross", "green"), ("ring", "yellow")]
+# Every colour here is one of visible_colours(HELD_OUT).
+FINETUNE = [("circle", "red"), ("square", "blue"), ("triangle", "white"), ("circle", "blue"), ("square", "white"),
+            ("triangle", "red")]
+NEW_PROMPTS = [("diamond", "purple"), ("cross", "orange"), ("ring", "black"), ("diamond", "orange"),
+               ("cross", "black"), ("ring", "purple")]
 
 
-def caption(shape, colour, trigger=None):
-    """'a red circle' or, for the new concept, 'a red circle, [V] style'."""
-    return f"a {colour} {shape}" + (f", {trigger}" if trigger else "")
+def caption(shape, colour, style_words=None):
+    """'a red circle', 'a red circle, ocean style' (a NAMED style) or, for the new concept,
+    'a red circle, [V] style'."""
+    return f"a {colour} {shape}" + (f", {style_words}" if style_words else "")
+
+
+def named_words(name):
+    return f"{name} style"
+
+
+def _far_from_every_named(s):
+    st = style_stats(render_background(s))
+    return all(style_distance(st, style_stats(render_background(o))) > HELD_OUT_MARGIN
+               for o in [HELD_OUT, *NAMED.values()])
 
 
 def random_style(rng, exclude_held_out=True):
-    """A style drawn from the family. rng: np.random.Generator. Resamples anything too close to HELD_OUT."""
+    """An unnamed style drawn from the family. rng: np.random.Generator. Resamples anything within HELD_OUT_MARGIN
+    of HELD_OUT or of a NAMED style, so neither the new concept nor a named style is ever drawn unnamed."""
     while True:
         s = dict(kind=KINDS[rng.integers(len(KINDS))], c1=tuple(rng.uniform(0.05, 0.95, 3)),
                  c2=tuple(rng.uniform(0.05, 0.95, 3)), angle=float(rng.uniform(0, math.pi)),
                  period=float(rng.uniform(11, 24)))
         if np.linalg.norm(np.subtract(s["c1"], s["c2"])) < 0.45:       # too little contrast to show a texture
             continue
-        if not exclude_held_out or style_distance(style_stats(render_background(s)),
-                                                  style_stats(render_background(HELD_OUT))) > HELD_OUT_MARGIN:
+        if not exclude_held_out or _far_from_every_named(s):
             return s
 
 
+def instance(style, rng):
+    """One image's copy of a style: random phases (stripes, checks) or offset (gradient) and the period jittered by
+    up to ±7 %, so that images of one style are not pixel-aligned."""
+    return dict(style, phase=float(rng.uniform(0, 2 * math.pi)), phase2=float(rng.uniform(0, 2 * math.pi)),
+                offset=float(rng.uniform(-0.2, 0.2)), period=style["period"] * float(rng.uniform(0.93, 1.07)))
+
+
 def render_background(style, size=SIZE):
-    """style -> [size, size, 3] float array in [0, 1]. Phase is fixed (pattern centred on the image), so a reference
-    image of the same style has the same background pixel for pixel wherever no shape covers it."""
+    """style -> [size, size, 3] float array in [0, 1]. A style without phase/offset (from instance()) is centred on
+    the image; the statistics below do not depend on the phase."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) - (size - 1) / 2
     a = style["angle"]
     u = xx * math.cos(a) + yy * math.sin(a)                  # along the pattern
     v = -xx * math.sin(a) + yy * math.cos(a)                 # across it
-    w = 2 * math.pi / style["period"]
+    w, p1, p2 = 2 * math.pi / style["period"], style.get("phase", 0.0), style.get("phase2", 0.0)
     if style["kind"] == "stripes":
-        m = 0.5 + 0.5 * np.tanh(2.5 * np.sin(w * u))         # soft square wave
+        m = 0.5 + 0.5 * np.tanh(2.5 * np.sin(w * u + p1))    # soft square wave
     elif style["kind"] == "checks":
-        m = 0.5 + 0.5 * np.tanh(2.5 * np.sin(w * u) * np.sin(w * v) * 2)
+        m = 0.5 + 0.5 * np.tanh(2.5 * np.sin(w * u + p1) * np.sin(w * v + p2) * 2)
     else:                                                    # linear gradient across the whole image
-        m = np.clip(u / size + 0.5, 0, 1)
+        m = np.clip(u / size + 0.5 + style.get("offset", 0.0), 0, 1)
     c1, c2 = np.array(style["c1"]), np.array(style["c2"])
     return c1 * (1 - m[..., None]) + c2 * m[..., None]
 
 
-def render(style, shape, colour, rng, size=SIZE):
-    """One world image (PIL RGB): the style's background and a shape near the centre (4× supersampled edges)."""
-    bg = Image.fromarray((render_background(style, size) * 255).round().astype(np.uint8)).resize(
-        (size * 4, size * 4), Image.Resampling.NEAREST)
-    mask = Image.new("L", bg.size, 0)
+def shape_mask(shape, cx, cy, r, size=SIZE):
+    """Coverage of one shape in [0, 1], [size, size] (4× supersampled, box-filtered). cx, cy, r in pixels."""
+    mask = Image.new("L", (size * 4, size * 4), 0)
     d = ImageDraw.Draw(mask)
-    cx, cy = (size / 2 + rng.uniform(-5, 5)) * 4, (size / 2 + rng.uniform(-5, 5)) * 4
-    r = rng.uniform(9, 13) * 4                               # half-size: the shape stays inside [FRAME, size-FRAME]
+    cx, cy, r = cx * 4, cy * 4, r * 4
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     elif shape == "ring":
@@ -99,8 +126,17 @@ def render(style, shape, colour, rng, size=SIZE):
         d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=255)
     else:
         raise ValueError(shape)
-    fg = Image.new("RGB", bg.size, COLOURS[colour])
-    return Image.composite(fg, bg, mask).resize((size, size), Image.Resampling.BOX)
+    return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float64) / 255.0
+
+
+def render(style, shape, colour, rng, size=SIZE, jitter=True):
+    """One world image (PIL RGB): a fresh instance() of the style (jitter=False: the style as given) and a shape
+    near the centre. The shape's half-size keeps it inside [FRAME, size - FRAME]."""
+    bg = render_background(instance(style, rng) if jitter else style, size)
+    cx, cy = size / 2 + rng.uniform(-5, 5), size / 2 + rng.uniform(-5, 5)
+    m = shape_mask(shape, cx, cy, rng.uniform(9, 13), size)[..., None]
+    a = bg * (1 - m) + np.array(COLOURS[colour]) / 255.0 * m
+    return Image.fromarray((a * 255).round().astype(np.uint8))
 
 
 def frame_mask(size=SIZE, width=FRAME):
@@ -155,13 +191,84 @@ def style_distance(s1, s2):
     return colour_distance(s1, s2) + texture_distance(s1, s2)
 
 
-def colour_error(image, colour):
-    """How far the shape is from the prompt's colour: the 10th percentile, over the central 32×32 px (where every
-    shape lies), of the RGB distance to COLOURS[colour], in [0, 1] units / sqrt(3). Small when some tenth of the
-    centre has that colour (a ring or a cross covers about a quarter of it)."""
-    a = np.asarray(image, dtype=np.float64)[16:48, 16:48].reshape(-1, 3) / 255.0
-    d = np.linalg.norm(a - np.array(COLOURS[colour]) / 255.0, axis=1) / math.sqrt(3)
-    return float(np.percentile(d, 10))
+# Prompt following: which pixels are the shape, what colour they are, and which shape they make. Checked on real
+# world images in make_turbo.py's gate (1.0 would be perfect there) before any model is judged by them.
+PALETTE = np.array(list(COLOURS.values()), dtype=np.float64) / 255.0          # [8, 3]
+SHAPE_PX = 0.2         # a centre pixel this far (RGB, [0, 1] units) from the background's colour line is the shape's
+
+
+def shape_pixels(image):
+    """The shape's pixels: those of the central [FRAME, SIZE - FRAME) square further than SHAPE_PX from the segment
+    between the background's two colours (style_stats; extended by a quarter each way, since they are tail means).
+    Returns (the mask's inner pixels [N, 3] in [0, 1], the mask [SIZE - 2 FRAME]^2)."""
+    a = np.asarray(image, dtype=np.float64)
+    a = a / 255.0 if a.max() > 1.5 else a
+    c = style_stats(a)["colour"]
+    lo, hi = c[:3], c[3:]
+    lo, hi = lo - 0.25 * (hi - lo), hi + 0.25 * (hi - lo)
+    px = a[FRAME:-FRAME, FRAME:-FRAME]                                    # [44, 44, 3]
+    t = np.clip(((px - lo) @ (hi - lo)) / max(float((hi - lo) @ (hi - lo)), 1e-9), 0, 1)
+    d = np.linalg.norm(px - (lo + t[..., None] * (hi - lo)), axis=-1)
+    mask = d > SHAPE_PX
+    inner = mask.copy()                                                   # minus the edge: box-filtered blends
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return px[inner], mask
+
+
+def visible_colours(style, margin=0.35):
+    """The COLOURS a shape may take on this style: those at least `margin` from the segment between its two colours,
+    so that a shape always stands out from its background (the world never hides one)."""
+    c1, c2 = np.array(style["c1"]), np.array(style["c2"])
+    t = np.clip(((PALETTE - c1) @ (c2 - c1)) / float((c2 - c1) @ (c2 - c1)), 0, 1)
+    d = np.linalg.norm(PALETTE - (c1 + t[:, None] * (c2 - c1)), axis=1)
+    return [c for c, di in zip(COLOURS, d) if di >= margin]
+
+
+def colour_fidelity(image, colour):
+    """Of the shape's pixels, the fraction whose nearest COLOURS entry is the prompt's colour (0 if none)."""
+    px, _ = shape_pixels(image)
+    if len(px) == 0:
+        return 0.0
+    nearest = np.argmin(np.linalg.norm(px[:, None] - PALETTE[None], axis=-1), 1)
+    return float((nearest == list(COLOURS).index(colour)).mean())
+
+
+_TEMPLATES = {}
+
+
+def _templates():
+    """Every shape at every centre (±5 px, 1 px apart) and half-size (9..13 px, 0.5 apart) the world draws, cut to
+    the central square: (masks [T, 44·44] bool, shape index [T])."""
+    if not _TEMPLATES:
+        ms, ks = [], []
+        for k, shape in enumerate(SHAPES):
+            for dy in range(-5, 6):
+                for dx in range(-5, 6):
+                    for r in np.arange(9, 13.01, 0.5):
+                        m = shape_mask(shape, SIZE / 2 + dx, SIZE / 2 + dy, r)[FRAME:-FRAME, FRAME:-FRAME]
+                        ms.append((m > 0.5).ravel()), ks.append(k)
+        _TEMPLATES.update(masks=np.stack(ms).astype(np.float32), shape=np.array(ks))
+    return _TEMPLATES["masks"], _TEMPLATES["shape"]
+
+
+def shape_of(image):
+    """The SHAPES entry whose best-placed template overlaps the shape's pixels most (IoU), or None if none drawn."""
+    _, mask = shape_pixels(image)
+    if mask.sum() == 0:
+        return None
+    masks, kind = _templates()
+    m = mask.ravel().astype(np.float32)
+    inter = masks @ m                                                     # [T]
+    iou = inter / (masks.sum(1) + m.sum() - inter)
+    return SHAPES[kind[int(np.argmax(iou))]]
+
+
+def shape_fidelity(image, shape):
+    """1.0 if shape_of(image) is the prompt's shape, else 0.0."""
+    return float(shape_of(image) == shape)
 
 
 def rms(a, b):
@@ -177,7 +284,8 @@ def sharpness(image):
 
 
 def write_finetune_set(out, seed=0):
-    """The FINETUNE images of HELD_OUT as PNG + same-name .txt captions ('a red circle, [V] style') in out/."""
+    """The FINETUNE images of HELD_OUT (each its own instance) as PNG + same-name .txt captions
+    ('a red circle, [V] style') in out/."""
     from pathlib import Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
