@@ -135,7 +135,6 @@ class Evaluator:
         self.prompts = dict(new=[world.caption(s, c, world.TRIGGER) for s, c in world.NEW_PROMPTS],
                             unnamed=[world.caption(s, c) for s, c in OLD_UNNAMED],
                             named=[named_caption(*p) for p in OLD_NAMED])
-        self.reference = None
         self.reference = dict(teacher=self.images(self.prompts["new"], NOISE, teacher=True),
                               unnamed=self.images(self.prompts["unnamed"], NOISE))
 

@@ -129,10 +129,10 @@ def shape_mask(shape, cx, cy, r, size=SIZE):
     return np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float64) / 255.0
 
 
-def render(style, shape, colour, rng, size=SIZE, jitter=True):
-    """One world image (PIL RGB): a fresh instance() of the style (jitter=False: the style as given) and a shape
-    near the centre. The shape's half-size keeps it inside [FRAME, size - FRAME]."""
-    bg = render_background(instance(style, rng) if jitter else style, size)
+def render(style, shape, colour, rng, size=SIZE):
+    """One world image (PIL RGB): a fresh instance() of the style and a shape near the centre. The shape's half-size
+    keeps it inside [FRAME, size - FRAME]."""
+    bg = render_background(instance(style, rng), size)
     cx, cy = size / 2 + rng.uniform(-5, 5), size / 2 + rng.uniform(-5, 5)
     m = shape_mask(shape, cx, cy, rng.uniform(9, 13), size)[..., None]
     a = bg * (1 - m) + np.array(COLOURS[colour]) / 255.0 * m
