@@ -12,6 +12,7 @@ Stages (each checkpoints into --work and resumes where it stopped; `all` runs th
   pretrain   flow matching on the caption (10 % dropped: the unconditional model CFG needs); half of each batch also
              sees another instance of the same style as reference tokens with dopsd.py's teacher instruction
              appended -- exactly the context dopsd.py builds for klein, never pixel-aligned with the target
+  cfg        measure the undistilled model at each CFG scale of CFG_CHOICES: how GUIDANCE was chosen
   distill    4-step distillation on the pipeline's own schedule: each Euler jump regresses onto the undistilled
              model's 6-sub-step path under CFG (GUIDANCE) over the same interval, from the same state
   save       write the Flux2KleinPipeline folder (is_distilled=True) that `dopsd.py --model` loads
@@ -30,6 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -667,6 +669,36 @@ def gate_pipeline(out, sampler, turbo, prompt):
     return int(np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int)).max())
 
 
+CFG_CHOICES = (1.0, 2.0, 3.0, 4.5)
+
+
+def stage_cfg(work, steps=16):
+    """How GUIDANCE was chosen, before distillation: the undistilled model's colour fidelity, shape fidelity and
+    sharpness at each of CFG_CHOICES (24 unnamed + 12 named prompts, 2 noise seeds). The rule, fixed beforehand: the
+    smallest scale within 0.02 of the best unnamed colour fidelity among those > 1."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+    base = build_dit()
+    base.load_state_dict(torch.load(work / "base.pt"))
+    base.eval()
+    parts = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(work / "text"), vae=load_vae(work),
+                            text_encoder=Qwen3ForCausalLM.from_pretrained(work / "text").eval())
+    sampler, combos, named = Sampler(parts), [(s, c) for s in world.SHAPES for c in world.COLOURS], named_prompts()
+    pairs = [combos[(7 * i + 3) % len(combos)] for i in range(24)]
+    rows = {}
+    for g in CFG_CHOICES:
+        r = []
+        for seed in range(2):
+            ims = sampler(base, [world.caption(*p) for p in pairs], 50 + seed, steps, guidance=g)
+            nims = sampler(base, [c for c, *_ in named], 60 + seed, steps, guidance=g)
+            r.append((*fidelity(ims, pairs), np.mean([world.sharpness(im) for im in ims]),
+                      fidelity(nims, [(sh, c) for _, _, sh, c in named])[0]))
+        rows[g] = np.mean(r, 0)
+        log(f"CFG {g}: colour fidelity {rows[g][0]:.3f} (named {rows[g][3]:.3f}), shape fidelity {rows[g][1]:.3f}, "
+            f"sharpness {rows[g][2]:.4f}")
+    best = max(rows[g][0] for g in CFG_CHOICES if g > 1)
+    log(f"rule: CFG {min(g for g in CFG_CHOICES if g > 1 and rows[g][0] >= best - 0.02)} (GUIDANCE is {GUIDANCE})")
+
+
 def stage_gate(work, out):
     pipe = dopsd.load_pipeline(str(out), torch.float32)              # through dopsd.py: family + distilled checks
     sampler, turbo = Sampler(pipe), pipe.transformer.eval()
@@ -694,7 +726,8 @@ def stage_gate(work, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", default="all", choices=["all", "vae", "data", "pretrain", "distill", "save", "gate"])
+    p.add_argument("--stage", default="all", choices=["all", "vae", "data", "pretrain", "cfg", "distill", "save",
+                                                      "gate"])
     p.add_argument("--work", default=str(HERE / "work"), help="checkpoints and caches (not committed)")
     p.add_argument("--out", default=str(HERE / "model"), help="the finished Flux2KleinPipeline folder")
     p.add_argument("--reuse-vae", default=None, metavar="PIPELINE",
@@ -703,9 +736,10 @@ def main(argv=None):
     torch.set_num_threads(2)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    stages = ["vae", "data", "pretrain", "distill", "save", "gate"] if args.stage == "all" else [args.stage]
+    stages = ["vae", "data", "pretrain", "cfg", "distill", "save", "gate"] if args.stage == "all" else [args.stage]
     run = dict(vae=lambda: stage_vae(work, reuse=args.reuse_vae), data=lambda: stage_data(work),
-               pretrain=lambda: stage_pretrain(work), distill=lambda: stage_distill(work),
+               pretrain=lambda: stage_pretrain(work), cfg=lambda: stage_cfg(work),
+               distill=lambda: stage_distill(work),
                save=lambda: stage_save(work, out), gate=lambda: stage_gate(work, out))
     for s in stages:
         log(f"stage {s}")
