@@ -472,13 +472,6 @@ def mean_std(per_seed):
     return [round(float(a.mean()), 4), round(float(a.std()), 4)]
 
 
-def style_reference(style, rng, n=8):
-    """Reference statistics of a style: the mean over n real instances of it (they differ in phase and period)."""
-    st = [world.style_stats(world.render(style, world.SHAPES[i % 6], world.visible_colours(style)[0], rng))
-          for i in range(n)]
-    return dict(colour=np.mean([s["colour"] for s in st], 0), texture=np.mean([s["texture"] for s in st], 0))
-
-
 def named_prompts(per_name=2):
     """(caption, name, shape, colour) for every NAMED style, in colours that stand out from it."""
     out = []
@@ -510,12 +503,6 @@ class Sampler:
         x = dopsd.euler_sample(lambda x, s: guided_velocity(tr, x, s, cond, self.empty, guidance), noise,
                                dopsd.klein_sigmas(steps, TOKENS))
         return dopsd.klein_decode(self.vae, x)
-
-
-def fidelity(ims, pairs):
-    """Mean (colour fidelity, shape fidelity) of images drawn for the (shape, colour) pairs."""
-    return (float(np.mean([world.colour_fidelity(im, c) for im, (_, c) in zip(ims, pairs)])),
-            float(np.mean([world.shape_fidelity(im, s) for im, (s, _) in zip(ims, pairs)])))
 
 
 def validate_metrics(rng, n=96):
@@ -552,7 +539,7 @@ def gate_vae(pipe, sampler, rng, combos):
     ims = [world.render(st, sh, co, rng) for st, (sh, co) in zip(styles, pairs)]
     rec = dopsd.klein_decode(pipe.vae, sampler.ref(ims))
     st = [(world.style_stats(a), world.style_stats(b)) for a, b in zip(ims, rec)]
-    cf, sf = fidelity(rec, pairs)
+    cf, sf = world.fidelity(rec, pairs)
     return dict(vae_roundtrip_colour=mean_std([world.colour_distance(a, b) for a, b in st]),
                 vae_roundtrip_texture=mean_std([world.texture_distance(a, b) for a, b in st]),
                 vae_roundtrip_rms=round(world.rms(ims, rec), 4), vae_roundtrip_colour_fidelity=round(cf, 4),
@@ -579,7 +566,7 @@ def gate_distillation(work, sampler, turbo, prompts, pairs, rng, combos):
         rows["sharp_real"].append(np.mean([world.sharpness(im) for im in real]))
         rows["sharp_real_vae"].append(np.mean([world.sharpness(im) for im in
                                                dopsd.klein_decode(sampler.vae, sampler.ref(real))]))
-        cf, sf = fidelity(b32, pairs)
+        cf, sf = world.fidelity(b32, pairs)
         rows["colour_fidelity_base32"].append(cf), rows["shape_fidelity_base32"].append(sf)
     out = {k: mean_std(v) for k, v in rows.items()}
     out["note"] = (f"pixel RMS distances in [0,1] units, {len(prompts)} prompts x {SEEDS} noise seeds (mean ± std over "
@@ -591,18 +578,18 @@ def gate_prompt_following(sampler, turbo, prompts, pairs, named):
     """The distilled model at 4 steps, text only: colour and shape fidelity on unnamed and named-style prompts, and
     whether a style's name draws that style (distance to it vs to the other named styles)."""
     rng = np.random.default_rng(301)
-    refs = {n: style_reference(st, rng) for n, st in world.NAMED.items()}
+    refs = {n: world.style_reference(st, rng) for n, st in world.NAMED.items()}
     rows = {k: [] for k in ("colour_fidelity_unnamed", "shape_fidelity_unnamed", "colour_fidelity_named",
                             "shape_fidelity_named", "named_distance_to_own_style", "named_distance_to_other_named",
                             "unnamed_distance_to_nearest_named")}
     for seed in range(SEEDS):
         ims = sampler(turbo, prompts, seed, DEPLOY)
-        cf, sf = fidelity(ims, pairs)
+        cf, sf = world.fidelity(ims, pairs)
         rows["colour_fidelity_unnamed"].append(cf), rows["shape_fidelity_unnamed"].append(sf)
         rows["unnamed_distance_to_nearest_named"].append(np.mean([min(world.style_distance(world.style_stats(im), r)
                                                                       for r in refs.values()) for im in ims]))
         nims = sampler(turbo, [c for c, *_ in named], seed, DEPLOY)
-        cf, sf = fidelity(nims, [(s, c) for _, _, s, c in named])
+        cf, sf = world.fidelity(nims, [(s, c) for _, _, s, c in named])
         rows["colour_fidelity_named"].append(cf), rows["shape_fidelity_named"].append(sf)
         st = [world.style_stats(im) for im in nims]
         rows["named_distance_to_own_style"].append(np.mean([world.style_distance(s, refs[n])
@@ -616,7 +603,7 @@ def gate_prompt_following(sampler, turbo, prompts, pairs, named):
 def gate_teacher(sampler, turbo, prompts, combos, rng):
     """The teacher's ceiling: the held-out style drawn with other instances of it as reference (never pixel-aligned
     with the sample) vs without; and how far the output's frame is from its reference's, pixel for pixel."""
-    hs = style_reference(world.HELD_OUT, rng)
+    hs = world.style_reference(world.HELD_OUT, rng)
     vis = world.visible_colours(world.HELD_OUT)
     rows = {k: [] for k in ("with_ref_colour", "with_ref_texture", "no_ref_colour", "no_ref_texture",
                             "trigger_no_ref_colour", "trigger_no_ref_texture", "with_ref_contrast",
@@ -652,8 +639,10 @@ def gate_swap(sampler, turbo, prompts, rng):
                 for i, a in enumerate(A)]
         st = [world.style_stats(im) for im in sampler(turbo, [f"{p} {SUFFIX}" for p in prompts], seed, DEPLOY,
                                                       ref=sampler.ref(refs))]
-        to_a.append(np.mean([world.style_distance(s, style_reference(a, rng, 2)) for s, a in zip(st, A)]))
-        to_b.append(np.mean([world.style_distance(s, style_reference(b, rng, 2)) for s, b in zip(st, B)]))
+        to_a.append(np.mean([world.style_distance(s, world.style_reference(a, rng, 2))
+                                for s, a in zip(st, A)]))
+        to_b.append(np.mean([world.style_distance(s, world.style_reference(b, rng, 2))
+                                for s, b in zip(st, B)]))
     return dict(distance_to_reference_style=mean_std(to_a), distance_to_other_style=mean_std(to_b))
 
 
@@ -690,8 +679,8 @@ def stage_cfg(work, steps=16):
         for seed in range(2):
             ims = sampler(base, [world.caption(*p) for p in pairs], 50 + seed, steps, guidance=g)
             nims = sampler(base, [c for c, *_ in named], 60 + seed, steps, guidance=g)
-            r.append((*fidelity(ims, pairs), np.mean([world.sharpness(im) for im in ims]),
-                      fidelity(nims, [(sh, c) for _, _, sh, c in named])[0]))
+            r.append((*world.fidelity(ims, pairs), np.mean([world.sharpness(im) for im in ims]),
+                      world.fidelity(nims, [(sh, c) for _, _, sh, c in named])[0]))
         rows[g] = np.mean(r, 0)
         log(f"CFG {g}: colour fidelity {rows[g][0]:.3f} (named {rows[g][3]:.3f}), shape fidelity {rows[g][1]:.3f}, "
             f"sharpness {rows[g][2]:.4f}")

@@ -104,22 +104,6 @@ def train(method_args, lr, seed, steps, out, data):
     return out / "pytorch_lora_weights.safetensors", float(sum(secs))
 
 
-def style_reference(style, n=8, seed=0):
-    """Mean statistics of n real instances of a style (they differ in phase and period, not in style)."""
-    rng = np.random.default_rng(seed)
-    st = [world.style_stats(world.render(style, world.SHAPES[i % 6], world.visible_colours(style)[0], rng))
-          for i in range(n)]
-    return dict(colour=np.mean([s["colour"] for s in st], 0), texture=np.mean([s["texture"] for s in st], 0),
-                contrast=float(np.mean([s["contrast"] for s in st])))
-
-
-def fidelity(ims, pairs):
-    """Mean colour and shape fidelity of seed-major samples of the (shape, colour, ...) prompts `pairs`."""
-    p = [pairs[k % len(pairs)] for k in range(len(ims))]
-    return (float(np.mean([world.colour_fidelity(im, q[1]) for im, q in zip(ims, p)])),
-            float(np.mean([world.shape_fidelity(im, q[0]) for im, q in zip(ims, p)])))
-
-
 class Evaluator:
     """One pipeline; LoRAs are loaded into it and unloaded again. Sampling is dopsd.py's own klein path."""
 
@@ -130,8 +114,8 @@ class Evaluator:
         self.text = lambda ps: torch.stack([c[0] for c in dopsd.student_features("klein", te, tok, ps)])
         self.refs = dopsd.klein_encode(vae, torch.stack([dopsd.pil_to_tensor(dopsd.load_rgb(p))
                                                           for p in sorted(Path(data).glob("*.png"))]))
-        self.held = style_reference(world.HELD_OUT)
-        self.named = {n: style_reference(s) for n, s in world.NAMED.items()}
+        self.held = world.style_reference(world.HELD_OUT, np.random.default_rng(0))
+        self.named = {n: world.style_reference(s, np.random.default_rng(0)) for n, s in world.NAMED.items()}
         self.prompts = dict(new=[world.caption(s, c, world.TRIGGER) for s, c in world.NEW_PROMPTS],
                             unnamed=[world.caption(s, c) for s, c in OLD_UNNAMED],
                             named=[named_caption(*p) for p in OLD_NAMED])
@@ -182,10 +166,11 @@ class Evaluator:
                 self.pipe.unload_lora_weights()
         style, contrast = self.style(ims["new"])
         sharp = lambda xs: np.mean([world.sharpness(im) for im in xs])
-        colour_new, shape_new = fidelity(ims["new"], world.NEW_PROMPTS)
+        colour_new, shape_new = world.fidelity(ims["new"], world.NEW_PROMPTS)
         named = [world.style_distance(world.style_stats(im), self.named[OLD_NAMED[k % 6][2]])
                  for k, im in enumerate(ims["named"])]
-        colour_old = np.mean([fidelity(ims["unnamed"], OLD_UNNAMED)[0], fidelity(ims["named"], OLD_NAMED)[0]])
+        colour_old = np.mean([world.fidelity(ims["unnamed"], OLD_UNNAMED)[0],
+                              world.fidelity(ims["named"], OLD_NAMED)[0]])
         m = dict(style=style, contrast=contrast, sharpness=sharp(ims["new"]) / sharp(self.reference["teacher"]),
                  agree_4_32=world.rms(ims["new"], many), colour_new=colour_new, shape_new=shape_new,
                  named_kept=float(np.mean(named)), retention=world.rms(ims["unnamed"], self.reference["unnamed"]),
@@ -353,7 +338,7 @@ def main(argv=None):
     ev = evaluator(data)
     base, base_ims = ev.measure(None)
     teacher = ev.reference["teacher"]
-    colour_t, shape_t = fidelity(teacher, world.NEW_PROMPTS)
+    colour_t, shape_t = world.fidelity(teacher, world.NEW_PROMPTS)
     teacher_m = dict(style=ev.style(teacher)[0], contrast=ev.style(teacher)[1], sharpness=1.0, colour_new=colour_t,
                      shape_new=shape_t)
     log(f"base: {base}\nteacher (ceiling): {teacher_m}")

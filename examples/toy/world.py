@@ -271,6 +271,22 @@ def shape_fidelity(image, shape):
     return float(shape_of(image) == shape)
 
 
+def style_reference(style, rng, n=8):
+    """Mean statistics of n real instances of a style (they differ in phase and period, not in style): the
+    reference a model's samples are measured against."""
+    st = [style_stats(render(style, SHAPES[i % 6], visible_colours(style)[0], rng)) for i in range(n)]
+    return dict(colour=np.mean([s["colour"] for s in st], 0), texture=np.mean([s["texture"] for s in st], 0),
+                contrast=float(np.mean([s["contrast"] for s in st])))
+
+
+def fidelity(ims, pairs):
+    """Mean (colour fidelity, shape fidelity) of images drawn for the (shape, colour, ...) prompts `pairs`, cycled:
+    seed-major samples of len(pairs) prompts line up with them."""
+    p = [pairs[k % len(pairs)] for k in range(len(ims))]
+    return (float(np.mean([colour_fidelity(im, q[1]) for im, q in zip(ims, p)])),
+            float(np.mean([shape_fidelity(im, q[0]) for im, q in zip(ims, p)])))
+
+
 def rms(a, b):
     """Pixel RMS distance between two equally long lists of images, in [0, 1] units."""
     pix = lambda ims: np.stack([np.asarray(im, dtype=np.float64) / 255 for im in ims])
