@@ -35,10 +35,11 @@ Run as:
   python -m pytest -q                                                       # tests, offline, CPU
 """
 
-import argparse, contextlib, copy, gc, json, math, os, re, shutil, signal, sys, threading, time, traceback, warnings
+import argparse, contextlib, copy, gc, hashlib, io, json, math, os, re, shutil, signal, sys, threading, time, traceback, warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -60,8 +61,13 @@ def knob(default, help, **argparse_kw):
 
 @dataclass
 class TrainConfig:
-    data: str = knob(None, "folder of images (.png .jpg .webp .bmp) with same-name .txt captions, or a "
-                     "metadata.jsonl of {file_name, text} rows", required=True)
+    data: list = knob(None, "folder of images (.png .jpg .webp .bmp) with same-name .txt captions, or a "
+                      "metadata.jsonl of {file_name, text} rows (text: one caption, or a list of variants, one drawn "
+                      "per step); repeat the flag for more folders; FOLDER:N counts each image of FOLDER N times an "
+                      "epoch", required=True, action="append")
+    cache_dir: str = knob(None, "folder of the encoders' outputs, reused by every run, --resume and rank on the same "
+                          "data and model (default: .dopsd_cache in the first --data folder, so that it travels with "
+                          "the data and every run on it finds it)")
     out: str = knob("runs/dopsd", "output folder: LoRA, checkpoint, log, sample grids")
     model: str = knob("Tongyi-MAI/Z-Image-Turbo", "diffusers pipeline, hub id or local folder")
     vlm: str = knob("Qwen/Qwen3-VL-4B-Instruct", "Z-Image teacher's Qwen3-VL, hub id or local folder")
@@ -126,7 +132,14 @@ class SampleConfig:
     precision: str = knob("auto", "auto = bf16 on cuda/mps, fp32 on CPU", choices=["auto", "fp32", "bf16"])
 
 class UserError(Exception):
-    """A mistake the user can fix. main() prints it as one line and exits with code 2, without a traceback."""
+    """A mistake the user can fix. main() prints it as one line and exits with `code`, without a traceback."""
+    code = 2                                         # 2: the command line or its files were wrong, nothing ran
+
+class WriteFailed(UserError):
+    """A file could not be written mid-run (disk full, permissions). Exit code 1, not 2: the arguments were right and
+    the run did work -- 2 would say "fix the command and run it again", while the fix here is space, then --resume.
+    The message names what is intact."""
+    code = 1
 
 def refuse(checks):
     """Raise a UserError with the message of the first (bad, message) pair that is bad. Every message is built
@@ -134,6 +147,48 @@ def refuse(checks):
     for bad, message in checks:
         if bad:
             raise UserError(message)
+
+def read_text_file(path, what):
+    """A text file's contents; one that is not UTF-8 (a UTF-16 'Unicode' export, a Latin-1 'é') is one UserError
+    naming it, the first bad byte and the fix."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save "
+                        "it as UTF-8") from None
+
+def check_out_path(path, flag, folder):
+    """Refuse an output path that cannot be made -- a file where a folder goes or the reverse, a path under a file, a
+    folder we may not write -- before anything loads, not when the first save fails after the work is done."""
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p}: is a file, not a folder; pass a new folder name (it is created)")
+    if not folder and p.is_dir():
+        raise UserError(f"{flag} {p}: is a folder; pass a file name, e.g. {p / 'sample.png'}")
+    start = p if folder else p.parent
+    base = next(a for a in (start, *start.parents) if a.exists())          # the nearest part of the path that exists
+    if not base.is_dir():
+        raise UserError(f"{flag} {p}: {base} is a file, so nothing can be created under it; choose another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: {base} is not writable; choose another path")
+
+def check_device(name):
+    """Refuse a --device that torch cannot parse or this machine lacks, before anything loads (not at a .to())."""
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name; pass auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: dopsd.py runs on cpu, cuda or mps; pass one of those, or auto")
+    n = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cuda" and not n:
+        raise UserError(f"--device {name}: no CUDA device is visible; pass --device auto or cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= n:
+        raise UserError(f"--device {name}: only {n} CUDA device(s) are visible, cuda:0 to cuda:{n - 1}")
+    if dev.type == "mps" and not has_mps():
+        raise UserError(f"--device {name}: Apple MPS is not available here; pass --device auto or cpu")
 
 # --------------------------------------------------------------------------------------------------------------------
 # data
@@ -146,14 +201,67 @@ def _names(paths, limit=20):
     names = [Path(p).name for p in paths]
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
-def scan_dataset(data_dir, caption=None, trigger=None):
-    """Return [(path, caption)] for every image in data_dir; raise one UserError naming every bad file and its fix."""
+class Item(NamedTuple):
+    """One training image: its caption variants ([V] replaced; one is drawn per step), its (height, width) after EXIF
+    rotation, the sha256 of its bytes (the cache key's image part) and how often an epoch repeats it."""
+    path: Path
+    captions: tuple
+    size: tuple
+    digest: str
+    repeat: int = 1
+
+def parse_data_flag(spec):
+    """'FOLDER' or 'FOLDER:N' -> (folder, N): each image of FOLDER counts N times per epoch."""
+    head, _, n = spec.rpartition(":")
+    if head and n.isdigit() and not Path(spec).is_dir():        # (a folder really named 'x:3' is taken as it is)
+        if int(n) < 1:
+            raise UserError(f"--data {spec}: the repeat count must be at least 1")
+        return head, int(n)
+    return spec, 1
+
+def scan_data(specs, caption=None, trigger=None, memo=None):
+    """Every --data folder with its repeat count -> [Item], checked as scan_dataset checks one folder."""
+    items = []
+    for spec in specs:
+        folder, repeat = parse_data_flag(spec)
+        items += [it._replace(repeat=repeat) for it in scan_dataset(folder, caption, trigger, memo)]
+    return items
+
+def image_facts(path, memo):
+    """(digest, (height, width)) of an image, decoded in full once (a truncated file fails here, not mid-training).
+    memo: {path: [bytes, mtime_ns, digest, height, width]} of images already decoded, updated in place; an unchanged
+    file is not read again, so a launch on 20,000 cached images costs 20,000 stats, not 20,000 decodes."""
+    from PIL import Image
+    st, key = path.stat(), str(path.resolve())
+    known = memo.get(key) if memo is not None else None
+    if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+        return known[2], tuple(known[3:5])
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        swap = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)           # EXIF orientations that turn the image 90°
+        size = (im.width, im.height) if swap else (im.height, im.width)
+        im.load()
+    digest = hashlib.sha256(data).hexdigest()
+    if memo is not None:
+        memo[key] = [st.st_size, st.st_mtime_ns, digest, *size]
+    return digest, size
+
+def read_captions(path, meta):
+    """Caption variants of one image: metadata.jsonl's text (a string or a list of strings), else the .txt file."""
+    cap, txt = meta.get(path.name), path.with_suffix(".txt")
+    if cap is None and txt.is_file():
+        cap = txt.read_text(encoding="utf-8")
+    return [c.strip() for c in ([cap] if isinstance(cap, str) or cap is None else cap) if c and c.strip()]
+
+def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
+    """[Item] for every image in data_dir; raise one UserError naming every bad file and its fix. memo: see
+    image_facts."""
     from PIL import Image
     root, meta, problems = Path(data_dir), {}, []
     refuse([(not root.is_dir(), f"--data {root}: folder not found; pass a folder of images with same-name .txt "
              "captions")])
     jsonl = root / "metadata.jsonl"
-    for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines() if jsonl.is_file() else [], 1):
+    for n, line in enumerate(read_text_file(jsonl, "--data").splitlines() if jsonl.is_file() else [], 1):
         try:  # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
             if line.strip():
                 row = json.loads(line)
@@ -162,30 +270,48 @@ def scan_dataset(data_dir, caption=None, trigger=None):
             problems.append(f"{jsonl} line {n} is not a JSON object with file_name and text: fix or remove it")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     refuse([(not files, f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")])
-    bad, items = {"unreadable": [], "small": [], "uncaptioned": []}, []
+    bad, items, bomb_limit = {"unreadable": [], "large": [], "small": [], "uncaptioned": [], "not_utf8": []}, [], 0
     for p in files:
         try:
-            with Image.open(p) as im:
-                im.load()                       # decode fully: a truncated file fails here, not mid-training
+            digest, size = image_facts(p, memo)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:   # (the warning: if made an error)
+            bad["large"].append(p)
+            bomb_limit = max(bomb_limit, Image.MAX_IMAGE_PIXELS * (2 if isinstance(e, Image.DecompressionBombError)
+                                                                   else 1))
+            continue
         except Exception:
             bad["unreadable"].append(p)
             continue
-        if min(im.size) < MIN_SIDE:
+        if min(size) < MIN_SIDE:
             bad["small"].append(p)
             continue
-        cap, txt = meta.get(p.name), p.with_suffix(".txt")              # metadata.jsonl first, then the .txt
-        if cap is None and txt.is_file():
-            cap = txt.read_text(encoding="utf-8")
-        cap = (cap or "").strip() or caption
-        if cap:
-            items.append((p, cap.replace("[V]", trigger) if trigger else cap))
+        try:
+            caps = read_captions(p, meta) or ([caption] if caption else [])
+        except UnicodeDecodeError:
+            bad["not_utf8"].append(p.with_suffix(".txt"))
+            continue
+        if caps:
+            items.append(Item(p, tuple(c.replace("[V]", trigger) if trigger else c for c in caps), size, digest))
         else:
             bad["uncaptioned"].append(p)
     fix = {"unreadable": "unreadable or corrupt image(s) ({names}): re-export or remove them",
            "small": "image(s) smaller than {side} px on a side ({names}): use larger images",
-           "uncaptioned": "image(s) without a caption ({names}): add a same-name .txt file or pass --caption"}
-    problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE) for k, ps in bad.items() if ps]
+           "uncaptioned": "image(s) without a caption ({names}): add a same-name .txt file or pass --caption",
+           "large": "image(s) larger than PIL's limit of {limit:,} pixels ({which}) ({names}): downscale them",
+           "not_utf8": "caption file(s) not UTF-8 text ({names}): save each as UTF-8"}
+    which = ("2 × " if bomb_limit > Image.MAX_IMAGE_PIXELS else "") + "Image.MAX_IMAGE_PIXELS"
+    problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE, limit=bomb_limit, which=which)
+                 for k, ps in bad.items() if ps]
     refuse([(problems, f"--data {root}: " + "; ".join(problems))])
+    shared = {}                                      # k0.png and k0.jpg both read k0.txt: likely a mistake, not fatal
+    for p in files:
+        if p.name not in meta and p.with_suffix(".txt").is_file():
+            shared.setdefault(p.with_suffix(".txt"), []).append(p)
+    shared = [(txt, ps) for txt, ps in shared.items() if len(ps) > 1]
+    if shared:
+        print(f"warning: --data {root}: " + "; ".join(f"{_names(ps)} share the caption {txt.name}" for txt, ps in
+              shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else "") + ": rename one of each, "
+              "or give each its own caption, if they differ")
     return items
 
 def make_buckets(resolution, multiple=16, ratios=(1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)):
@@ -348,11 +474,13 @@ def pipeline_family(model):
              "sampling; for a base model use ordinary fine-tuning")])
     return SUPPORTED_PIPELINES[cls]
 
-def load_pipeline(model, dtype, transformer_dtype=None):
-    """The diffusers pipeline in `dtype`, its DiT in transformer_dtype if given (fp32 for --full). Call
+def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True):
+    """The diffusers pipeline in `dtype`, its DiT in transformer_dtype if given (fp32 for --full); text_encoder=False
+    leaves the (largest) encoder unloaded when the feature cache already holds everything. Call
     pipeline_family(model) first: it refuses unsupported checkpoints before any weight is read."""
     from diffusers import DiffusionPipeline
-    return DiffusionPipeline.from_pretrained(model, dtype={"default": dtype, "transformer": transformer_dtype or dtype})
+    return DiffusionPipeline.from_pretrained(model, dtype={"default": dtype, "transformer": transformer_dtype or dtype},
+                                             **({} if text_encoder else {"text_encoder": None}))
 
 def load_hybrid_vlm(vlm_path, text_encoder, dtype):
     """Qwen3-VL whose language model gets the text encoder's weights: its vision tower now feeds OUR encoder.
@@ -909,9 +1037,22 @@ def check_args(cfg):
     """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
     ckpt, counts = Path(cfg.out) / "checkpoint.pt", {k: getattr(cfg, k) for k in (
         "rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
-    refuse([(min(counts.values()) < 1, "--rollout-steps, --rank, --max-steps, --batch-size and --grad-accum must "
-             f"be at least 1 (got {counts})"),
-            (cfg.resolution < 64 or cfg.resolution % 16,
+    check_out_path(cfg.out, "--out", folder=True)
+    check_device(cfg.device)
+    # The numbers' ranges; `not lo < x < hi` also refuses nan. inf: an lr of inf is no step size, and a timeout of inf
+    # minutes overflows the timedelta torchrun's process group takes.
+    for flag, value, ok, want in (
+            *((f"--{k.replace('_', '-')}", v, v >= 1, "at least 1") for k, v in counts.items()),
+            ("--lr", cfg.lr, cfg.lr is None or 0 < cfg.lr < math.inf, "a positive learning rate, e.g. 1e-4"),
+            ("--alpha", cfg.alpha, 0 < cfg.alpha < math.inf, "a positive LoRA alpha (scale = alpha/rank), e.g. "
+             "2 × --rank"),
+            ("--preserve-weight", cfg.preserve_weight, 0 <= cfg.preserve_weight < math.inf, "0 or a positive weight"),
+            ("--dist-timeout", cfg.dist_timeout, 0 < cfg.dist_timeout < math.inf, "a positive number of minutes"),
+            ("--seed", cfg.seed, 0 <= cfg.seed < 2 ** 32, f"a seed from 0 to {2 ** 32 - 1} (seed << 32 seeds a "
+             "generator of 64 bits)")):
+        if not ok:
+            raise UserError(f"{flag} {value}: out of range; pass {want}")
+    refuse([(cfg.resolution < 64 or cfg.resolution % 16,
              f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})"),
             (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
             (cfg.loss_steps is not None and not 1 <= cfg.loss_steps <= cfg.rollout_steps,
@@ -919,7 +1060,6 @@ def check_args(cfg):
             (cfg.loss_steps is not None and cfg.method != "dopsd", "--loss-steps chooses roll-out states: it needs "
              "--method dopsd"),
             (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
-            (cfg.dist_timeout <= 0, f"--dist-timeout must be positive minutes (got {cfg.dist_timeout})"),
             (cfg.resume and not ckpt.is_file(), f"--resume: no checkpoint at {ckpt}; start without --resume"),
             (not cfg.resume and ckpt.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue it "
              "or choose another --out"),
@@ -927,36 +1067,224 @@ def check_args(cfg):
               for flag, f in (("sample-prompts", cfg.sample_prompts), ("preserve-prompts", cfg.preserve_prompts))),
             (cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"), "--preserve-prompts pulls a LoRA student "
              "onto the base model: it needs --method dopsd without --full")])
+    for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
+        if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
+            raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
+    if cfg.resume:
+        check_resume(ckpt, cfg)
 
-def build_cache(family, items, resolution, vae, text_encoder, tokenizer, dopsd, vlm_path, suffix, dtype, extra=(),
-                preserve=()):
-    """Every encoder runs here, once per (image, caption), and never inside the loop. Returns a dict: the crops'
-    buckets [(H, W)], student conditioning cond_s, teacher conditioning cond_t (D-OPSD) or clean latents x0 (SFT),
-    and the student conditioning of the grids' held-out prompts `extra` (cond_x) and of `preserve` (cond_p)."""
-    buckets, captions = make_buckets(resolution), [c for _, c in items]
-    crops = [crop_to(im, *nearest_bucket(im.height, im.width, buckets)) for im in map(load_rgb, (p for p, _ in items))]
-    limit = klein_text_len(tokenizer) if family == "klein" else 512
-    warn_long("caption", items, prompt_tokens(tokenizer, captions, family == "zimage"), limit, "the encoder's ")
-    cache = dict(bucket_of=[(im.height, im.width) for im in crops], cond_s=[
-        student_features(family, text_encoder, tokenizer, [c])[0] for c in captions], cond_t=None, x0=None,
-        cond_x=[student_features(family, text_encoder, tokenizer, [p])[0] for p in extra],
-        cond_p=[student_features(family, text_encoder, tokenizer, [p])[0] for p in preserve])
-    if dopsd and family == "zimage":                 # teacher: the hybrid VLM sees [image, caption]
-        vlm, vtok, vproc = load_hybrid_vlm(vlm_path, text_encoder, dtype)
-        vlm.to(vae.device)
-        ctx = [vlm_features(vlm, vtok, vproc, im, c).to(dtype) for im, c in zip(crops, captions)]
-        warn_long("teacher context (template + image + caption)", items, map(len, ctx), VLM_CONTEXT)
-        cache["cond_t"] = [f[:VLM_CONTEXT] for f in ctx]
-        print(f"teacher contexts cached: {len(ctx)} × ~{sum(len(c) for c in cache['cond_t']) // len(ctx)} tokens")
-    elif dopsd:                                      # klein teacher: caption + instruction, image as reference tokens
-        texts = [f"{c} {suffix}" for c in captions]
-        warn_long("teacher text (caption + instruction)", items, prompt_tokens(tokenizer, texts, False), limit,
-                  "the encoder's ")
-        cache["cond_t"] = [(student_features(family, text_encoder, tokenizer, [t])[0][0],
-                            klein_encode(vae, pil_to_tensor(im)[None])[0]) for t, im in zip(texts, crops)]
-    else:                                            # SFT regresses onto the clean latents: N × [C, h, w]
-        cache["x0"] = [FAMILIES[family]["encode"](vae, pil_to_tensor(im)[None])[0] for im in crops]
-    return cache
+# --------------------------------------------------------------------------------------------------------------------
+# feature cache
+# Every encoder output lives on disk: one safetensors file per (image, caption variant) and per prompt, named by a hash
+# of everything that shaped its tensors. A second run, a --resume or another rank reads it instead of re-encoding; an
+# edited caption or image re-encodes that entry alone; another model or setting never matches an old entry. Training
+# reads the entries of each batch by memory map, so neither device memory nor host RAM grows with the dataset.
+
+CACHE_VERSION = 1
+ENCODE_BATCH = 8              # captions / same-bucket images per encoder call while caching
+
+def model_folder(repo, pipeline=True):
+    """A local folder for a hub id or folder: the cached snapshot, downloaded first if need be (from_pretrained would
+    download it a moment later anyway), so that the cache key can name the exact files."""
+    if Path(repo).is_dir():
+        return Path(repo)
+    if pipeline:
+        from diffusers import DiffusionPipeline
+        return Path(DiffusionPipeline.download(repo))
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo))
+
+def files_identity(folder, subfolders=("",)):
+    """A short hash naming the files below folder/subfolders: small files (configs, tokenizers) by content, weight
+    files by size and mtime (hashing 8 GB at every launch would cost more than it protects against)."""
+    h = hashlib.sha256()
+    for sub in subfolders:
+        for f in sorted(p for p in (Path(folder) / sub).rglob("*") if p.is_file() and ".cache" not in p.parts):
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}\0".encode())
+            h.update(f.read_bytes() if st.st_size < 1 << 20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+def cache_plan(cache_dir, family, items, prompts, dopsd, encoders, vlm, suffix, dtype, buckets):
+    """Where every entry lives: ({"items": [[entry per caption variant] per item], "prompts": {prompt: entry}}).
+    An entry is (path, key): key is the JSON of everything that shaped its tensors -- the encoders' files (encoders,
+    and vlm for the Z-Image teacher), the feature dtype, the image's bytes and bucket, the caption and the teacher
+    setting -- and its hash names the file. The key is also stored inside the file: nothing is trusted without it."""
+    def entry(**parts):
+        key = json.dumps({"v": CACHE_VERSION, "family": family, "encoders": encoders, "dtype": str(dtype), **parts},
+                         sort_keys=True)
+        return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors", key
+    teacher = ({"teacher": "vlm", "vlm": vlm, "context": VLM_CONTEXT} if family == "zimage" else
+               {"teacher": "reference", "suffix": suffix}) if dopsd else {"teacher": "sft-latents"}
+    return {"items": [[entry(image=it.digest, bucket=nearest_bucket(*it.size, buckets), caption=c, **teacher)
+                       for c in it.captions] for it in items],
+            "prompts": {p: entry(prompt=p) for p in prompts}}
+
+def entry_ok(path, key):
+    """True when path is a complete safetensors file written for exactly this key (a truncated file, a file from
+    another dopsd version or a hash collision all read False)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("dopsd.key") == key
+    except Exception:                                 # SafetensorError (truncated, garbage), OSError
+        return False
+
+def missing_entries(plan):
+    """[(path, key, job)] for every entry not on disk or not valid; job: ("item", i, variant) or ("prompt", text).
+    A file that exists but is invalid is named in a warning and re-encoded."""
+    todo = [(p, k, ("item", i, v)) for i, es in enumerate(plan["items"]) for v, (p, k) in enumerate(es)]
+    todo += [(p, k, ("prompt", text)) for text, (p, k) in plan["prompts"].items()]
+    seen, out = set(), []
+    for p, k, job in todo:
+        if p in seen or entry_ok(p, k):
+            continue
+        if p.exists():
+            print(f"warning: cache entry {p} is truncated or corrupt (a crash or a full disk?): re-encoding it")
+        seen.add(p)
+        out.append((p, k, job))
+    return out
+
+def write_entry(path, key, tensors):
+    """One entry, written beside its final name and renamed into place: readers see the old file or the whole new
+    one, and two ranks or nodes writing the same entry cannot mix their bytes."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(f"{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"dopsd.key": key})
+        os.replace(tmp, path)
+    except OSError as e:                              # a full disk: the entries written so far stay valid and reused
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"--cache-dir {path.parent}: cannot write a cache entry ({e.strerror or e}); the entries "
+                          "already written are kept and reused: free space (or pass another --cache-dir) and run the "
+                          "same command again") from None
+
+def read_entry(path, device):
+    """An entry's tensors on `device`. safetensors maps the file (no copy until touched); on CUDA each tensor is
+    pinned first, so the copy to the device is asynchronous."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in ts.items()}
+    return {k: v.to(device) for k, v in ts.items()}
+
+def entry_conds(family, e):
+    """An entry's tensors -> (student conditioning, teacher conditioning or SFT's clean latents, or None), in the
+    forms the family's velocity and collate() take."""
+    s = e["s"] if family == "zimage" else (e["s"], None)
+    if "x0" in e:
+        return s, e["x0"]
+    if "t" not in e:
+        return s, None
+    return s, e["t"] if family == "zimage" else (e["t"], e["ref"])
+
+def read_json(path):
+    """A JSON file's object, or {} when it is missing or unreadable (it is only ever a memo)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+def write_json(path, obj):
+    """Write a JSON file beside its final name, then rename it into place (ranks may write it at the same time)."""
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.uname().nodename}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+def check_writable(folder, flag):
+    """Create folder and prove a file can be written there, or stop with one line before any model loads."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / f".probe.{os.uname().nodename}.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); pass a writable "
+                        f"folder with {flag}") from None
+
+def plan_cache(cfg, family, items, prompts, dopsd, dtype, world):
+    """(plan, this rank's share of the missing entries). Ranks on one node split the missing entries by local rank; on
+    several nodes each node encodes its share for itself, which is right for a node-local --cache-dir and only
+    repeats work (atomically) for a shared one."""
+    encoders = files_identity(model_folder(cfg.model), ("model_index.json", "text_encoder", "tokenizer", "vae"))
+    vlm = files_identity(model_folder(cfg.vlm, pipeline=False)) if family == "zimage" and dopsd else None
+    plan = cache_plan(cfg.cache_dir, family, items, prompts, dopsd, encoders, vlm,
+                      cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype, make_buckets(cfg.resolution))
+    todo = missing_entries(plan)
+    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    total = sum(map(len, plan["items"])) + len(plan["prompts"])
+    print(f"feature cache {cfg.cache_dir}: {total - len(todo)} of {total} entries found, {len(todo)} to encode")
+    if world > 1 and todo:
+        print(f"rank {local}: encoding {len(todo[local::local_world])} of the {len(todo)} missing cache entries",
+              file=sys.stderr)
+    return plan, todo[local::local_world]
+
+def fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show):
+    """Encode this rank's share of the missing entries with the pipeline's encoders (and, for the Z-Image teacher,
+    the hybrid VLM), then wait for every rank and check that the whole plan is on disk."""
+    if mine:
+        enc = SimpleNamespace(text_encoder=pipe.text_encoder.to(device).requires_grad_(False), tokenizer=pipe.tokenizer,
+                              vae=pipe.vae, dopsd=dopsd, dtype=dtype, suffix=cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX)
+        if dopsd and family == "zimage" and any(job[0] == "item" for _, _, job in mine):
+            enc.vlm, enc.vtok, enc.vproc = load_hybrid_vlm(cfg.vlm, enc.text_encoder, dtype)
+            enc.vlm.to(device)
+        encode_missing(family, enc, mine, items, make_buckets(cfg.resolution), show)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()                  # every rank's share is written
+    left = missing_entries(plan)
+    if left:
+        raise RuntimeError(f"{len(left)} feature cache entries are still missing after encoding (first: {left[0][0]})")
+
+def encode_batch(family, enc, jobs, items, buckets):
+    """Tensors for a batch of missing entries of one kind (prompts, or items of one bucket): the text features of all
+    captions in one encoder call (bit-identical to one at a time: every caption is padded to the same length). The
+    VAE encodes one crop at a time: batched convolutions round differently (~1e-6 here), and a fixed-seed run must
+    give the same LoRA whatever the batching. The Z-Image VLM runs one turn at a time (the turns differ in length, and
+    padding them would move their RoPE positions). Returns [{name: tensor}]."""
+    if jobs[0][0] == "prompt":
+        return [{"s": _s(f)} for f in student_features(family, enc.text_encoder, enc.tokenizer, [j[1] for j in jobs])]
+    its, caps = [items[j[1]] for j in jobs], [items[j[1]].captions[j[2]] for j in jobs]
+    crops = [crop_to(load_rgb(it.path), *nearest_bucket(*it.size, buckets)) for it in its]   # decoded one batch at a time
+    out = [{"s": _s(f)} for f in student_features(family, enc.text_encoder, enc.tokenizer, caps)]
+    latents = lambda: [FAMILIES[family]["encode"](enc.vae, pil_to_tensor(im)[None])[0] for im in crops]  # [C, h, w]
+    if not enc.dopsd:                                 # SFT regresses onto the clean latents
+        return [{**o, "x0": z} for o, z in zip(out, latents())]
+    if family == "zimage":                            # teacher: the hybrid VLM sees [image, caption]
+        ctx = [vlm_features(enc.vlm, enc.vtok, enc.vproc, im, c).to(enc.dtype) for im, c in zip(crops, caps)]
+        warn_long("teacher context (template + image + caption)", [(it.path, 0) for it in its], map(len, ctx),
+                  VLM_CONTEXT)
+        return [{**o, "t": c[:VLM_CONTEXT]} for o, c in zip(out, ctx)]
+    texts = [f"{c} {enc.suffix}" for c in caps]       # klein teacher: caption + instruction, image as reference tokens
+    warn_long("teacher text (caption + instruction)", [(it.path, 0) for it in its],
+              prompt_tokens(enc.tokenizer, texts, False), klein_text_len(enc.tokenizer), "the encoder's ")
+    t = student_features(family, enc.text_encoder, enc.tokenizer, texts)
+    return [{**o, "t": _s(f), "ref": r} for o, f, r in zip(out, t, latents())]
+
+def _s(features):
+    """Student features as stored: Z-Image's [L_i, D] as is, klein's (prompt_embeds [L, 3D], None) -> [L, 3D]."""
+    return features if torch.is_tensor(features) else features[0]
+
+def encode_missing(family, enc, todo, items, buckets, show=True):
+    """Encode and write the entries in todo ([(path, key, job)]), in batches of ENCODE_BATCH that share a kind and a
+    bucket, behind one progress bar."""
+    from tqdm import tqdm
+    groups = {}
+    for p, k, job in todo:                            # prompts together; items by bucket (one crop size per batch)
+        kind = "prompt" if job[0] == "prompt" else nearest_bucket(*items[job[1]].size, buckets)
+        groups.setdefault(str(kind), []).append((p, k, job))
+    its = [(items[j[1]].path, items[j[1]].captions[j[2]]) for _, _, j in todo if j[0] == "item"]
+    limit = klein_text_len(enc.tokenizer) if family == "klein" else 512
+    warn_long("caption", its, prompt_tokens(enc.tokenizer, [c for _, c in its], family == "zimage"), limit,
+              "the encoder's ")
+    with tqdm(total=len(todo), desc="caching features", unit="entry", dynamic_ncols=True, disable=not show) as bar:
+        for group in groups.values():
+            for b in range(0, len(group), ENCODE_BATCH):
+                chunk = group[b:b + ENCODE_BATCH]
+                for (p, k, _), tensors in zip(chunk, encode_batch(family, enc, [j for _, _, j in chunk], items,
+                                                                  buckets)):
+                    write_entry(p, k, tensors)
+                bar.update(len(chunk))
 
 def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
     """The two roles on one DiT -> (student, teacher, trainable, teacher_params); student: (model, x, σ, cond) -> u,
@@ -1031,8 +1359,19 @@ def save_grid(rows, captions, path, label_width=112):
         for j, im in enumerate(images):
             if im is not None:
                 grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (label_width + j * w, top + i * h))
-    grid.save(Path(str(path) + ".tmp"), format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
-    os.replace(Path(str(path) + ".tmp"), path)
+    save_image(grid, path)
+
+def save_image(im, path):
+    """Save a PIL image in the format its extension names (PNG if none), written beside and renamed into place: a
+    failed write (a full disk) leaves the previous file and no partial one."""
+    from PIL import Image
+    tmp = Path(str(path) + ".tmp")
+    try:
+        im.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 def sample_grid(run):
     """Rank 0: the base, student and (D-OPSD) teacher rows on the fixed noise -> samples/step_NNNNNN.png, and the loss
@@ -1042,8 +1381,12 @@ def sample_grid(run):
     rows = [("base", p.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c), p.cond_s))]
     if run.cfg.method == "dopsd":
         rows.append(("teacher+image", row(run.teacher, p.cond_t)))
-    save_grid(rows, p.captions, run.out / "samples" / f"step_{run.step:06d}.png")
-    save_loss_curve(run.out / "log.jsonl", run.out / "loss.png")
+    try:                                             # a grid is worth no run: a full disk warns here, and the
+        save_grid(rows, p.captions, run.out / "samples" / f"step_{run.step:06d}.png")    # next save stops the run
+        save_loss_curve(run.out / "log.jsonl", run.out / "loss.png")
+    except OSError as e:
+        print(f"warning: could not write the step {run.step} grid or loss.png in {run.out} ({io_reason(e)}); "
+              "training goes on")
 
 def save_loss_curve(log_path, png_path, size=(480, 200), margin=30):
     """log.jsonl -> a small PNG of the loss against the step, drawn with PIL (no plotting library)."""
@@ -1061,16 +1404,26 @@ def save_loss_curve(log_path, png_path, size=(480, 200), margin=30):
                for s, v in pts], fill="black")
     draw.text((4, 4), f"loss, max {hi:.4g}", fill="gray")
     draw.text((4, H - m + 6), f"min {lo:.4g}   steps {s0} to {s1}", fill="gray")
-    im.save(Path(str(png_path) + ".tmp"), format="PNG")
-    os.replace(Path(str(png_path) + ".tmp"), png_path)
+    save_image(im, png_path)
 
 def atomic_torch_save(obj, path):
-    """Write to a temporary file, flush to disk, then rename: a crash mid-write leaves the previous file intact."""
-    with open(Path(str(path) + ".tmp"), "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(Path(str(path) + ".tmp"), path)
+    """Write to a temporary file, flush to disk, then rename: a crash mid-write leaves the previous file intact, and
+    a failed write (a full disk) leaves no partial file behind."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+def io_reason(e):
+    """'No space left on device' from an OSError, or from safetensors' SafetensorError, which wraps the OS error."""
+    m = re.search(r"I/O error: (.*?) \(os error", str(e))
+    return getattr(e, "strerror", None) or (m.group(1) if m else (str(e).splitlines() or [type(e).__name__])[0])
 
 def save_run(run):
     """checkpoint.pt (everything --resume needs) and the deliverable (the LoRA, or transformer/ for --full), both
@@ -1080,29 +1433,60 @@ def save_run(run):
         raise RuntimeError("ranks hold different weights: distributed training went out of sync")
     if run.rank == 0 and run.world > 1:
         print(f"ranks in sync: {run.world} ranks hold identical student and teacher weights")
+    failed = None
     if run.rank == 0:
-        write_run(run)
-    if run.world > 1:
-        dist.barrier()                               # the other ranks wait for rank 0's write
+        try:
+            write_run(run)
+        except WriteFailed as e:
+            failed = e
+    if run.world > 1:                                # the other ranks wait for rank 0's write, and hear if it failed
+        flag = torch.tensor(float(failed is not None), device=run.device)
+        dist.all_reduce(flag)
+        if flag.item() and not failed:
+            failed = WriteFailed(f"rank 0 could not write the run's files in {run.out} (its message says why and "
+                                 "what is intact)")
+    if failed:
+        raise failed
 
 def write_run(run):
     """Rank 0's part of save_run: the files, each written beside its old version and swapped in."""
-    out, tr = run.out, run.tr
+    from safetensors import SafetensorError
+    out, tr, ckpt = run.out, run.tr, run.out / "checkpoint.pt"
     if not all(torch.isfinite(p).all() for p in run.trainable):
         print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
         return
-    atomic_torch_save({"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
-                       "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
-                       "teacher": [p.detach().cpu() for p in run.teacher_params]}, out / "checkpoint.pt")
-    if run.cfg.full:                                 # write beside, swap in, then delete the old folder
-        tr.save_pretrained(out / "transformer.tmp")
-        if (out / "transformer").exists():
-            os.replace(out / "transformer", out / "transformer.old")
-        os.replace(out / "transformer.tmp", out / "transformer")
-        shutil.rmtree(out / "transformer.old", ignore_errors=True)
-        return
-    save_lora(tr, run.pipe_cls, "student", LORA_TARGETS[run.family], out / "pytorch_lora_weights.safetensors",
-              lora_card(run.cfg, run.family, run.step))
+    # A write that fails (a full disk) leaves the previous file in place and no partial one: one line, exit 1.
+    try:
+        atomic_torch_save({"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
+                           "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
+                           "teacher": [p.detach().cpu() for p in run.teacher_params]}, ckpt)
+    except OSError as e:
+        saved = getattr(run, "saved_step", None)
+        raise WriteFailed(f"could not write {ckpt} at step {run.step} ({io_reason(e)}); " + (
+            f"the previous checkpoint{f' (step {saved})' if saved else ''} there is intact: free space, then "
+            "continue with --resume" if ckpt.is_file() else "no checkpoint had been saved yet: free space and train "
+            "again")) from None
+    run.saved_step = run.step
+    deliverable = out / ("transformer" if run.cfg.full else "pytorch_lora_weights.safetensors")
+    try:
+        if run.cfg.full:                             # write beside, swap in, then delete the old folder
+            try:
+                tr.save_pretrained(out / "transformer.tmp")
+            except BaseException:
+                shutil.rmtree(out / "transformer.tmp", ignore_errors=True)
+                raise
+            if (out / "transformer").exists():
+                os.replace(out / "transformer", out / "transformer.old")
+            os.replace(out / "transformer.tmp", out / "transformer")
+            shutil.rmtree(out / "transformer.old", ignore_errors=True)
+            return
+        save_lora(tr, run.pipe_cls, "student", LORA_TARGETS[run.family], deliverable,
+                  lora_card(run.cfg, run.family, run.step))
+    except (OSError, SafetensorError) as e:
+        raise WriteFailed(f"could not write {deliverable} at step {run.step} ({io_reason(e)}); {ckpt} (step "
+                          f"{run.step}) is written" + (f" and the previous {deliverable.name} is intact" if
+                          deliverable.exists() else "") + f": free space, then run again with --resume to write "
+                          f"{deliverable.name}") from None
 
 def save_lora(transformer, pipe_cls, adapter, target_regex, path, card):
     """One adapter as a diffusers LoRA file that every loader applies at its trained strength. diffusers scales B·A by
@@ -1115,13 +1499,15 @@ def save_lora(transformer, pipe_cls, adapter, target_regex, path, card):
     lc, tmp = transformer.peft_config[adapter], Path(str(path) + ".d")
     layers = {k: v * (lc.lora_alpha / lc.r) if ".lora_B." in k else v
               for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter).items()}
-    pipe_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata={
-        **lc.to_dict(), "lora_alpha": lc.r, "target_modules": target_regex})
-    with safe_open(tmp / "pytorch_lora_weights.safetensors", "pt") as f:        # diffusers' header, plus the card
-        meta = {**f.metadata(), **card}
-    save_file(load_file(tmp / "pytorch_lora_weights.safetensors"), tmp / "with_card", metadata=meta)
-    os.replace(tmp / "with_card", path)
-    shutil.rmtree(tmp)
+    try:                                             # everything is written into tmp, then one rename
+        pipe_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata={
+            **lc.to_dict(), "lora_alpha": lc.r, "target_modules": target_regex})
+        with safe_open(tmp / "pytorch_lora_weights.safetensors", "pt") as f:    # diffusers' header, plus the card
+            meta = {**f.metadata(), **card}
+        save_file(load_file(tmp / "pytorch_lora_weights.safetensors"), tmp / "with_card", metadata=meta)
+        os.replace(tmp / "with_card", path)
+    finally:                                         # also after a failed write: no partial file stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 def lora_card(cfg, family, step):
     """What LoRA browsers show: ModelSpec keys (github.com/Stability-AI/ModelSpec) where one fits, else dopsd.*. No
@@ -1135,12 +1521,24 @@ def lora_card(cfg, family, step):
             "dopsd.base_model": base, "dopsd.deploy_steps": str(fam["deploy"]),
             "dopsd.trained_rank_alpha": f"{cfg.rank}/{cfg.alpha:g} (folded into lora_B; lora_alpha = rank here)"}
 
+def check_resume(path, cfg, ck=None):
+    """Refuse a --resume whose setup differs from the checkpoint's. check_args calls it before anything loads, with
+    mmap=True: that reads the pickled dict and maps the tensors without reading them (--full's checkpoint: ~130 GB)."""
+    try:
+        ck = ck or torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        was = ck["config"]
+    except Exception as e:                           # torch.load raises one of several types on a damaged file
+        raise UserError(f"--resume: cannot read {path} ({type(e).__name__}); it is damaged or not a dopsd.py "
+                        "checkpoint: train into a new --out") from None
+    for k in ("model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"):
+        if was[k] != getattr(cfg, k):
+            raise UserError(f"--resume: --{k.replace('_', '-')} was {was[k]!r} in {path}, now {getattr(cfg, k)!r}; "
+                            "use the same value")
+
 def load_run(path, run):
     """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
     ck, cfg = torch.load(path, map_location="cpu", weights_only=True), run.cfg
-    refuse((ck["config"][k] != getattr(cfg, k), f"--resume: --{k.replace('_', '-')} was {ck['config'][k]!r} in "
-            f"{path}, now {getattr(cfg, k)!r}; use the same value") for k in (
-        "model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"))
+    check_resume(path, cfg, ck)
     with torch.no_grad():
         for p, v in zip(run.trainable + run.teacher_params, ck["student"] + ck["teacher"]):
             p.copy_(v)
@@ -1172,7 +1570,12 @@ class CtrlC:
 def train(cfg):
     """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
     check_args(cfg)
-    items = scan_dataset(cfg.data, cfg.caption, cfg.trigger)         # bad data stops us before any model is loaded
+    cache_dir = Path(cfg.cache_dir or Path(parse_data_flag(cfg.data[0])[0]) / ".dopsd_cache")
+    memo = read_json(cache_dir / "images.json")      # images decoded by an earlier launch: not decoded again
+    items = scan_data(cfg.data, cfg.caption, cfg.trigger, memo)      # bad data stops us before any model is loaded
+    check_writable(cache_dir, "--cache-dir")
+    write_json(cache_dir / "images.json", memo)
+    cfg = replace(cfg, cache_dir=str(cache_dir))
     family = pipeline_family(cfg.model)
     if family == "zimage" and cfg.method == "dopsd":
         check_reachable(cfg.vlm, "--vlm", "config.json")
@@ -1227,11 +1630,10 @@ def train_rank(cfg, items, family, rank, world, device):
     extra = read_prompts(cfg.sample_prompt, cfg.sample_prompts, cfg.trigger)         # the grids' held-out columns
     preserve = read_prompts(None, cfg.preserve_prompts, cfg.trigger)
     refuse([(cfg.preserve_prompts and not preserve, f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")])
-    pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None)
+    plan, mine = plan_cache(cfg, family, items, extra + preserve, dopsd, dtype, world)
+    pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None, text_encoder=bool(mine))
     pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
-    cache = build_cache(family, items, cfg.resolution, vae, pipe.text_encoder.to(device).requires_grad_(False),
-                        pipe.tokenizer, dopsd, cfg.vlm, cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype, extra,
-                        preserve)
+    fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show=rank == 0)
     del pipe                                         # the encoders go: the loop only ever runs the DiT
     gc.collect()
     if device.type == "cuda":
@@ -1240,11 +1642,12 @@ def train_rank(cfg, items, family, rank, world, device):
     # Sample grids: the same noise and prompts every time (up to 4 training captions, then the held-out prompts); the
     # base model's row is drawn once, before any LoRA.
     cell, cols = latent_cell(family, vae), range(min(4, len(items)))
-    n = cfg.resolution // cell
+    n, cache = cfg.resolution // cell, loop_cache(plan, items, preserve, family, cfg.resolution)
+    shown = [entry_conds(family, read_entry(plan["items"][i][0][0], device)) for i in cols]
     preview = SimpleNamespace(
-        captions=[items[i][1] for i in cols] + [f"(held out) {p}" for p in extra], sigmas=schedule(
-            family, fam["deploy"], n, n), cond_s=[cache["cond_s"][i] for i in cols] + cache["cond_x"],
-        cond_t=[cache["cond_t"][i] for i in cols] if dopsd else [],
+        captions=[items[i].captions[0] for i in cols] + [f"(held out) {p}" for p in extra], sigmas=schedule(
+            family, fam["deploy"], n, n), cond_s=[s for s, _ in shown] + [entry_conds(family, read_entry(
+                plan["prompts"][p][0], device))[0] for p in extra], cond_t=[t for _, t in shown] if dopsd else [],
         noise=[torch.randn(1, tr.config.in_channels, n, n, generator=torch.Generator().manual_seed(cfg.seed + j))
                for j in range(len(cols) + len(extra))])
     preview.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), preview.cond_s, preview, fam["decode"],
@@ -1264,6 +1667,31 @@ def train_rank(cfg, items, family, rank, world, device):
     run.model = wrap_ddp(tr, device) if world > 1 else tr
     return train_loop(run)
 
+def loop_cache(plan, items, preserve, family, resolution):
+    """What the loop reads of the cache: entry paths, never tensors. order[j]: the item at epoch position j (an item
+    repeated N times holds N positions); bucket_of[j]: its bucket (H, W); files[i][v]: item i's entry for caption
+    variant v; preserve: the entries of the --preserve-prompts."""
+    buckets = make_buckets(resolution)
+    order = [i for i, it in enumerate(items) for _ in range(it.repeat)]
+    return dict(family=family, order=order, bucket_of=[nearest_bucket(*items[i].size, buckets) for i in order],
+                files=[[p for p, _ in es] for es in plan["items"]], preserve=[plan["prompts"][p][0] for p in preserve])
+
+def batch_entries(cache, positions, mine, seed, micro, device):
+    """[(student conditioning, teacher conditioning or x0)] of this rank's slice `mine` of a global batch (epoch
+    positions), read from disk. An item with several captions gets one drawn from (seed, micro), for the whole global
+    batch, from a generator of its own: the noise stream stays what it is with one caption a image."""
+    idx = [cache["order"][j] for j in positions]
+    variants = [0] * len(idx)
+    if any(len(cache["files"][i]) > 1 for i in idx):
+        g = torch.Generator().manual_seed((seed << 32) + micro + (1 << 62))
+        variants = [int(torch.randint(len(cache["files"][i]), (1,), generator=g)) for i in idx]
+    return [entry_conds(cache["family"], read_entry(cache["files"][i][v], device))
+            for i, v in list(zip(idx, variants))[mine]]
+
+def prompt_conds(cache, picks, device):
+    """Student conditioning of the --preserve-prompts numbered in picks, read from disk."""
+    return [entry_conds(cache["family"], read_entry(cache["preserve"][i], device))[0] for i in picks]
+
 def micro_step(run, micro):
     """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
     The global batch (batch_size × world) and its noise depend on (seed, micro) only, and each rank takes its slice:
@@ -1271,16 +1699,17 @@ def micro_step(run, micro):
     one would. Under DDP the gradient all-reduce runs only on the last backward of the optimizer step: the K roll-out
     steps and the --grad-accum micro-batches would otherwise each pay one."""
     cfg, cache = run.cfg, run.cache
-    idx = batch_for_step(cache["bucket_of"], cfg.batch_size * run.world, cfg.seed, micro)
-    h, w = cache["bucket_of"][idx[0]][0] // run.cell, cache["bucket_of"][idx[0]][1] // run.cell
+    pos = batch_for_step(cache["bucket_of"], cfg.batch_size * run.world, cfg.seed, micro)   # epoch positions
+    h, w = cache["bucket_of"][pos[0]][0] // run.cell, cache["bucket_of"][pos[0]][1] // run.cell
     g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
     mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
-    noise = torch.randn(len(idx), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
-    idx, cs, calls = idx[mine], collate([cache["cond_s"][i] for i in idx[mine]]), [0]
+    noise = torch.randn(len(pos), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
+    conds, calls = batch_entries(cache, pos, mine, cfg.seed, micro, run.device), [0]
+    cs = collate([s for s, _ in conds])
     M, K = cfg.loss_steps or cfg.rollout_steps, cfg.rollout_steps
     trained = sorted(torch.randperm(K, generator=g)[:M].tolist()) if M < K and cfg.method == "dopsd" else None
     run.trained_states += [trained] if trained else []       # for the log (--loss-steps)
-    rollouts = (2 if cache["cond_p"] else 1) if cfg.method == "dopsd" else 0
+    rollouts = (2 if cache["preserve"] else 1) if cfg.method == "dopsd" else 0
     backwards, last = max(1, rollouts * M), (micro + 1) % cfg.grad_accum == 0
 
     def student_x(x, s, c=cs):                       # the student on this batch's captions, or on c
@@ -1289,21 +1718,21 @@ def micro_step(run, micro):
             run.model.require_backward_grad_sync = last and calls[0] == backwards
         return run.student(run.model, x, s, c)
     if cfg.method == "dopsd":
-        ct, sigmas = collate([cache["cond_t"][i] for i in idx]), schedule(run.family, cfg.rollout_steps, h, w)
+        ct, sigmas = collate([t for _, t in conds]), schedule(run.family, cfg.rollout_steps, h, w)
         loss = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise, sigmas, cfg.loss_space,
                              1.0 / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
         # --preserve-prompts: on-policy from new noise, onto the base model (all adapters off), with a loss at the
         # same states as the main roll-out
-        if cache["cond_p"]:
-            pick = torch.randint(len(cache["cond_p"]), (len(noise) * run.world,), generator=g)[mine].tolist()
+        if cache["preserve"]:
+            pick = torch.randint(len(cache["preserve"]), (len(noise) * run.world,), generator=g)[mine].tolist()
             noise_p = torch.randn(len(noise) * run.world, *noise.shape[1:], generator=g)[mine].to(run.device)
-            cp = collate([cache["cond_p"][i] for i in pick])
+            cp = collate(prompt_conds(cache, pick, run.device))
             loss = loss + cfg.preserve_weight * dopsd_rollout(
                 lambda x, s: student_x(x, s, cp), lambda x, s: run.teacher(x, s, cp, adapter=None), noise_p, sigmas,
                 cfg.loss_space, cfg.preserve_weight / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
         return loss
     u = torch.rand(cfg.batch_size * run.world, generator=g)[mine]   # SFT: σ from the model's shifted density (shift 3)
-    x0 = torch.stack([cache["x0"][i] for i in idx])
+    x0 = torch.stack([x0 for _, x0 in conds])
     loss = sft_loss(student_x, x0, noise, (3 * u / (1 + 2 * u)).to(run.device), backend=cfg.loss_backend)
     (loss / cfg.grad_accum).backward()
     return loss
@@ -1386,19 +1815,86 @@ def log_step(log, bar, run, loss, gnorm, seconds, skipped):
 # The family's deploy recipe (Z-Image-Turbo 8 steps, klein 4; no CFG), with our own Euler loop -- the same function
 # that draws the training grids, and equal to the diffusers pipeline's output (test_dopsd.py checks both).
 
+# The family a LoRA is for, from its key names when it carries no ModelSpec metadata (another tool's file). Z-Image:
+# layers.N / noise_refiner.N / context_refiner.N with .attention / .feed_forward; klein: (single_)transformer_blocks.N,
+# or BFL's double_blocks.N / single_blocks.N. "[._]" also reads kohya's flattened names (lora_unet_layers_0_...).
+LORA_KEYS = {"zimage": r"(^|[._])(layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward)[._]",
+             "klein": r"(^|[._])(transformer_blocks|double_blocks|single_blocks)[._]\d+[._]"}
+DIT_FAMILY = {"ZImageTransformer2DModel": "zimage", "Flux2Transformer2DModel": "klein"}   # a --full run's DiT class
+
+def lora_source(weights, scale=1.0):
+    """--lora -> ("full", a --full run's transformer/ folder) or ("lora", the .safetensors file); refuses a path that
+    is neither, and a --lora-scale on a --full run."""
+    p = Path(weights)
+    if (p / "transformer" / "config.json").is_file():
+        if scale != 1.0:
+            raise UserError(f"--lora-scale {scale}: {p} is a --full run (a whole DiT), it has no LoRA to scale; drop "
+                            "--lora-scale")
+        return "full", p / "transformer"
+    if not p.exists():
+        raise UserError(f"--lora {p}: not found; pass a dopsd.py train --out folder or its "
+                        "pytorch_lora_weights.safetensors")
+    file = p if p.is_file() else p / "pytorch_lora_weights.safetensors"
+    if not file.is_file():
+        raise UserError(f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a dopsd --out "
+                        "folder")
+    return "lora", file
+
+def weights_family(kind, path):
+    """The family trained weights are for, from headers only: a --full run's transformer/config.json; a LoRA's
+    ModelSpec metadata (lora_card), else its key names. None when nothing tells."""
+    from safetensors import SafetensorError, safe_open
+    if kind == "full":
+        try:
+            return DIT_FAMILY.get(json.loads((path / "config.json").read_text()).get("_class_name"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:
+        with safe_open(str(path), "pt") as f:        # the header: key names and metadata, no tensor is read
+            meta, keys = f.metadata() or {}, list(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"--lora {path}: not a safetensors file ({str(e).splitlines()[0][:80]}); pass the "
+                        "pytorch_lora_weights.safetensors that dopsd.py train wrote, or its --out folder") from None
+    arch = meta.get("modelspec.architecture", "")
+    by_meta = [f for f, spec in FAMILIES.items() if arch.startswith(spec["arch"] + "/")]
+    by_keys = [f for f, rx in LORA_KEYS.items() if any(re.search(rx, k) for k in keys)]
+    return by_meta[0] if by_meta else by_keys[0] if len(by_keys) == 1 else None
+
+def check_image_name(path, flag="--out"):
+    """Refuse an image file name PIL cannot write (x.xyz, no extension, a format PIL only reads) by writing a 16×16
+    image in memory -- before sampling, not after it, when the images would be lost."""
+    import io
+    from PIL import Image
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise UserError(f"{flag} {path}: " + (f"{ext} is no image format PIL knows" if ext else "no file extension")
+                        + "; end the name in .png, .jpg or .webp")
+    try:
+        Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)
+    except (KeyError, OSError, ValueError):          # KeyError: PIL only reads it (.psd); OSError: not from RGB (.xbm)
+        raise UserError(f"{flag} {path}: PIL cannot write an RGB image as {fmt}; end the name in .png, .jpg or "
+                        ".webp") from None
+
 def load_weights(pipe, weights, scale=1.0):
     """A LoRA file/folder from `train` at `scale` (1.0 = as trained), or a --full run folder (it holds transformer/).
     Returns a label for what was loaded."""
-    p = Path(weights)
-    if (p / "transformer" / "config.json").is_file():
-        refuse([(scale != 1.0, f"--lora-scale {scale}: {p} is a --full run (a whole DiT), it has no LoRA to scale")])
-        pipe.transformer = type(pipe.transformer).from_pretrained(p / "transformer", dtype=pipe.transformer.dtype)
+    kind, path = lora_source(weights, scale)
+    if kind == "full":
+        pipe.transformer = type(pipe.transformer).from_pretrained(path, dtype=pipe.transformer.dtype)
         return "trained (--full)"
-    file = p if p.is_file() else p / "pytorch_lora_weights.safetensors"
-    refuse([(not file.is_file(), f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a "
-             "dopsd --out folder")])
-    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="dopsd")
-    pipe.set_adapters(["dopsd"], [scale])
+    # A LoRA whose layers match nothing in this DiT (another model, another size): peft raises
+    # NoMatchingPeftModuleError, diffusers a ValueError ("Invalid adapter checkpoint", or set_adapters finding no
+    # adapter when every key was dropped), a RuntimeError on a shape mismatch. sample() checked the family already.
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="dopsd")
+        pipe.set_adapters(["dopsd"], [scale])
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"--lora {path}: its layers do not fit this model ({type(e).__name__}: {why}); nothing was "
+                        "written: pass a LoRA trained on this --model") from None
     return f"LoRA, scale {scale:g}"
 
 def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=None, seed=0, height=1024, width=1024,
@@ -1409,7 +1905,22 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     refuse([(height % 16 or width % 16 or min(height, width) < 16,
              f"--height/--width must be multiples of 16 (got {height}×{width})"),
             (compare and not lora, "--compare needs --lora: it draws the base model beside the trained one")])
+    # Everything the arguments and files can tell is checked here, before any weight is read.
+    check_out_path(out, "--out", folder=False)
+    check_image_name(out)
+    check_device(device)
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps {steps}: out of range; pass at least 1, or leave it out for the deploy count")
+    if not math.isfinite(lora_scale):
+        raise UserError(f"--lora-scale {lora_scale}: not a finite number; pass e.g. 1.0 (as trained) or 0.5")
+    if not 0 <= seed < 2 ** 32:
+        raise UserError(f"--seed {seed}: out of range; pass a seed from 0 to {2 ** 32 - 1}")
+    source = lora_source(lora, lora_scale) if lora else None
     family = pipeline_family(model)
+    trained = weights_family(*source) if lora else None
+    if trained and trained != family:
+        raise UserError(f"--lora {lora}: trained for {FAMILIES[trained]['arch']}, but --model {model} is "
+                        f"{FAMILIES[family]['arch']}; pass the --model it was trained on")
     fam, device = FAMILIES[family], pick_device(device)
     dtype, autocast, _ = pick_precision(device, precision, None)
     pipe = load_pipeline(model, dtype)
@@ -1427,11 +1938,16 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     label = load_weights(pipe, lora, lora_scale) if lora else "base"
     pipe.transformer.to(device)
     rows.append((label, row()))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if len(rows) == 1 and len(prompts) == 1:
-        rows[0][1][0].save(out)
-    else:
-        save_grid(rows, prompts, out)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if len(rows) == 1 and len(prompts) == 1:
+            save_image(rows[0][1][0], out)
+        else:
+            save_grid(rows, prompts, out)
+    except OSError as e:
+        raise WriteFailed(f"could not write {out} ({io_reason(e)}); nothing was written" + (
+            ", the previous file there is intact" if Path(out).is_file() else "") + ": free space and sample again"
+            ) from None
     print(f"wrote {out} ({len(prompts)} prompt(s){', base and LoRA' if compare else ''}, {width}×{height}, {steps} "
           f"steps, seed {seed}{'+column' if len(prompts) > 1 else ''})")
     return 0
@@ -1463,7 +1979,7 @@ def main(argv=None):
         return train(TrainConfig(**args)) if cmd == "train" else sample(**args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,10 +10,12 @@ memory_plan.py and gpu_check.py.
 The tiny models are built once per session by examples/make_tiny.py and loaded by path, like real checkpoints.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -96,16 +98,224 @@ def bad_args(data):
     return ["train", "--data", str(data), "--model", "/nonexistent/model", "--out", str(data) + "_out"]
 
 
-def test_missing_data_folder_is_named(tmp_path, capsys):
-    """A missing --data folder stops with its name."""
-    err = run_bad(bad_args(tmp_path / "nope"), capsys)
-    assert "nope" in err and "not found" in err
+# The list of mistakes dopsd.py catches, one row each (README.md, "Bad input", points here). A row: (id, command, the
+# flags changed from the good command line GOOD[command] -- None drops a flag, True passes it bare --, exit code, a
+# fragment of the message). "{name}" is a file or folder the bad_files fixture builds. Every row stops with one line,
+# no traceback and, except the LOADS_MODEL rows (a mistake only loading can show), before any weight is read. A new
+# check adds a row.
+GOOD = {"train": {"--data": "{data}", "--model": "{zimage}", "--vlm": "{vlm}", "--out": "{out}", "--resolution": "64",
+                  "--rollout-steps": "2", "--rank": "4", "--sample-every": "0", "--lr": "1e-3"},
+        "sample": {"--model": "{zimage}", "--prompt": "a red circle", "--out": "{out}.png", "--height": "64",
+                   "--width": "64"}}
+BAD_INPUTS = [
+    # train: the data (one message names every bad file of the folder)
+    ("data-missing", "train", {"--data": "{nope}"}, 2, "nope: folder not found"),
+    ("data-without-images", "train", {"--data": "{no_images}"}, 2, "no images (.png .jpg .jpeg .webp .bmp) found"),
+    ("data-corrupt-image", "train", {"--data": "{corrupt}"}, 2, "unreadable or corrupt image(s) (broken.png)"),
+    ("data-image-over-pil-limit", "train", {"--data": "{huge}"}, 2,
+     "larger than PIL's limit of 200,000 pixels (2 × Image.MAX_IMAGE_PIXELS) (huge.png): downscale them"),
+    ("data-image-too-small", "train", {"--data": "{thin}"}, 2, "smaller than 64 px on a side (thin.png)"),
+    ("data-uncaptioned", "train", {"--data": "{uncaptioned}"}, 2, "without a caption (a.png)"),
+    ("data-caption-not-utf8", "train", {"--data": "{caption_not_utf8}"}, 2, "not UTF-8 text (k0.txt): save each as"),
+    ("data-jsonl-not-utf8", "train", {"--data": "{jsonl_not_utf8}"}, 2, "metadata.jsonl: not UTF-8 text (byte 0xff"),
+    ("data-jsonl-bad-row", "train", {"--data": "{jsonl_bad_row}"}, 2, "line 1 is not a JSON object"),
+    # train: every number's range
+    ("resolution-not-16", "train", {"--resolution": "100"}, 2, "--resolution must be a multiple of 16"),
+    ("resolution-under-64", "train", {"--resolution": "32"}, 2, "at least 64 (got 32)"),
+    ("rollout-steps-0", "train", {"--rollout-steps": "0"}, 2, "--rollout-steps 0: out of range; pass at least 1"),
+    ("rank-0", "train", {"--rank": "0"}, 2, "--rank 0: out of range"),
+    ("max-steps-0", "train", {"--max-steps": "0"}, 2, "--max-steps 0: out of range"),
+    ("batch-size-0", "train", {"--batch-size": "0"}, 2, "--batch-size 0: out of range"),
+    ("grad-accum-0", "train", {"--grad-accum": "0"}, 2, "--grad-accum 0: out of range"),
+    ("lr-negative", "train", {"--lr": "-1"}, 2, "--lr -1.0: out of range; pass a positive learning rate"),
+    ("lr-0", "train", {"--lr": "0"}, 2, "--lr 0.0: out of range"),
+    ("lr-nan", "train", {"--lr": "nan"}, 2, "--lr nan: out of range"),
+    ("alpha-0", "train", {"--alpha": "0"}, 2, "--alpha 0.0: out of range"),
+    ("ema-decay-over-1", "train", {"--ema-decay": "1.5"}, 2, "--ema-decay must be in [0, 1]"),
+    ("ema-decay-negative", "train", {"--ema-decay": "-0.1"}, 2, "--ema-decay must be in [0, 1]"),
+    ("loss-steps-0", "train", {"--loss-steps": "0"}, 2, "--loss-steps must be from 1 to --rollout-steps 2"),
+    ("loss-steps-over-k", "train", {"--loss-steps": "3"}, 2, "--loss-steps must be from 1 to --rollout-steps 2"),
+    ("loss-steps-with-sft", "train", {"--loss-steps": "1", "--method": "sft"}, 2, "it needs --method dopsd"),
+    ("sample-every-negative", "train", {"--sample-every": "-1"}, 2, "--sample-every and --save-every must be 0"),
+    ("save-every-negative", "train", {"--save-every": "-1"}, 2, "--sample-every and --save-every must be 0"),
+    ("preserve-weight-negative", "train", {"--preserve-weight": "-1"}, 2, "--preserve-weight -1.0: out of range"),
+    ("dist-timeout-0", "train", {"--dist-timeout": "0"}, 2, "--dist-timeout 0.0: out of range"),
+    ("dist-timeout-inf", "train", {"--dist-timeout": "inf"}, 2, "--dist-timeout inf: out of range"),
+    ("seed-negative", "train", {"--seed": "-1"}, 2, "--seed -1: out of range"),
+    ("seed-over-32-bits", "train", {"--seed": str(2 ** 32)}, 2, f"--seed {2 ** 32}: out of range"),
+    # train: --out, --resume, the prompt files
+    ("out-is-a-file", "train", {"--out": "{file}"}, 2, "is a file, not a folder"),
+    ("out-under-a-file", "train", {"--out": "{file}/run"}, 2, "is a file, so nothing can be created under it"),
+    ("out-holds-a-run", "train", {"--out": "{run}"}, 2, "already holds a run; pass --resume"),
+    ("resume-without-checkpoint", "train", {"--resume": True}, 2, "--resume: no checkpoint at"),
+    ("resume-another-rank", "train", {"--out": "{run}", "--resume": True, "--rank": "8"}, 2,
+     "--resume: --rank was 4 in"),
+    ("resume-another-model", "train", {"--out": "{run}", "--resume": True, "--model": "{klein}"}, 2,
+     "--resume: --model was"),
+    ("resume-damaged-checkpoint", "train", {"--out": "{damaged_run}", "--resume": True}, 2, "--resume: cannot read"),
+    ("sample-prompts-missing", "train", {"--sample-prompts": "{nope}"}, 2, "--sample-prompts"),
+    ("sample-prompts-not-utf8", "train", {"--sample-prompts": "{text_not_utf8}"}, 2, "not UTF-8 text (byte 0xff"),
+    ("preserve-prompts-missing", "train", {"--preserve-prompts": "{nope}"}, 2, "file not found"),
+    ("preserve-prompts-empty", "train", {"--preserve-prompts": "{empty_file}"}, 2, "no prompts in it"),
+    ("preserve-prompts-with-full", "train", {"--preserve-prompts": "{prompts}", "--full": True}, 2,
+     "it needs --method dopsd without --full"),
+    ("preserve-prompts-with-sft", "train", {"--preserve-prompts": "{prompts}", "--method": "sft"}, 2,
+     "it needs --method dopsd without --full"),
+    # train: models and device
+    ("model-mistyped-path", "train", {"--model": "./no/such/folder"}, 2, "--model ./no/such/folder: no such local"),
+    ("model-mistyped-abs-path", "train", {"--model": "/data/models/zimage"}, 2, "/data/models/zimage: no such local"),
+    ("model-without-index", "train", {"--model": "{empty_dir}"}, 2, "cannot read model_index.json"),
+    ("model-unsupported", "train", {"--model": "{unsupported}"}, 2, "StableDiffusionPipeline is not supported"),
+    ("model-klein-base", "train", {"--model": "{klein_base}"}, 2, "not step-distilled"),
+    ("vlm-mistyped-path", "train", {"--vlm": "./no/such/vlm"}, 2, "--vlm ./no/such/vlm: no such local folder"),
+    ("device-unknown", "train", {"--device": "gpu"}, 2, "--device gpu: not a device name"),
+    ("device-unsupported", "train", {"--device": "meta"}, 2, "--device meta: dopsd.py runs on cpu, cuda or mps"),
+    ("device-absent-gpu", "train", {"--device": "cuda:99"}, 2, "--device cuda:99: "),
+    # train: what argparse refuses (usage, then the error)
+    ("args-rank-not-int", "train", {"--rank": "four"}, 2, "argument --rank: invalid int value: 'four'"),
+    ("args-method-unknown", "train", {"--method": "dpo"}, 2, "argument --method: invalid choice"),
+    ("args-no-data", "train", {"--data": None}, 2, "--data"),
+    # sample: output, numbers, device
+    ("sample-out-unknown-extension", "sample", {"--out": "{out}.xyz"}, 2, ".xyz is no image format PIL knows"),
+    ("sample-out-no-extension", "sample", {"--out": "{out}"}, 2, "no file extension; end the name in .png"),
+    ("sample-out-read-only-format", "sample", {"--out": "{out}.psd"}, 2, "PIL cannot write an RGB image as PSD"),
+    ("sample-out-is-a-folder", "sample", {"--out": "{empty_dir}"}, 2, "is a folder; pass a file name"),
+    ("sample-out-under-a-file", "sample", {"--out": "{file}/x.png"}, 2, "is a file, so nothing can be created"),
+    ("sample-height-not-16", "sample", {"--height": "100"}, 2, "--height/--width must be multiples of 16"),
+    ("sample-width-under-16", "sample", {"--width": "8"}, 2, "--height/--width must be multiples of 16"),
+    ("sample-steps-0", "sample", {"--steps": "0"}, 2, "--steps 0: out of range"),
+    ("sample-lora-scale-nan", "sample", {"--lora-scale": "nan"}, 2, "--lora-scale nan: not a finite number"),
+    ("sample-seed-negative", "sample", {"--seed": "-1"}, 2, "--seed -1: out of range"),
+    ("sample-device-unknown", "sample", {"--device": "gpu"}, 2, "--device gpu: not a device name"),
+    ("sample-compare-without-lora", "sample", {"--compare": True}, 2, "--compare needs --lora"),
+    # sample: the model and the LoRA (its header only: key names and metadata)
+    ("sample-model-mistyped-path", "sample", {"--model": "./no/such/folder"}, 2, "no such local folder"),
+    ("sample-model-unsupported", "sample", {"--model": "{unsupported}"}, 2, "supported families: ZImagePipeline"),
+    ("sample-model-klein-base", "sample", {"--model": "{klein_base}"}, 2, "not step-distilled"),
+    ("sample-lora-missing", "sample", {"--lora": "{nope}"}, 2, "nope: not found"),
+    ("sample-lora-folder-without-lora", "sample", {"--lora": "{empty_dir}"}, 2, "no pytorch_lora_weights.safetensors"),
+    ("sample-lora-not-safetensors", "sample", {"--lora": "{not_safetensors}"}, 2, "not a safetensors file"),
+    ("sample-klein-lora-on-zimage", "sample", {"--lora": "{klein_lora}"}, 2,
+     "trained for flux-2-klein, but --model"),
+    ("sample-zimage-lora-on-klein", "sample", {"--lora": "{zimage_lora}", "--model": "{klein}"}, 2,
+     "trained for z-image-turbo, but --model"),
+    ("sample-full-run-on-klein", "sample", {"--lora": "{full_run}", "--model": "{klein}"}, 2,
+     "trained for z-image-turbo, but --model"),
+    ("sample-lora-scale-on-full-run", "sample", {"--lora": "{full_run}", "--lora-scale": "0.5"}, 2,
+     "is a --full run (a whole DiT), it has no LoRA to scale"),
+    ("sample-lora-matches-no-layer", "sample", {"--lora": "{alien_lora}"}, 2, "its layers do not fit this model"),
+    # sample: what argparse refuses
+    ("args-sample-steps-not-int", "sample", {"--steps": "x"}, 2, "argument --steps: invalid int value"),
+    ("args-sample-no-prompt", "sample", {"--prompt": None}, 2, "--prompt"),
+    ("args-sample-precision-unknown", "sample", {"--precision": "fp8"}, 2, "argument --precision: invalid choice"),
+]
+LOADS_MODEL = {"sample-lora-matches-no-layer"}      # its keys name no family: only loading it can tell
 
 
-def test_folder_without_images_is_reported(tmp_path, capsys):
-    """A folder with no images (other files ignored) says so."""
-    (tmp_path / "notes.txt").write_text("hello")
-    assert "no images" in run_bad(bad_args(tmp_path), capsys)
+@pytest.fixture(scope="session")
+def bad_files(tiny, tmp_path_factory):
+    """The files and folders BAD_INPUTS names, as {name: path}, built once: each bad in one way only."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    root, f = tmp_path_factory.mktemp("bad"), {k: str(v) for k, v in tiny.items()}
+
+    def folder(name, **files):                       # files: {file name: bytes, or (w, h) for an image}
+        (root / name).mkdir()
+        for n, v in files.items():
+            if isinstance(v, tuple):
+                Image.new("RGB", v, "gray").save(root / name / n)
+            else:
+                (root / name / n).write_bytes(v)
+        f[name] = str(root / name)
+    shutil.copytree(tiny["small"], root / "data")
+    f.update(data=str(root / "data"), nope=str(root / "nope"))
+    folder("no_images", **{"notes.txt": b"hello"})
+    folder("corrupt", **{"good.png": (64, 64), "good.txt": b"ok", "broken.png": b"\x89PNG\r\n\x1a\n garbage",
+                         "broken.txt": b"ok"})
+    folder("huge", **{"huge.png": (600, 400), "huge.txt": b"ok"})         # over the test's 100,000-pixel limit × 2
+    folder("thin", **{"thin.png": (32, 100), "thin.txt": b"ok"})
+    folder("uncaptioned", **{"a.png": (64, 64)})
+    folder("caption_not_utf8", **{"k0.png": (64, 64), "k0.txt": "a [V] cat".encode("utf-16")})   # BOM ff fe
+    folder("jsonl_not_utf8", **{"k0.png": (64, 64), "metadata.jsonl": b'{"file_name": "k0.png", "text": "\xff"}\n'})
+    folder("jsonl_bad_row", **{"k0.png": (64, 64), "k0.txt": b"ok", "metadata.jsonl": b"not json\n"})
+    folder("empty_dir")
+    folder("unsupported", **{"model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline"}).encode()})
+    index = json.loads((tiny["klein"] / "model_index.json").read_text())
+    folder("klein_base", **{"model_index.json": json.dumps({**index, "is_distilled": False}).encode()})
+    folder("full_run")                               # a --full run of Z-Image: what sample reads of it
+    (root / "full_run" / "transformer").mkdir()
+    (root / "full_run" / "transformer" / "config.json").write_text('{"_class_name": "ZImageTransformer2DModel"}')
+    for name, data in (("file", b"x"), ("empty_file", b""), ("prompts", b"a dog\n"), ("text_not_utf8", b"caf\xff\n"),
+                       ("not_safetensors", b"this is not a safetensors file")):
+        (root / name).write_bytes(data)
+        f[name] = str(root / name)
+    lora = lambda keys, **meta: {"tensors": {k: torch.zeros(4, 4) for k in keys}, "metadata": meta or None}
+    for name, spec in (("klein_lora", lora(["transformer.single_transformer_blocks.0.attn.to_out.lora_A.weight"])),
+                       ("zimage_lora", lora(["transformer.x.lora_A.weight"], **{
+                           "modelspec.architecture": "z-image-turbo/lora"})),
+                       ("alien_lora", lora(["transformer.no_such_module.lora_A.weight",
+                                            "transformer.no_such_module.lora_B.weight"]))):
+        save_file(spec["tensors"], root / f"{name}.safetensors", metadata=spec["metadata"])
+        f[name] = str(root / f"{name}.safetensors")
+    for name, data in (("run", None), ("damaged_run", b"not a checkpoint")):  # an existing run: rank 4, tiny zimage
+        (root / name).mkdir()
+        cfg = dataclasses.replace(dopsd.TrainConfig(), model=f["zimage"], rank=4, rollout_steps=2)
+        if data is None:
+            torch.save({"step": 1, "config": dataclasses.asdict(cfg)}, root / name / "checkpoint.pt")
+        else:
+            (root / name / "checkpoint.pt").write_bytes(data)
+        f[name] = str(root / name)
+    return f
+
+
+@pytest.mark.parametrize("row", BAD_INPUTS, ids=[r[0] for r in BAD_INPUTS])
+def test_bad_input_stops_in_one_line_before_any_model_loads(row, bad_files, tmp_path, monkeypatch, capsys):
+    """Each BAD_INPUTS row exits with its code and one line holding its fragment, no traceback, and (but for the
+    LOADS_MODEL rows) before any weight is read: every loader is patched to fail the test."""
+    import diffusers
+    import transformers
+    from PIL import Image
+    name, cmd, changes, code, fragment = row
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # so that the "huge" image is 0.24 MP, not 225 MP
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError(f"{name}: model weights were read; this mistake must stop before any model loads")
+    if name not in LOADS_MODEL:
+        for owner, attr in ((dopsd, "load_pipeline"), (dopsd, "load_hybrid_vlm"), (diffusers.DiffusionPipeline,
+                            "from_pretrained"), (diffusers.ModelMixin, "from_pretrained"),
+                            (transformers.PreTrainedModel, "from_pretrained")):
+            monkeypatch.setattr(owner, attr, read_weights)
+    paths = {**bad_files, "out": str(tmp_path / "out")}
+    flags = {**GOOD[cmd], **changes}
+    argv = [cmd] + [a for k, v in flags.items() if v is not None
+                    for a in ([k] if v is True else [k, v.format(**paths)])]
+    try:
+        got = dopsd.main(argv)
+    except SystemExit as e:                          # argparse: the usage line, then the error
+        got = e.code
+    err = capsys.readouterr().err
+    assert got == code and fragment in err and "Traceback" not in err, f"exit {got}, stderr:\n{err}"
+    assert sum("error:" in line for line in err.splitlines()) == 1, err        # one line says what is wrong
+
+
+def test_the_bad_input_table_covers_both_commands_and_every_number():
+    """BAD_INPUTS has at least 40 rows, both commands, and an out-of-range row for every numeric flag."""
+    numeric = {"--" + f.name.replace("_", "-") for cls in (dopsd.TrainConfig, dopsd.SampleConfig)
+               for f in dataclasses.fields(cls) if f.type in (int, float)}
+    covered = {k for _, _, changes, _, _ in BAD_INPUTS for k in changes}
+    assert len(BAD_INPUTS) >= 40 and {r[1] for r in BAD_INPUTS} == {"train", "sample"}
+    assert numeric <= covered, f"numeric flags without a row: {sorted(numeric - covered)}"
+
+
+def test_images_sharing_a_caption_file_are_named_in_a_warning(tmp_path, capsys):
+    """k0.png and k0.jpg both read k0.txt: both train, and one warning line names them (likely a mistake, not fatal)."""
+    from PIL import Image
+    for name in ("k0.png", "k0.jpg", "k1.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("a [V] cat")
+    assert len(dopsd.scan_dataset(tmp_path)) == 3
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and "k0.jpg, k0.png share the caption k0.txt" in out and "k1" not in out
 
 
 def test_every_corrupt_image_is_listed(tiny, tmp_path, capsys):
@@ -116,14 +326,6 @@ def test_every_corrupt_image_is_listed(tiny, tmp_path, capsys):
     (tmp_path / "half.jpg").write_bytes((tiny["data"] / "rgb.jpg").read_bytes()[:200])
     err = run_bad(bad_args(tmp_path), capsys)
     assert "broken.png" in err and "half.jpg" in err and "good.png" not in err and "model" not in err.lower()
-
-
-def test_too_small_images_are_listed(tmp_path, capsys):
-    """Images under 64 px on a side are named."""
-    from PIL import Image
-    Image.new("RGB", (32, 100)).save(tmp_path / "tiny.png")
-    (tmp_path / "tiny.txt").write_text("x")
-    assert "tiny.png" in run_bad(bad_args(tmp_path), capsys)
 
 
 def test_uncaptioned_images_are_listed_with_the_fix(tmp_path, capsys):
@@ -141,20 +343,20 @@ def test_caption_flag_and_trigger_fill_captions(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
     Image.new("RGB", (64, 64)).save(tmp_path / "b.png")
     (tmp_path / "b.txt").write_text("a [V] dog")
-    items = dict(dopsd.scan_dataset(tmp_path, caption="a photo of [V]", trigger="sks"))
-    assert items[tmp_path / "a.png"] == "a photo of sks" and items[tmp_path / "b.png"] == "a sks dog"
+    items = {it.path: it.captions for it in dopsd.scan_dataset(tmp_path, caption="a photo of [V]", trigger="sks")}
+    assert items[tmp_path / "a.png"] == ("a photo of sks",) and items[tmp_path / "b.png"] == ("a sks dog",)
 
 
 def test_metadata_jsonl_captions_are_read(tiny):
     """metadata.jsonl rows {file_name, text} caption the images."""
     items = dopsd.scan_dataset(tiny["data_jsonl"])
     rows = [json.loads(l) for l in (tiny["data_jsonl"] / "metadata.jsonl").read_text().splitlines() if l.strip()]
-    assert {p.name: c for p, c in items} == {r["file_name"]: r["text"] for r in rows}
+    assert {it.path.name: it.captions for it in items} == {r["file_name"]: (r["text"],) for r in rows}
 
 
 def test_every_image_mode_becomes_rgb_without_clipping(tiny):
     """RGBA, P, L, CMYK, 16-bit... all load as 8-bit RGB; 16-bit grey keeps its tones instead of saturating."""
-    for path, _ in dopsd.scan_dataset(tiny["data"]):
+    for path, *_ in dopsd.scan_dataset(tiny["data"]):
         im = dopsd.load_rgb(path)
         assert im.mode == "RGB", path
         if "16" in path.name:
@@ -180,12 +382,6 @@ def test_crop_covers_the_bucket():
 
 
 # ---------------------------------------------------------------------------------------------------- models & features
-
-
-def test_unsupported_pipeline_names_the_supported_families(tmp_path, capsys):
-    """A pipeline class we don't support stops with a message naming the ones we do."""
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    assert "ZImagePipeline" in run_bad(["sample", "--model", str(tmp_path), "--prompt", "x"], capsys)
 
 
 def test_explicit_cuda_index_becomes_the_current_device(monkeypatch, capsys):
@@ -803,6 +999,147 @@ def test_step_state_shape_mismatch_raises():
         dopsd_loss_and_step(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 4), 0.1)
 
 
+# ---------------------------------------------------------------------------------------------------- feature cache
+
+
+def cache_files(folder):
+    return {p.name: p.stat().st_mtime_ns for p in Path(folder).glob("*.safetensors")}
+
+
+def copy_data(src, dst):
+    dst.mkdir()
+    for p in Path(src).iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_a_reused_cache_gives_the_same_lora_bit_for_bit(tiny, tmp_path, capsys):
+    """A second run on the same cache encodes nothing and writes exactly the LoRA of the run that filled it."""
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--max-steps", "2"]
+    assert dopsd.main(train_args(tiny, tmp_path / "a", *cache)) == 0
+    assert "0 of 2 entries found, 2 to encode" in capsys.readouterr().out
+    assert dopsd.main(train_args(tiny, tmp_path / "b", *cache)) == 0
+    assert "2 of 2 entries found, 0 to encode" in capsys.readouterr().out
+    a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_edited_caption_re_encodes_exactly_one_entry(tiny, tmp_path, capsys):
+    """Entries are keyed by content: after one caption changes, only that (image, caption) entry is written anew."""
+    data = copy_data(tiny["small"], tmp_path / "data")
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--method", "sft"]
+    args = lambda out: ["train", "--data", str(data)] + train_args(tiny, out, *cache)[3:]   # [3:]: from --model on
+    assert dopsd.main(args(tmp_path / "a")) == 0
+    before = cache_files(tmp_path / "cache")
+    (data / "rgb.txt").write_text("an edited caption in [V] style")
+    capsys.readouterr()
+    assert dopsd.main(args(tmp_path / "b")) == 0
+    after = cache_files(tmp_path / "cache")
+    assert "1 of 2 entries found, 1 to encode" in capsys.readouterr().out
+    assert len(set(after) - set(before)) == 1 and all(after[k] == before[k] for k in before)
+
+
+def test_a_corrupt_entry_is_named_and_re_encoded(tiny, tmp_path, capsys):
+    """A truncated entry (a crash or a full disk) is detected by its header, named in a warning and written again."""
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--method", "sft"]
+    assert dopsd.main(train_args(tiny, tmp_path / "a", *cache)) == 0
+    victim = sorted(Path(tmp_path / "cache").glob("*.safetensors"))[0]
+    key = dopsd_key(victim)
+    victim.write_bytes(victim.read_bytes()[:-7])
+    assert not dopsd.entry_ok(victim, key)
+    capsys.readouterr()
+    assert dopsd.main(train_args(tiny, tmp_path / "b", *cache)) == 0
+    out = capsys.readouterr().out
+    assert f"cache entry {victim} is truncated or corrupt" in out and "1 of 2 entries found, 1 to encode" in out
+    assert dopsd.entry_ok(victim, key)
+
+
+def dopsd_key(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return f.metadata()["dopsd.key"]
+
+
+def test_an_unwritable_cache_folder_is_one_line_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    """A --cache-dir that cannot be created or written stops with one line and exit 2; no model is loaded."""
+    monkeypatch.setattr(dopsd, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "file").write_text("")
+    code = dopsd.main(train_args(tiny, tmp_path / "o", "--cache-dir", str(tmp_path / "file" / "cache")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"--cache-dir {tmp_path / 'file' / 'cache'}: cannot write there" in err[0]
+
+
+def test_a_full_disk_while_caching_is_one_line_and_keeps_the_written_entries(tiny, tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing an entry: exit 1, one line naming the cache folder; no temporary file is left, and the
+    entries written before it stay valid for the next run."""
+    import safetensors.torch
+    real, written = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        return real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    code = dopsd.main(train_args(tiny, tmp_path / "o", "--cache-dir", str(tmp_path / "cache"), "--method", "sft"))
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error")]
+    assert code == 1 and len(err) == 1 and "cannot write a cache entry (No space left on device)" in err[0]
+    files = list((tmp_path / "cache").iterdir())
+    assert [f.suffix for f in files if f.name != "images.json"] == [".safetensors"]
+
+
+def test_an_unchanged_image_is_not_decoded_again(tiny, tmp_path, monkeypatch):
+    """The scan remembers the images it decoded in the cache folder: a second launch reads none of their bytes."""
+    memo = {}
+    dopsd.scan_data([str(tiny["small"])], memo=memo)
+    opened = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self) or b"")
+    items = dopsd.scan_data([str(tiny["small"])], memo=memo)
+    assert opened == [] and len(items) == 2 and all(len(it.digest) == 64 for it in items)
+
+
+def test_repeats_count_each_image_n_times_an_epoch(tiny, tmp_path):
+    """--data FOLDER:N gives each image of FOLDER N positions per epoch; a plain folder gives one."""
+    assert dopsd.parse_data_flag("imgs:3") == ("imgs", 3) and dopsd.parse_data_flag("imgs") == ("imgs", 1)
+    items = dopsd.scan_data([f"{tiny['small']}:3", str(tiny["data"])])
+    order = dopsd.loop_cache({"items": [[(None, None)] for _ in items], "prompts": {}}, items, [], "zimage", 64)["order"]
+    counts = [order.count(i) for i in range(len(items))]
+    assert counts == [3, 3] + [1] * (len(items) - 2)
+
+
+def test_a_caption_list_draws_one_variant_per_step_from_the_seed(tmp_path):
+    """metadata.jsonl text may be a list: each step draws one variant per sample, the same for the same (seed, step),
+    and all of them over many steps."""
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ["one", "two", "three"]}))
+    [item] = dopsd.scan_dataset(tmp_path)
+    assert item.captions == ("one", "two", "three")
+    cache = {"family": "zimage", "order": [0], "files": [["v0", "v1", "v2"]]}
+    drawn = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dopsd, "read_entry", lambda path, device: {"s": path})
+        draw = lambda micro: dopsd.batch_entries(cache, [0], slice(0, 1), 0, micro, torch.device("cpu"))[0][0]
+        drawn = [draw(micro) for micro in range(30)]
+        assert drawn == [draw(micro) for micro in range(30)] and set(drawn) == {"v0", "v1", "v2"}
+
+
+def test_several_folders_with_repeats_and_caption_lists_train(tiny, tmp_path):
+    """Two --data folders, one repeated and one captioned by a list, train end to end."""
+    from PIL import Image
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.new("RGB", (64, 64), "red").save(extra / "r.png")
+    (extra / "metadata.jsonl").write_text(json.dumps({"file_name": "r.png", "text": ["a red [V]", "red, [V]"]}))
+    args = train_args(tiny, tmp_path / "o", "--max-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+                      "--data", str(extra))
+    args[args.index("--data") + 1] = f"{tiny['small']}:2"
+    assert dopsd.main(args) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4      # 2 images + 1 image × 2 variants
+
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
@@ -1002,12 +1339,6 @@ def test_preserve_prompts_add_a_second_rollout_to_each_step(tiny, tmp_path, caps
         assert code == 2 and "--preserve-prompts" in capsys.readouterr().err
 
 
-def test_a_missing_sample_prompts_file_is_one_line(tiny, tmp_path, capsys):
-    """--sample-prompts naming no file stops before any model loads, with the fix."""
-    code = dopsd.main(train_args(tiny, tmp_path / "o", "--sample-prompts", str(tmp_path / "nope.txt")))
-    assert code == 2 and "--sample-prompts" in capsys.readouterr().err
-
-
 def test_sample_compare_draws_the_base_above_the_lora_and_scale_0_is_the_base(tiny, trained, tmp_path):
     """`sample --compare` with two prompts: one grid, base row above the LoRA row, same noise; --lora-scale 0 makes the
     LoRA row the base row, scale 1 moves it."""
@@ -1024,16 +1355,6 @@ def test_sample_compare_draws_the_base_above_the_lora_and_scale_0_is_the_base(ti
         rows[scale] = g[-256:-128, 112:], g[-128:, 112:]          # (base, LoRA), each 2 cells of 128 px
     assert (rows["0"][0] == rows["0"][1]).all() and (rows["0"][0] == rows["1"][0]).all()
     assert np.abs(rows["1"][1] - rows["1"][0]).max() > 10
-
-
-@pytest.mark.parametrize("model", ["./no/such/folder", "/data/models/zimage"])
-def test_a_mistyped_model_path_is_one_line(tiny, tmp_path, capsys, model):
-    """A --model path that does not exist (and is no hub id) is one line naming it, not a traceback."""
-    args = train_args(tiny, tmp_path / "o")
-    args[args.index("--model") + 1] = model
-    assert dopsd.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--model {model}: no such local folder" in err[0]
 
 
 @pytest.mark.parametrize("flag", ["--model", "--vlm"])
@@ -1127,11 +1448,6 @@ def test_resume_trains_at_the_learning_rate_it_is_given(tiny, tmp_path):
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["lr"] == 5e-4
 
 
-def test_existing_run_needs_resume(trained, tiny, capsys):
-    """Training into a folder that holds a run, without --resume, refuses instead of overwriting it."""
-    assert "--resume" in run_bad(train_args(tiny, trained, "--max-steps", "3", data="data"), capsys)
-
-
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch, capsys):
     """A NaN loss skips the step (weights untouched); 5 in a row stop the run with code 1, saving only finite weights."""
     real = dopsd.dopsd_loss_and_step
@@ -1165,6 +1481,39 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_cleanly(tiny, tmp_path, monkey
     assert "--resume" in err and "Traceback" not in err
     assert torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert len((tmp_path / "o" / "log.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "lora"])
+def test_a_disk_that_fills_during_a_save_keeps_the_previous_files(tiny, tmp_path, monkeypatch, capsys, target):
+    """The step-2 save fails with ENOSPC half-way through writing checkpoint.pt (or the LoRA): the step-1 file stays
+    byte for byte, no partial file is left, and the run ends with exit 1 in one line naming what is intact."""
+    import safetensors.torch
+    out, kept = tmp_path / "o", {}
+    lora = out / "pytorch_lora_weights.safetensors"
+    # The write that fails: the first write of checkpoint.pt (or into the LoRA's temp folder) once one exists.
+    owner, attr, marker, done = ((torch, "save", "checkpoint.pt.tmp", out / "checkpoint.pt") if target == "checkpoint"
+                                 else (safetensors.torch, "save_file", "pytorch_lora_weights.safetensors.d", lora))
+    real = getattr(owner, attr)
+
+    def fills_up(obj, f, *args, **kwargs):
+        name = str(getattr(f, "name", f))
+        if marker in name and done.is_file() and not kept:
+            kept.update({p.name: p.read_bytes() for p in (out / "checkpoint.pt", lora)})
+            (open(name, "wb") if isinstance(f, (str, Path)) else f).write(b"partial")   # half a file, then ENOSPC
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(owner, attr, fills_up)
+    code = dopsd.main(train_args(tiny, out, "--max-steps", "3", "--save-every", "1"))
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err and "No space left on device" in line and "intact" in line, err
+    assert kept and not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".d", "with_card"))]
+    if target == "checkpoint":                       # nothing of step 2 was written
+        assert (out / "checkpoint.pt").read_bytes() == kept["checkpoint.pt"] and lora.read_bytes() == kept[lora.name]
+        assert "the previous checkpoint (step 1) there is intact" in line
+    else:                                            # checkpoint.pt is at step 2, the LoRA still at step 1
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+        assert lora.read_bytes() == kept[lora.name] and "--resume" in line
 
 
 
@@ -1217,7 +1566,8 @@ def test_too_long_teacher_context_warns_and_names_the_file(tiny, tmp_path, capsy
 
 
 def test_encoders_run_only_while_building_the_cache(tiny, tmp_path, monkeypatch):
-    """The text encoder and the VLM run once per (image, caption) before the loop, never inside it."""
+    """The text encoder and the VLM run before the loop, never inside it: the VLM once per (image, caption), the text
+    encoder once per batch of captions; a second run on the same cache runs neither."""
     calls = {"text": 0, "vlm": 0}
     real_text, real_vlm = dopsd.zimage_text_features, dopsd.vlm_features
 
@@ -1230,8 +1580,11 @@ def test_encoders_run_only_while_building_the_cache(tiny, tmp_path, monkeypatch)
         return real_vlm(*a, **k)
     monkeypatch.setattr(dopsd, "zimage_text_features", text)
     monkeypatch.setattr(dopsd, "vlm_features", vlm)
-    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "4")) == 0
-    assert calls == {"text": 2, "vlm": 2}                       # 2 images in the folder, 4 steps
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "4", *cache)) == 0
+    assert calls == {"text": 2, "vlm": 2}     # 2 images of 2 aspect ratios: one caption batch per bucket; 4 steps
+    assert dopsd.main(train_args(tiny, tmp_path / "o2", "--max-steps", "4", *cache)) == 0
+    assert calls == {"text": 2, "vlm": 2}
 
 
 def run_bounded(cmd, timeout):
@@ -1250,15 +1603,17 @@ def torchrun(n, *args):
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, tmp_path):
     """torchrun with 2 CPU ranks × batch 1 ends (bounded) with identical weights on both ranks, equal to 1 process ×
-    batch 2."""
-    args = train_args(tiny, tmp_path / "ddp", "--max-steps", "2", "--batch-size", "1")[1:]
+    batch 2; the two ranks split the encoding of a fresh feature cache."""
+    args = train_args(tiny, tmp_path / "ddp", "--max-steps", "2", "--batch-size", "1", "--cache-dir",
+                      str(tmp_path / "cache"))[1:]
     code, out, err = run_bounded(torchrun(2, *args), 120)             # a hang here used to last for ever
     assert code == 0, err[-3000:]
     assert "ranks in sync: 2 ranks" in out and "distributed: 2 processes, gloo" in out
+    assert "rank 0: encoding 1 of the 2 missing" in err and "rank 1: encoding 1 of the 2 missing" in err
     assert dopsd.main(train_args(tiny, tmp_path / "one", "--max-steps", "2", "--batch-size", "2")) == 0
     a, b = lora_weights(tmp_path / "ddp"), lora_weights(tmp_path / "one")
-    for k in a:
-        assert_close(a[k], b[k], 1e-5, what=k)
+    for k in a:   # normwise: AdamW turns a last-bit difference of a near-zero gradient into up to 2·lr on one element
+        assert_close(a[k], b[k], rtol=1e-3, normwise=True, what=k)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
 
 
@@ -1325,16 +1680,6 @@ def test_readme_commands_parse(tmp_path):
 def klein_pipe(tiny):
     from diffusers import Flux2KleinPipeline
     return Flux2KleinPipeline.from_pretrained(tiny["klein"])
-
-
-def test_klein_base_checkpoint_is_refused(tiny, tmp_path, capsys):
-    """A klein checkpoint that is not step-distilled (is_distilled=false) stops with the reason."""
-    base = tmp_path / "klein-base"
-    import shutil
-    shutil.copytree(tiny["klein"], base)
-    index = json.loads((base / "model_index.json").read_text())
-    (base / "model_index.json").write_text(json.dumps({**index, "is_distilled": False}))
-    assert "not step-distilled" in run_bad(["sample", "--model", str(base), "--prompt", "x"], capsys)
 
 
 def test_klein_student_features_match_the_pipeline(klein_pipe):

@@ -28,9 +28,14 @@ Qwen3-VL and VAE, with a bigger DiT (see FULL) so that the DiT dominates every s
             8 steps, size and seed.
   loss      the fused divergence loss vs the naive autograd composition (fwd+bwd time, saved bytes, bytes touched;
             on CUDA also the Triton kernel's GB/s vs a copy).
+  cache     the disk feature cache at N = 50 and 1,000 generated 256-px images, tiny models, both families: time from
+            launch to the first optimizer step on a fresh cache and again on the same cache, peak RSS, size on disk;
+            and 2 torchrun ranks on a fresh cache, counting what each encodes.
 Goals (PASS/FAIL): D-OPSD/SFT step-time ratio <= 6.0 at K = 4 (CPU fp32); peak at K = 8 <= 1.15 x peak at K = 2
 (step-wise); encoders never run inside the loop; our sampler no more than 5 % slower than the pipeline; the
---loss-steps 1 step at most 0.5 x the M = K step at K = 4.
+--loss-steps 1 step at most 0.5 x the M = K step at K = 4; a second run on a filled cache reaches its first step in at
+most 0.2 x the first run's time at N = 1,000, peak RSS grows at most 15 % from N = 50 to 1,000, and 2 ranks split the
+encoding.
 Timings are medians over repeats after a warm-up. On a shared machine they are only as good as its idle cores: the CPU
 time other processes used during each part is measured (foreign_cores) and a warning says when it distorts the numbers.
 """
@@ -39,6 +44,7 @@ import contextlib
 import ctypes
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -77,15 +83,17 @@ FULL = dict(dim=256, n_heads=4, n_layers=4, n_refiner_layers=2, axes_dims=[16, 2
             train_pairs=2,                    # D-OPSD train runs, each between two SFT runs (bench_train_alternating)
             dopsd_steps=12, dopsd_warmup=2,   # per run; the first steps (AdamW state, lazy inits) are not timed
             sft_steps=12, sft_warmup=2,
-            mem_ks=(2, 4, 8), reencode_repeats=5, floor_repeats=5, sampler_repeats=5, loss_repeats=20)
+            mem_ks=(2, 4, 8), reencode_repeats=5, floor_repeats=5, sampler_repeats=5, loss_repeats=20,
+            cache_ns=(50, 1000))              # dataset sizes of the cache phase (tiny models, 256 px images)
 # --quick: every code path once, small and fast; the numbers are NOT meaningful (e.g. at 128 px the teacher's
 # 320-token context dwarfs 64 image tokens, so the ratio goal fails there by construction).
 QUICK = dict(dim=128, n_heads=2, n_layers=2, n_refiner_layers=1, axes_dims=[16, 24, 24], resolution=128, rank=4,
              n_images=2, train_pairs=1, dopsd_steps=3, dopsd_warmup=1, sft_steps=4, sft_warmup=1,
-             mem_ks=(2, 8), reencode_repeats=2, floor_repeats=2, sampler_repeats=2, loss_repeats=3)
+             mem_ks=(2, 8), reencode_repeats=2, floor_repeats=2, sampler_repeats=2, loss_repeats=3,
+             cache_ns=(10, 40))
 K_MAIN = 4                            # the goal's roll-out length (dopsd's default --rollout-steps)
-PHASES = ("train", "preserve", "floor", "loss_steps", "reencode", "memory", "sampler", "loss")   # in the order they run
-GOALS = dict(ratio=6.0, mem=1.15, sampler=0.05, loss_steps=0.5)
+PHASES = ("train", "preserve", "floor", "loss_steps", "reencode", "memory", "sampler", "loss", "cache")   # run order
+GOALS = dict(ratio=6.0, mem=1.15, sampler=0.05, loss_steps=0.5, cache_reuse=0.2, cache_rss=0.15)
 PROMPT = "a red circle in [V] style"  # sampler prompt (any caption works; the embeds are shared by both paths)
 
 
@@ -226,10 +234,10 @@ class Harness:
         items = dopsd.scan_dataset(str(root / "data"))
         buckets = dopsd.make_buckets(s["resolution"])
         self.crops = []
-        for p, _ in items:
-            im = dopsd.load_rgb(p)
+        for it in items:
+            im = dopsd.load_rgb(it.path)
             self.crops.append(dopsd.crop_to(im, *dopsd.nearest_bucket(im.height, im.width, buckets)))
-        self.captions = [c for _, c in items]
+        self.captions = [it.captions[0] for it in items]
         te.to(device).requires_grad_(False)
         vlm, vtok, vproc = dopsd.load_hybrid_vlm(str(root / "vlm"), te, self.dtype)
         vlm.to(device)
@@ -368,7 +376,9 @@ def bench_train(root, s, device, method, work, tag="", extra=()):
             "--batch-size", "1", "--seed", "0",        # same data, batch and seed for both methods
             "--sample-every", "0",                     # 0 = no grid inside the loop (dopsd still renders the base row
                                                        # before and one grid after it: outside the timed steps)
-            "--save-every", "0", *extra]               # 0 = save only at the end, after the last timed step
+            "--save-every", "0",                       # 0 = save only at the end, after the last timed step
+            "--cache-dir", str(work / f"cache_{method}{tag}"),   # a fresh cache: every run encodes, and is counted
+            *extra]
     log = io.StringIO()
     with EncoderCalls() as enc, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         t0 = time.perf_counter()
@@ -789,6 +799,102 @@ def print_loss_table(r):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# 9. the feature cache at scale: launch to first step, first vs second run, memory against N, ranks splitting the work
+
+def make_cache_data(folder, n, side=256, seed=0):
+    """n generated images (a coloured disc or box on a coloured ground; every 4th one 4:3, the others square, so that
+    two buckets are in play) with same-name captions."""
+    import random
+    from PIL import Image, ImageDraw
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        w, h = (side * 4 // 3, side) if i % 4 == 3 else (side, side)
+        im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+        x, y, r = rng.randrange(w), rng.randrange(h), rng.randrange(side // 8, side // 3)
+        shape = ImageDraw.Draw(im).ellipse if i % 2 else ImageDraw.Draw(im).rectangle
+        shape((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
+        im.save(folder / f"im{i:05d}.png")
+        (folder / f"im{i:05d}.txt").write_text(f"picture {i}: a {'disc' if i % 2 else 'box'} in [V] style")
+
+
+def timed_launch(cmd, log):
+    """Run cmd to its end: (seconds from launch to the first line of log -- the first optimizer step --, wall
+    seconds, peak RSS in MB of the process, its stdout + stderr)."""
+    out = tempfile.TemporaryFile()
+    t0, first = time.perf_counter(), None
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if first is None and log.is_file() and log.stat().st_size:
+            first = time.perf_counter() - t0
+        if pid:
+            break
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    out.seek(0)
+    text = out.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed:\n{text[-3000:]}")
+    return first, wall, usage.ru_maxrss / 1024, text
+
+
+def bench_cache(work, s, device):
+    """For both families and N in s["cache_ns"]: `dopsd.py train --max-steps 1` on a fresh cache, then again on the
+    same cache (a new --out, as a second experiment on the same data would); the time from launch to the first
+    optimizer step and the process's peak RSS of each. On CPU the training device is the host, so its memory is the
+    RSS; on CUDA the DiT and the batches are all that the device holds, the cache never is. Then 2 torchrun ranks on a
+    fresh cache, counting the entries each encoded."""
+    mt = _load_make_tiny()
+    models = work / "cache_models"
+    with contextlib.redirect_stdout(io.StringIO()):
+        mt.make_zimage(models / "zimage")
+        mt.make_klein(models / "klein")
+        mt.make_vlm(models / "vlm")
+    for n in s["cache_ns"]:
+        make_cache_data(work / f"cache_data_{n}", n)
+    r = {"n": list(s["cache_ns"])}
+    dev = ["--device", "cpu" if device.type == "cpu" else "cuda"]
+    args = lambda fam, n, out, cache: [
+        sys.executable, str(HERE.parent / "dopsd.py"), "train", "--data", str(work / f"cache_data_{n}"),
+        "--model", str(models / fam), "--vlm", str(models / "vlm"), "--out", str(out), "--cache-dir", str(cache),
+        "--resolution", "256", "--rollout-steps", "2", "--rank", "4", "--max-steps", "1", "--sample-every", "0", *dev]
+    for fam in ("zimage", "klein"):
+        for n in s["cache_ns"]:
+            cache = work / f"cache_{fam}_{n}"
+            for run in ("first", "second"):
+                out = work / f"cache_run_{fam}_{n}_{run}"
+                first, wall, rss, _ = timed_launch(args(fam, n, out, cache), out / "log.jsonl")
+                r[f"{fam}_{n}_{run}"] = dict(to_first_step_s=first, wall_s=wall, peak_rss_mb=rss)
+                print(f"   {fam:6s} N = {n:5d} {run:6s} run: first step after {first:6.1f} s (process {wall:5.1f} s), "
+                      f"peak RSS {rss:6.0f} MB", flush=True)
+        lo, hi = s["cache_ns"][0], s["cache_ns"][-1]
+        r[f"{fam}_second_over_first"] = r[f"{fam}_{hi}_second"]["to_first_step_s"] / r[f"{fam}_{hi}_first"][
+            "to_first_step_s"]
+        r[f"{fam}_cache_mb"] = sum(f.stat().st_size for f in (work / f"cache_{fam}_{hi}").glob("*")) / 1e6
+        r[f"{fam}_rss_growth"] = max(r[f"{fam}_{hi}_{run}"]["peak_rss_mb"] / r[f"{fam}_{lo}_{run}"]["peak_rss_mb"] - 1
+                                     for run in ("first", "second"))
+    lo = s["cache_ns"][0]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + \
+        args("klein", lo, work / "cache_run_ddp", work / "cache_ddp")[1:]
+    _, wall, _, text = timed_launch(cmd, work / "cache_run_ddp" / "log.jsonl")
+    import re
+    r["ranks_encoded"] = {int(k): int(v) for k, v in re.findall(r"rank (\d+): encoding (\d+) of the", text)}
+    r["ranks_total"] = lo
+    print(f"   2 torchrun ranks, fresh cache of {lo} entries: encoded {r['ranks_encoded']} ({wall:.0f} s)")
+    return r
+
+
+def print_cache(r):
+    for fam in ("zimage", "klein"):
+        print(f"   {fam}: N = {r['n'][-1]}: second run / first run, launch to first step = "
+              f"{r[f'{fam}_second_over_first']:.3f} (goal <= {GOALS['cache_reuse']}); peak RSS N = {r['n'][-1]} over "
+              f"N = {r['n'][0]}: {100 * r[f'{fam}_rss_growth']:+.1f} % (goal <= {100 * GOALS['cache_rss']:.0f} %)")
+        print(f"   {fam}: cache on disk at N = {r['n'][-1]}: {r[f'{fam}_cache_mb']:.1f} MB "
+              f"({1e3 * r[f'{fam}_cache_mb'] / r['n'][-1]:.0f} kB an image, tiny encoders at 256 px)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # goals and report
 
 def check_goals(res, device):
@@ -799,12 +905,18 @@ def check_goals(res, device):
     enc = None
     if tr:
         n, runs = tr["dopsd"]["n_pairs"], tr["dopsd"]["runs"] + tr["sft"]["runs"]
-        expect = {"dopsd": {"text_encoder": n, "vlm": n, "vae_encoder": 0},      # caption + [image, caption]
-                  "sft": {"text_encoder": n, "vlm": 0, "vae_encoder": n}}        # caption + target latents
+        batches = math.ceil(n / dopsd.ENCODE_BATCH)                            # one bucket: captions batched
+        expect = {"dopsd": {"text_encoder": batches, "vlm": n, "vae_encoder": 0},  # caption + [image, caption]
+                  "sft": {"text_encoder": batches, "vlm": 0, "vae_encoder": n}}    # caption + target latents
         enc = dict(in_loop_calls=sum(sum(r["encoder_calls"]["in_loop"].values()) for r in runs),
                    cache_once_per_pair=all(r["encoder_calls"]["before_loop"] == expect[r["method"]] for r in runs))
     d = sm["rel_diff"] if sm else None
     ls = res["loss_steps"]["ratio_vs_K"][1] if _ok(res.get("loss_steps")) else None
+    ca = res.get("cache") if _ok(res.get("cache")) else None
+    reuse = max(ca["zimage_second_over_first"], ca["klein_second_over_first"]) if ca else None
+    rss = max(ca["zimage_rss_growth"], ca["klein_rss_growth"]) if ca else None
+    split = ca and sorted(ca["ranks_encoded"]) == [0, 1] and sum(ca["ranks_encoded"].values()) == ca["ranks_total"] \
+        and max(ca["ranks_encoded"].values()) - min(ca["ranks_encoded"].values()) <= 1
     fl = res.get("floor") if _ok(res.get("floor")) else None
     ratio_note = "the goal is for CPU fp32" if device.type == "cpu" else \
         "measured on CUDA bf16 with gradient checkpointing; the goal is for CPU fp32"
@@ -822,6 +934,12 @@ def check_goals(res, device):
                                     ok=d is not None and d <= GOALS["sampler"]),
         "loss_steps_m1_over_mk": dict(value=ls, limit=f"<= {GOALS['loss_steps']} (K = {K_MAIN})",
                                       ok=ls is not None and ls <= GOALS["loss_steps"]),
+        "cache_second_run_over_first": dict(value=reuse, limit=f"<= {GOALS['cache_reuse']} (launch to first step, "
+                                            "largest N, worse family)", ok=reuse is not None and reuse <= GOALS["cache_reuse"]),
+        "cache_peak_rss_growth": dict(value=rss, limit=f"<= {GOALS['cache_rss']} (largest N over smallest)",
+                                      ok=rss is not None and rss <= GOALS["cache_rss"]),
+        "cache_ranks_split": dict(value=ca["ranks_encoded"] if ca else None, limit="2 ranks encode half each",
+                                  ok=bool(split)),
     }
     for g in goals.values():
         ok = g.pop("ok")
@@ -992,6 +1110,7 @@ def main(argv=None):
             "memory": (lambda: bench_memory(root, s, device, torch.get_num_threads()),
                        lambda r: print_memory(r, s, device)),
             "sampler": (lambda: bench_sampler(root, s, device), lambda r: print_sampler(r, s)),
+            "cache": (lambda: bench_cache(work, s, device), print_cache),
             "loss": (lambda: [bench_loss(dev, dtype=dt, repeats=s["loss_repeats"])
                               for dev in ["cpu"] + (["cuda"] if device.type == "cuda" else [])
                               for dt in (torch.float32, torch.bfloat16)],
