@@ -87,6 +87,10 @@ class TrainConfig:
                                "reference's subject, details, background and composition)")
     rank: int = knob(64, "LoRA rank")
     alpha: float = knob(128.0, "LoRA alpha, scale = alpha/rank")
+    init_lora: str = knob(None, "start the student and the teacher from this LoRA (a dopsd.py --out folder or its "
+                          ".safetensors, or another trainer's diffusers/ComfyUI-style LoRA of the same model) and keep "
+                          "teaching it: one file holds both concepts; --preserve-prompts then pulls onto base + this "
+                          "LoRA; its rank may be at most --rank")
     full: bool = knob(False, "train every DiT weight instead of a LoRA, an fp32 EMA copy as teacher: ~22 bytes a "
                       "parameter, ~130 GB for Z-Image (examples/memory_plan.py)")
     lr: float = knob(None, "AdamW learning rate, constant (default: the authors', Z-Image 1e-4, klein 2e-5)", type=float)
@@ -97,6 +101,10 @@ class TrainConfig:
     device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
     precision: str = knob("auto", "auto = bf16 weights + autocast (fp32 LoRA) on cuda/mps, fp32 on CPU",
                           choices=["auto", "fp32", "bf16"])
+    fp8_base: str = knob("auto", "store the frozen DiT in 8 bits (float8 e4m3, each layer upcast for its matmul): "
+                         "about half the base's memory for a small change in its outputs (README: which GPU); the LoRA, "
+                         "its gradients and AdamW stay fp32; auto = on with CUDA only when the base would not fit "
+                         "otherwise; turns gradient checkpointing on; not with --full", choices=["auto", "on", "off"])
     grad_checkpointing: str = knob("auto", "recompute activations in backward: auto = on for cuda/mps, off on CPU",
                                    choices=["auto", "on", "off"])
     dist_timeout: float = knob(60.0, "torchrun: minutes a rank waits for the others (a dead rank, a long --full save)")
@@ -130,6 +138,9 @@ class SampleConfig:
     width: int = knob(1024, "pixels, multiple of 16")
     device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu")
     precision: str = knob("auto", "auto = bf16 on cuda/mps, fp32 on CPU", choices=["auto", "fp32", "bf16"])
+    fp8_base: str = knob("auto", "store the DiT in 8 bits (float8 e4m3, upcast layer by layer): about half its memory "
+                         "for a small change in the image; auto = on with CUDA only when it would not fit otherwise",
+                         choices=["auto", "on", "off"])
 
 class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line and exits with `code`, without a traceback."""
@@ -257,17 +268,10 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
     """[Item] for every image in data_dir; raise one UserError naming every bad file and its fix. memo: see
     image_facts."""
     from PIL import Image
-    root, meta, problems = Path(data_dir), {}, []
+    root = Path(data_dir)
     refuse([(not root.is_dir(), f"--data {root}: folder not found; pass a folder of images with same-name .txt "
              "captions")])
-    jsonl = root / "metadata.jsonl"
-    for n, line in enumerate(read_text_file(jsonl, "--data").splitlines() if jsonl.is_file() else [], 1):
-        try:  # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
-            if line.strip():
-                row = json.loads(line)
-                meta[Path(row.get("file_name") or row["image_path"]).name] = row.get("text", row.get("caption"))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            problems.append(f"{jsonl} line {n} is not a JSON object with file_name and text: fix or remove it")
+    meta, problems = read_metadata(root / "metadata.jsonl")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     refuse([(not files, f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")])
     bad, items, bomb_limit = {"unreadable": [], "large": [], "small": [], "uncaptioned": [], "not_utf8": []}, [], 0
@@ -303,7 +307,25 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
     problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE, limit=bomb_limit, which=which)
                  for k, ps in bad.items() if ps]
     refuse([(problems, f"--data {root}: " + "; ".join(problems))])
-    shared = {}                                      # k0.png and k0.jpg both read k0.txt: likely a mistake, not fatal
+    warn_shared_captions(root, files, meta)
+    return items
+
+def read_metadata(jsonl):
+    """({image file name: caption or list of captions}, [problems]) from a folder's metadata.jsonl, if it has one."""
+    meta, problems = {}, []
+    for n, line in enumerate(read_text_file(jsonl, "--data").splitlines() if jsonl.is_file() else [], 1):
+        try:  # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
+            if line.strip():
+                row = json.loads(line)
+                meta[Path(row.get("file_name") or row["image_path"]).name] = row.get("text", row.get("caption"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{jsonl} line {n} is not a JSON object with file_name and text: fix or remove it")
+    return meta, problems
+
+def warn_shared_captions(root, files, meta):
+    """One warning naming images that share one .txt caption (k0.png and k0.jpg both read k0.txt): likely a mistake,
+    but not fatal."""
+    shared = {}
     for p in files:
         if p.name not in meta and p.with_suffix(".txt").is_file():
             shared.setdefault(p.with_suffix(".txt"), []).append(p)
@@ -312,7 +334,6 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
         print(f"warning: --data {root}: " + "; ".join(f"{_names(ps)} share the caption {txt.name}" for txt, ps in
               shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else "") + ": rename one of each, "
               "or give each its own caption, if they differ")
-    return items
 
 def make_buckets(resolution, multiple=16, ratios=(1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)):
     """Bucket sizes (H, W) of about resolution² pixels, sides multiples of 16 (the VAE's 8× times the DiT's 2×2 patch)."""
@@ -406,6 +427,32 @@ def pick_precision(device, precision="auto", checkpointing="auto"):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return (torch.bfloat16 if bf16 else torch.float32), autocast, ckpt
 
+def pick_fp8_base(choice, device, transformer, target_regex=None, rank=0, slack=3 * 2**30):
+    """True to store the frozen DiT in float8, printed with the reason. auto: only on CUDA, and only when the base as
+    loaded, plus a rank-`rank` LoRA on target_regex's linears with its gradient and AdamW state (20 bytes a parameter,
+    student and teacher) and `slack` for activations and the CUDA context, would not fit in the free memory."""
+    if choice != "auto" or device.type != "cuda":
+        use, why = choice == "on", "--fp8-base" if choice != "auto" else f"auto: {device.type}, nothing to save"
+    else:
+        base = sum(p.numel() * p.element_size() for p in transformer.parameters())
+        lora = sum(rank * (m.in_features + m.out_features) for n, m in transformer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and target_regex and re.fullmatch(target_regex, n))
+        need, free = base + 20 * lora + slack, torch.cuda.mem_get_info(device)[0]
+        use, why = need > free, f"auto: {need / 2**30:.1f} GiB needed as loaded, {free / 2**30:.1f} GiB free"
+    print(f"base weights: {'float8 e4m3, upcast layer by layer; gradient checkpointing on' if use else 'as loaded'} "
+          f"({why})")
+    return use
+
+def store_base_in_fp8(transformer, compute_dtype):
+    """The DiT's weights stored in float8 e4m3, each layer upcast to compute_dtype for its own forward and cast back
+    after (diffusers' layerwise casting: about half the bytes of bf16). Call it AFTER the LoRA adapters exist and pass
+    no skip pattern of ours: diffusers then skips peft's lora_A / lora_B by name and the factors stay fp32 (adapters
+    added later would be created in fp8; a pattern of ours replaces the one that spares them). Norms, embedders and the
+    modules the model class lists stay as loaded. The cast has no scale: weights below e4m3's normal range (2^-6) lose
+    precision, which is why it is an option and not the default. Gradient checkpointing must be on: without it, each
+    linear keeps its upcast weight for backward and the saving is gone. Never for --full (the trained weights)."""
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
 def setup_distributed(device_name, timeout_min=60.0):
     """(rank, world size, device): under torchrun one process per GPU (nccl) or CPU worker (gloo); plain python is
     rank 0 of 1, no process group. The timeout bounds every collective, so a rank waiting on a dead peer (or on rank 0
@@ -457,9 +504,23 @@ def check_reachable(repo, flag, filename):
                         f"cannot be reached ({type(e).__name__}); download it on a connected machine (hf download "
                         f"{repo}) or pass a local folder") from None
 
+def full_run_parts(model):
+    """(base pipeline, trained transformer/ folder) when `model` is the --out folder of a `train --full` run, which
+    holds only transformer/ and the config.json naming its own --model; else (model, None). So a --full run is the
+    --model of the next one, and the next run's encoders and feature cache are the base's."""
+    p = Path(model)
+    if (p / "transformer" / "config.json").is_file() and not (p / "model_index.json").is_file():
+        base = read_json(p / "config.json").get("model")
+        if base is None:
+            raise UserError(f"--model {model}: a transformer/ folder without a dopsd.py config.json naming its base "
+                            "model; pass the --out folder of a train --full run, or a diffusers pipeline")
+        return full_run_parts(base)[0], p / "transformer"
+    return model, None
+
 def pipeline_family(model):
     """Read the pipeline class from model_index.json before loading any weights; refuse unsupported ones early."""
     from diffusers import DiffusionPipeline
+    model = full_run_parts(model)[0]
     check_reachable(model, "--model", "model_index.json")
     try:
         index = DiffusionPipeline.load_config(model)
@@ -478,9 +539,14 @@ def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True):
     """The diffusers pipeline in `dtype`, its DiT in transformer_dtype if given (fp32 for --full); text_encoder=False
     leaves the (largest) encoder unloaded when the feature cache already holds everything. Call
     pipeline_family(model) first: it refuses unsupported checkpoints before any weight is read."""
-    from diffusers import DiffusionPipeline
-    return DiffusionPipeline.from_pretrained(model, dtype={"default": dtype, "transformer": transformer_dtype or dtype},
-                                             **({} if text_encoder else {"text_encoder": None}))
+    import diffusers
+    base, trained = full_run_parts(model)
+    parts = {} if text_encoder else {"text_encoder": None}
+    if trained:                                       # a --full run as --model: its DiT in place of the base's
+        cls = getattr(diffusers, read_json(trained / "config.json")["_class_name"])
+        parts["transformer"] = cls.from_pretrained(trained, dtype=transformer_dtype or dtype)
+    return diffusers.DiffusionPipeline.from_pretrained(base, dtype={"default": dtype, "transformer": transformer_dtype or dtype},
+                                             **parts)
 
 def load_hybrid_vlm(vlm_path, text_encoder, dtype):
     """Qwen3-VL whose language model gets the text encoder's weights: its vision tower now feeds OUR encoder.
@@ -495,8 +561,10 @@ def load_hybrid_vlm(vlm_path, text_encoder, dtype):
     refuse([(len(matched) != len(dst), f"--vlm {vlm_path}: only {len(matched)}/{len(dst)} language-model tensors match "
              f"the text encoder of --model (first missing: {min(set(dst) - set(matched), default='')}); use the "
              "Qwen3-VL of the same size as the encoder")])
-    vlm.language_model.load_state_dict(matched)
-    print(f"hybrid VLM: {len(matched)}/{len(dst)} language-model tensors replaced by the text encoder's")
+    # assign=True: the VLM's language model holds the text encoder's own tensors, not a copy -- caching then needs one
+    # 4 B language model on the device, not two (Z-Image's caching peak would otherwise pass its training peak)
+    vlm.language_model.load_state_dict(matched, assign=True)
+    print(f"hybrid VLM: {len(matched)}/{len(dst)} language-model tensors shared with the text encoder")
     return vlm.eval().requires_grad_(False), AutoTokenizer.from_pretrained(vlm_path), \
         AutoImageProcessor.from_pretrained(vlm_path)
 
@@ -524,8 +592,8 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
         p.data = p.data.float()
     with torch.no_grad():                           # teacher := copy(student), so the EMA averages the same factors
         for n, p in lora.items():
-            if f".{names[0]}." in n and len(names) > 1:
-                lora[n.replace(f".{names[0]}.", f".{names[1]}.")].copy_(p)
+            for other in names[1:] if f".{names[0]}." in n else ():
+                lora[n.replace(f".{names[0]}.", f".{other}.")].copy_(p)
     # peft casts each LoRA layer's input to the factors' dtype (fp32); under bf16 autocast every LoRA'd linear would
     # then save its own bf16 copy of its input for backward, beside the one the base linear saved. Autocast casts here:
     # peft's cast is off for good (peft.helpers.disable_input_dtype_casting lasts only a `with` block).
@@ -536,6 +604,58 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
         raise RuntimeError(f"LoRA wrapped {wrapped} modules but {len(expected)} linears match the target list")
     transformer.set_adapter(names[0])
     return wrapped
+
+LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
+
+def read_lora_file(path):
+    """{module name: (A [r, in], B [out, r] with the file's scale alpha/r folded in)} from a LoRA file in the key
+    styles trainers write: diffusers and peft (transformer.M.lora_A.weight; ours), ComfyUI / musubi / ai-toolkit
+    (diffusion_model.M...), lora_down / lora_up with a per-module .alpha. The scale: a module's .alpha tensor, else
+    diffusers' adapter metadata (lora_alpha / r), else 1 (alpha = r, as diffusers reads a file that says nothing)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    alpha = info.get("transformer.lora_alpha", info.get("lora_alpha"))
+    parts = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight|(.+)\.alpha", key)
+        if not m:
+            raise UserError(f"--init-lora {path}: key {key} is not a LoRA factor (lora_A/B, lora_down/up, alpha); "
+                            "pass a LoRA in diffusers or ComfyUI style")
+        name = m.group(1) or m.group(4)
+        for prefix in LORA_PREFIXES:
+            name = name.removeprefix(prefix)
+        parts.setdefault(name, {})[m.group(2) or "alpha"] = t.float()
+    out = {}
+    for name, f in parts.items():
+        A, B = f.get("lora_A", f.get("lora_down")), f.get("lora_B", f.get("lora_up"))
+        if A is None or B is None:
+            raise UserError(f"--init-lora {path}: module {name} has only one of its two factors")
+        r = A.shape[0]
+        scale = float(f["alpha"]) / r if "alpha" in f else (alpha / r if alpha else 1.0)
+        out[name] = (A, B * scale)
+    return out
+
+def set_lora(transformer, factors, names, scale, flag="--init-lora"):
+    """Load factors (from read_lora_file) into the adapters `names` (all alike), whose scale is alpha/rank: the
+    effective weight B·A·scale becomes the file's. A rank below ours fills the first rows of A and columns of B; the
+    rest keep their init (A Gaussian, B zero), so the delta is exact and the spare rank still learns."""
+    modules = dict(transformer.named_modules())
+    with torch.no_grad():
+        for name, (A, B) in factors.items():
+            layer = modules.get(name)
+            if layer is None or not hasattr(layer, "lora_A"):
+                raise UserError(f"{flag}: module {name} of the LoRA is not one this model's LoRA covers; pass a LoRA "
+                                "trained for this model")
+            r, own = A.shape[0], layer.lora_A[names[0]].weight
+            if A.shape[1] != own.shape[1] or B.shape[0] != layer.lora_B[names[0]].weight.shape[0] or r > own.shape[0]:
+                raise UserError(f"{flag}: module {name} has shape {tuple(B.shape)}·{tuple(A.shape)}, this model's "
+                                f"is {tuple(layer.lora_B[names[0]].weight.shape)}·{tuple(own.shape)} (rank at most "
+                                f"--rank); pass a LoRA of this model and a --rank at least its rank")
+            for n in names:
+                layer.lora_A[n].weight[:r] = A
+                layer.lora_B[n].weight[:, :r] = B / scale
 
 def adapter_params(transformer, name):
     """{parameter name without the adapter name: tensor} for one adapter, in a stable order."""
@@ -576,6 +696,11 @@ def klein_text_features(text_encoder, tokenizer, prompts, layers, max_len=None):
     hs = text_encoder(input_ids=tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev),
                       output_hidden_states=True, use_cache=False).hidden_states       # (layers+1) × [B, L, D]
     return torch.cat([hs[k] for k in layers], dim=-1)                                # [B, L, 3D]
+
+def text_model(text_encoder):
+    """The encoder's transformer without its LM head: klein ships a Qwen3ForCausalLM, whose head (1.2 GB untied in
+    klein-9B) and logits over 151,936 tokens a caption (1.2 GB for 4 padded captions) no feature needs."""
+    return text_encoder.model if hasattr(text_encoder, "lm_head") else text_encoder
 
 def klein_text_len(tokenizer):
     """klein's text length: the pipeline's max_sequence_length default, 512, unless the tokenizer reads less (the real
@@ -712,6 +837,19 @@ def klein_velocity(transformer, x, sigma, cond):
     out = transformer(hidden_states=tokens.to(dt), timestep=t, guidance=None, encoder_hidden_states=pe.to(dt),
                       txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]      # [B, S, 4C]
     return out[:, : h * w].float().transpose(1, 2).reshape(B, C, h, w)
+
+def sft_sigma(family, u, image_seq_len, deploy_steps):
+    """SFT's noise level from u ~ U(0, 1): the time shift the family's own sampler applies, so that flow matching
+    trains where the model samples. Z-Image: its scheduler's static shift 3 (3u / (1 + 2u)). klein: the pipeline's
+    resolution-dependent shift e^μ, μ = compute_empirical_mu(tokens, deploy steps) -- about 7 at 64 tokens and 10 at
+    1 MP -- not the 3 a fixed-shift trainer would use. (diffusers' FLUX.2 training example indexes the unshifted
+    timesteps of a dynamic-shifting scheduler, i.e. shift 1: further still from what klein samples.)"""
+    if family == "zimage":
+        shift = 3.0
+    else:
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+        shift = math.exp(compute_empirical_mu(image_seq_len, deploy_steps))
+    return shift * u / (1 + (shift - 1) * u)
 
 @torch.no_grad()
 def euler_sample(velocity, noise, sigmas):
@@ -1066,7 +1204,14 @@ def check_args(cfg):
             *((f and not Path(f).is_file(), f"--{flag} {f}: file not found; pass a text file with one prompt a line")
               for flag, f in (("sample-prompts", cfg.sample_prompts), ("preserve-prompts", cfg.preserve_prompts))),
             (cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"), "--preserve-prompts pulls a LoRA student "
-             "onto the base model: it needs --method dopsd without --full")])
+             "onto the base model: it needs --method dopsd without --full"),
+            (cfg.init_lora and cfg.full, "--init-lora continues a LoRA; to continue a --full run, pass its --out "
+             "folder as --model"),
+            (cfg.fp8_base == "on" and cfg.full, "--fp8-base on with --full: the trained weights must stay in bf16 or "
+             "fp32; drop --fp8-base (LoRA runs can use it)"),
+            (cfg.fp8_base == "on" and cfg.grad_checkpointing == "off", "--fp8-base on with --grad-checkpointing off: "
+             "without checkpointing each linear keeps its upcast weight for backward and the saving is gone; drop "
+             "--grad-checkpointing off")])
     for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
         if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
             raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
@@ -1081,7 +1226,7 @@ def check_args(cfg):
 # reads the entries of each batch by memory map, so neither device memory nor host RAM grows with the dataset.
 
 CACHE_VERSION = 1
-ENCODE_BATCH = 8              # captions / same-bucket images per encoder call while caching
+ENCODE_BATCH = 4              # captions per encoder call while caching: every layer's [4, 512, D] states are kept
 
 def model_folder(repo, pipeline=True):
     """A local folder for a hub id or folder: the cached snapshot, downloaded first if need be (from_pretrained would
@@ -1099,7 +1244,8 @@ def files_identity(folder, subfolders=("",)):
     files by size and mtime (hashing 8 GB at every launch would cost more than it protects against)."""
     h = hashlib.sha256()
     for sub in subfolders:
-        for f in sorted(p for p in (Path(folder) / sub).rglob("*") if p.is_file() and ".cache" not in p.parts):
+        top = Path(folder) / sub
+        for f in sorted(p for p in ([top] if top.is_file() else top.rglob("*")) if p.is_file() and ".cache" not in p.parts):
             st = f.stat()
             h.update(f"{f.relative_to(folder)}\0".encode())
             h.update(f.read_bytes() if st.st_size < 1 << 20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
@@ -1207,7 +1353,8 @@ def plan_cache(cfg, family, items, prompts, dopsd, dtype, world):
     """(plan, this rank's share of the missing entries). Ranks on one node split the missing entries by local rank; on
     several nodes each node encodes its share for itself, which is right for a node-local --cache-dir and only
     repeats work (atomically) for a shared one."""
-    encoders = files_identity(model_folder(cfg.model), ("model_index.json", "text_encoder", "tokenizer", "vae"))
+    encoders = files_identity(model_folder(full_run_parts(cfg.model)[0]),
+                              ("model_index.json", "text_encoder", "tokenizer", "vae"))
     vlm = files_identity(model_folder(cfg.vlm, pipeline=False)) if family == "zimage" and dopsd else None
     plan = cache_plan(cfg.cache_dir, family, items, prompts, dopsd, encoders, vlm,
                       cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype, make_buckets(cfg.resolution))
@@ -1224,7 +1371,8 @@ def fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show)
     """Encode this rank's share of the missing entries with the pipeline's encoders (and, for the Z-Image teacher,
     the hybrid VLM), then wait for every rank and check that the whole plan is on disk."""
     if mine:
-        enc = SimpleNamespace(text_encoder=pipe.text_encoder.to(device).requires_grad_(False), tokenizer=pipe.tokenizer,
+        enc = SimpleNamespace(text_encoder=text_model(pipe.text_encoder).to(device).requires_grad_(False),
+                              tokenizer=pipe.tokenizer,
                               vae=pipe.vae, dopsd=dopsd, dtype=dtype, suffix=cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX)
         if dopsd and family == "zimage" and any(job[0] == "item" for _, _, job in mine):
             enc.vlm, enc.vtok, enc.vproc = load_hybrid_vlm(cfg.vlm, enc.text_encoder, dtype)
@@ -1286,10 +1434,13 @@ def encode_missing(family, enc, todo, items, buckets, show=True):
                     write_entry(p, k, tensors)
                 bar.update(len(chunk))
 
-def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
+def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast, init=None, anchor=False):
     """The two roles on one DiT -> (student, teacher, trainable, teacher_params); student: (model, x, σ, cond) -> u,
-    teacher: (x, σ, cond) -> u. LoRA: adapters "student" and "teacher" (an exact copy at first). --full: the DiT itself
-    is the student, and a frozen fp32 deep copy the EMA teacher (in bf16 its 1e-4 EMA increments would round away)."""
+    teacher: (x, σ, cond, adapter="teacher") -> u. LoRA: adapters "student" and "teacher" (an exact copy at first),
+    both set to `init` (read_lora_file's factors) if given. anchor: a third, frozen adapter "anchor" holding `init`,
+    the model the run started from, for --preserve-prompts to pull onto (fusing it into the base instead would change
+    the teacher's base as well, and cannot work on an fp8 base). --full: the DiT itself is the student, and a frozen
+    fp32 deep copy the EMA teacher (in bf16 its 1e-4 EMA increments would round away)."""
     if full:
         teacher_model = copy.deepcopy(tr).eval() if dopsd else None
         layers = None                                # no LoRA layers: use_adapter does nothing
@@ -1297,7 +1448,10 @@ def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast):
         teacher_params = list(teacher_model.parameters()) if dopsd else []
     else:
         torch.manual_seed(seed)                      # LoRA's A factors are drawn from the global RNG
-        n = add_lora_adapters(tr, LORA_TARGETS[family], rank, alpha, ("student", "teacher") if dopsd else ("student",))
+        names = ("student",) + ("teacher",) * dopsd + ("anchor",) * anchor
+        n = add_lora_adapters(tr, LORA_TARGETS[family], rank, alpha, names)
+        if init:
+            set_lora(tr, init, names, alpha / rank)
         st = adapter_params(tr, "student")
         trainable, teacher_model, layers = list(st.values()), tr, lora_layers(tr)
         teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
@@ -1577,6 +1731,8 @@ def train(cfg):
     write_json(cache_dir / "images.json", memo)
     cfg = replace(cfg, cache_dir=str(cache_dir))
     family = pipeline_family(cfg.model)
+    if cfg.init_lora:
+        cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, cfg.rank)))
     if family == "zimage" and cfg.method == "dopsd":
         check_reachable(cfg.vlm, "--vlm", "config.json")
     rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
@@ -1585,6 +1741,25 @@ def train(cfg):
         if rank == 0:
             print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
     return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device)
+
+def check_init_lora(path, family, rank):
+    """The --init-lora file (a run folder's LoRA, or the file itself), checked from its header before any model
+    loads: a safetensors LoRA of this family, of rank at most --rank. Returns the file."""
+    from safetensors import safe_open
+    p = Path(path)
+    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+    if not file.is_file():
+        raise UserError(f"--init-lora {path}: not found; pass a dopsd.py --out folder or a LoRA .safetensors file")
+    trained = weights_family("lora", file, "--init-lora")
+    if trained and trained != family:
+        raise UserError(f"--init-lora {path}: trained for {FAMILIES[trained]['arch']}, but --model is "
+                        f"{FAMILIES[family]['arch']}; continue from a LoRA of this model")
+    with safe_open(str(file), "pt") as f:
+        ranks = [f.get_slice(k).get_shape()[0] for k in f.keys() if re.search(r"\.(lora_A|lora_down)\b", k)]
+    if ranks and max(ranks) > rank:
+        raise UserError(f"--init-lora {path}: its rank is {max(ranks)}, above --rank {rank}; pass --rank "
+                        f"{max(ranks)} or more")
+    return file
 
 def train_distributed(cfg, items, family, rank, world, device):
     """train_rank on every rank, then a teardown that always ends; only rank 0 prints to stdout. All ranks meet at a
@@ -1638,30 +1813,28 @@ def train_rank(cfg, items, family, rank, world, device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    tr.to(device).requires_grad_(False)
-    # Sample grids: the same noise and prompts every time (up to 4 training captions, then the held-out prompts); the
-    # base model's row is drawn once, before any LoRA.
-    cell, cols = latent_cell(family, vae), range(min(4, len(items)))
-    n, cache = cfg.resolution // cell, loop_cache(plan, items, preserve, family, cfg.resolution)
-    shown = [entry_conds(family, read_entry(plan["items"][i][0][0], device)) for i in cols]
-    preview = SimpleNamespace(
-        captions=[items[i].captions[0] for i in cols] + [f"(held out) {p}" for p in extra], sigmas=schedule(
-            family, fam["deploy"], n, n), cond_s=[s for s, _ in shown] + [entry_conds(family, read_entry(
-                plan["prompts"][p][0], device))[0] for p in extra], cond_t=[t for _, t in shown] if dopsd else [],
-        noise=[torch.randn(1, tr.config.in_channels, n, n, generator=torch.Generator().manual_seed(cfg.seed + j))
-               for j in range(len(cols) + len(extra))])
-    preview.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), preview.cond_s, preview, fam["decode"],
-                            vae, autocast) if rank == 0 else None
-    student, teacher, trainable, teacher_params = attach_roles(tr, family, dopsd, cfg.full, cfg.rank, cfg.alpha,
-                                                               cfg.seed, autocast)
-    if checkpointing:
+    fp8 = not cfg.full and pick_fp8_base(cfg.fp8_base, device, tr, LORA_TARGETS[family], cfg.rank)  # (--full: trained)
+    if not fp8:                                      # the LoRA is drawn where it trains, as it always was
+        tr.to(device)
+    init = read_lora_file(cfg.init_lora) if cfg.init_lora else None
+    student, teacher, trainable, teacher_params = attach_roles(tr.requires_grad_(False), family, dopsd, cfg.full,
+                                                               cfg.rank, cfg.alpha, cfg.seed, autocast, init,
+                                                               anchor=bool(init and preserve))
+    if fp8:                                          # after the adapters: they stay fp32 (see store_base_in_fp8)
+        store_base_in_fp8(tr, dtype)
+        tr.to(device)
+    if checkpointing or fp8:
         tr.enable_gradient_checkpointing()           # recompute activations in backward: memory for compute
+    cache = loop_cache(plan, items, preserve, family, cfg.resolution)
+    preview = make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, rank == 0)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
-    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cell=cell,
+    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out,
+                          cell=latent_cell(family, vae),
                           cache=cache, tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
                           preview=preview, student=student, teacher=teacher, trainable=trainable,
-                          teacher_params=teacher_params, opt=opt, step=0, nonfinite=0, trained_states=[])
+                          teacher_params=teacher_params, opt=opt, step=0, nonfinite=0, trained_states=[],
+                          anchor="anchor" if init and preserve else None)   # what --preserve-prompts pulls onto
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         load_run(out / "checkpoint.pt", run)
     run.model = wrap_ddp(tr, device) if world > 1 else tr
@@ -1692,6 +1865,25 @@ def prompt_conds(cache, picks, device):
     """Student conditioning of the --preserve-prompts numbered in picks, read from disk."""
     return [entry_conds(cache["family"], read_entry(cache["preserve"][i], device))[0] for i in picks]
 
+def make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, draw_base):
+    """What every sample grid draws: the same noise and prompts each time (up to 4 training captions, then the
+    held-out prompts), and (draw_base: rank 0) the base model's row, drawn once with every adapter off."""
+    fam, cols, n = FAMILIES[family], range(min(4, len(items))), cfg.resolution // latent_cell(family, vae)
+    shown = [entry_conds(family, read_entry(plan["items"][i][0][0], device)) for i in cols]
+    preview = SimpleNamespace(
+        captions=[items[i].captions[0] for i in cols] + [f"(held out) {p}" for p in extra],
+        sigmas=schedule(family, fam["deploy"], n, n), cond_t=[t for _, t in shown] if cfg.method == "dopsd" else [],
+        cond_s=[s for s, _ in shown] + [entry_conds(family, read_entry(plan["prompts"][p][0], device))[0]
+                                        for p in extra],
+        noise=[torch.randn(1, tr.config.in_channels, n, n, generator=torch.Generator().manual_seed(cfg.seed + j))
+               for j in range(len(cols) + len(extra))])
+    layers = lora_layers(tr)
+    use_adapter(layers, None)                        # every adapter off (and frozen): the base model
+    preview.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), preview.cond_s, preview, fam["decode"],
+                            vae, autocast) if draw_base else None
+    use_adapter(layers, "student")                   # trainable again before DDP or the optimizer look at it
+    return preview
+
 def micro_step(run, micro):
     """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
     The global batch (batch_size × world) and its noise depend on (seed, micro) only, and each rank takes its slice:
@@ -1721,19 +1913,20 @@ def micro_step(run, micro):
         ct, sigmas = collate([t for _, t in conds]), schedule(run.family, cfg.rollout_steps, h, w)
         loss = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise, sigmas, cfg.loss_space,
                              1.0 / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
-        # --preserve-prompts: on-policy from new noise, onto the base model (all adapters off), with a loss at the
-        # same states as the main roll-out
+        # --preserve-prompts: on-policy from new noise, onto the model the run started from (the base, adapters off;
+        # with --init-lora the frozen anchor adapter), with a loss at the same states as the main roll-out
         if cache["preserve"]:
             pick = torch.randint(len(cache["preserve"]), (len(noise) * run.world,), generator=g)[mine].tolist()
             noise_p = torch.randn(len(noise) * run.world, *noise.shape[1:], generator=g)[mine].to(run.device)
             cp = collate(prompt_conds(cache, pick, run.device))
             loss = loss + cfg.preserve_weight * dopsd_rollout(
-                lambda x, s: student_x(x, s, cp), lambda x, s: run.teacher(x, s, cp, adapter=None), noise_p, sigmas,
+                lambda x, s: student_x(x, s, cp), lambda x, s: run.teacher(x, s, cp, adapter=run.anchor), noise_p, sigmas,
                 cfg.loss_space, cfg.preserve_weight / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
         return loss
-    u = torch.rand(cfg.batch_size * run.world, generator=g)[mine]   # SFT: σ from the model's shifted density (shift 3)
+    u = torch.rand(cfg.batch_size * run.world, generator=g)[mine]   # SFT: σ from the family's shifted density
     x0 = torch.stack([x0 for _, x0 in conds])
-    loss = sft_loss(student_x, x0, noise, (3 * u / (1 + 2 * u)).to(run.device), backend=cfg.loss_backend)
+    sigma = sft_sigma(run.family, u, h * w, FAMILIES[run.family]["deploy"]).to(run.device)
+    loss = sft_loss(student_x, x0, noise, sigma, backend=cfg.loss_backend)
     (loss / cfg.grad_accum).backward()
     return loss
 
@@ -1840,7 +2033,7 @@ def lora_source(weights, scale=1.0):
                         "folder")
     return "lora", file
 
-def weights_family(kind, path):
+def weights_family(kind, path, flag="--lora"):
     """The family trained weights are for, from headers only: a --full run's transformer/config.json; a LoRA's
     ModelSpec metadata (lora_card), else its key names. None when nothing tells."""
     from safetensors import SafetensorError, safe_open
@@ -1853,7 +2046,7 @@ def weights_family(kind, path):
         with safe_open(str(path), "pt") as f:        # the header: key names and metadata, no tensor is read
             meta, keys = f.metadata() or {}, list(f.keys())
     except (OSError, SafetensorError) as e:
-        raise UserError(f"--lora {path}: not a safetensors file ({str(e).splitlines()[0][:80]}); pass the "
+        raise UserError(f"{flag} {path}: not a safetensors file ({str(e).splitlines()[0][:80]}); pass the "
                         "pytorch_lora_weights.safetensors that dopsd.py train wrote, or its --out folder") from None
     arch = meta.get("modelspec.architecture", "")
     by_meta = [f for f, spec in FAMILIES.items() if arch.startswith(spec["arch"] + "/")]
@@ -1897,15 +2090,11 @@ def load_weights(pipe, weights, scale=1.0):
                         "written: pass a LoRA trained on this --model") from None
     return f"LoRA, scale {scale:g}"
 
-def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=None, seed=0, height=1024, width=1024,
-           device="auto", precision="auto"):
-    """Render each prompt (a string or a list) with the deploy settings (or `steps`) and the trained weights if given.
-    One prompt: the image; several, or compare=True (the base model above the LoRA, same noise): one grid."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+def check_sample_args(prompts, out, lora, lora_scale, compare, steps, seed, height, width, device):
+    """Everything the arguments and files can tell, before any weight is read. Returns lora_source(lora) or None."""
     refuse([(height % 16 or width % 16 or min(height, width) < 16,
              f"--height/--width must be multiples of 16 (got {height}×{width})"),
             (compare and not lora, "--compare needs --lora: it draws the base model beside the trained one")])
-    # Everything the arguments and files can tell is checked here, before any weight is read.
     check_out_path(out, "--out", folder=False)
     check_image_name(out)
     check_device(device)
@@ -1915,7 +2104,14 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
         raise UserError(f"--lora-scale {lora_scale}: not a finite number; pass e.g. 1.0 (as trained) or 0.5")
     if not 0 <= seed < 2 ** 32:
         raise UserError(f"--seed {seed}: out of range; pass a seed from 0 to {2 ** 32 - 1}")
-    source = lora_source(lora, lora_scale) if lora else None
+    return lora_source(lora, lora_scale) if lora else None
+
+def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=None, seed=0, height=1024, width=1024,
+           device="auto", precision="auto", fp8_base="auto"):
+    """Render each prompt (a string or a list) with the deploy settings (or `steps`) and the trained weights if given.
+    One prompt: the image; several, or compare=True (the base model above the LoRA, same noise): one grid."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    source = check_sample_args(prompts, out, lora, lora_scale, compare, steps, seed, height, width, device)
     family = pipeline_family(model)
     trained = weights_family(*source) if lora else None
     if trained and trained != family:
@@ -1924,7 +2120,9 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     fam, device = FAMILIES[family], pick_device(device)
     dtype, autocast, _ = pick_precision(device, precision, None)
     pipe = load_pipeline(model, dtype)
-    conds = [student_features(family, pipe.text_encoder.to(device), pipe.tokenizer, [p])[0] for p in prompts]
+    te = text_model(pipe.text_encoder).to(device)
+    conds = [student_features(family, te, pipe.tokenizer, [p])[0] for p in prompts]
+    pipe.text_encoder.to("cpu")                      # the features are made: the DiT gets the device to itself
     cell, steps = latent_cell(family, pipe.vae), steps or fam["deploy"]
     h, w = height // cell, width // cell
     preview = SimpleNamespace(sigmas=schedule(family, steps, h, w), noise=[torch.randn(
@@ -1932,12 +2130,26 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
         for j in range(len(prompts))])                                     # CPU noise: the same on any device
     row = lambda: draw_row(lambda x, s, c: fam["velocity"](pipe.transformer, x, s, c), conds, preview, fam["decode"],
                            pipe.vae, autocast)
-    pipe.transformer.to(device)
+    fp8, rows = pick_fp8_base(fp8_base, device, pipe.transformer), []
+    place = lambda: (store_base_in_fp8(pipe.transformer, dtype) if fp8 else None, pipe.transformer.to(device))
     pipe.vae.to(device)
-    rows = [("base", row())] if compare else []
+    if compare and source[0] == "full":              # the base first: the trained DiT replaces it
+        place()
+        rows.append(("base", row()))
     label = load_weights(pipe, lora, lora_scale) if lora else "base"
-    pipe.transformer.to(device)
+    place()                                          # fp8 after the LoRA is in: its factors stay as loaded
+    if compare and source[0] == "lora":              # the same DiT with the LoRA off, on the same noise
+        pipe.disable_lora()
+        rows.append(("base", row()))
+        pipe.enable_lora()
     rows.append((label, row()))
+    write_sample(rows, prompts, out)
+    print(f"wrote {out} ({len(prompts)} prompt(s){', base and LoRA' if compare else ''}, {width}×{height}, {steps} "
+          f"steps, seed {seed}{'+column' if len(prompts) > 1 else ''})")
+    return 0
+
+def write_sample(rows, prompts, out):
+    """One image, or a grid of rows × prompts, written atomically; a failed write says what is intact."""
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         if len(rows) == 1 and len(prompts) == 1:
@@ -1948,9 +2160,6 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
         raise WriteFailed(f"could not write {out} ({io_reason(e)}); nothing was written" + (
             ", the previous file there is intact" if Path(out).is_file() else "") + ": free space and sample again"
             ) from None
-    print(f"wrote {out} ({len(prompts)} prompt(s){', base and LoRA' if compare else ''}, {width}×{height}, {steps} "
-          f"steps, seed {seed}{'+column' if len(prompts) > 1 else ''})")
-    return 0
 
 # --------------------------------------------------------------------------------------------------------------------
 # CLI

@@ -38,6 +38,8 @@ The rows (each: PASS / FAIL / SKIP, the measured figure, the goal; a FAIL or SKI
   train klein mid
   memory zimage mid     (CUDA) torch.cuda.max_memory_allocated() over that run / examples/memory_plan.py's peak
   memory klein mid      (max of peak_training and peak_caching); goal 0.7..1.3.
+  fp8 base zimage mid   (CUDA) the mid-size step again with --fp8-base on: the train verdict, a float8 DiT, and its
+  fp8 base klein mid    peak against memory_plan's --base-precision fp8 plan (goal 0.7..1.3; the bf16 peak beside it).
   sample zimage         `dopsd.py sample --precision bf16` (with the LoRA of the train row) against ZImagePipeline /
   sample klein          Flux2KleinPipeline loaded in bf16 with the same LoRA and seed, run under bf16 autocast as
                         dopsd's sampler runs: the max difference in grey levels. The floor is the pipeline's own bf16
@@ -457,16 +459,17 @@ class Ctx:
         self.mid = once(lambda family: build_mid(self, family))
         self.train_tiny = once(self._train_tiny)
         self.train_mid = once(self._train_mid)
+        self.train_mid_fp8 = once(lambda family: self._train_mid(family, ("--fp8-base", "on")))
 
     def _train_tiny(self, family):
         m = self.models()
         return run_train(self, m[family], m["vlm"], m["data"], self.work / f"train_{family}_tiny", TINY_RES,
                          self.device)
 
-    def _train_mid(self, family):
+    def _train_mid(self, family, extra=()):
         model, data = self.mid(family)
-        return run_train(self, model, self.models()["vlm"], data, self.work / f"train_{family}_mid", self.mid_res,
-                         self.device, rank=MID_RANK)
+        return run_train(self, model, self.models()["vlm"], data, self.work / f"train_{family}_mid{len(extra)}",
+                         self.mid_res, self.device, rank=MID_RANK, extra=extra)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -582,6 +585,24 @@ def check_memory(ctx, family):
                   f"measured {s['peak_bytes']:,} B, plan {planned:,} B (peak while training "
                   f"{plan['peak_training']:,}, while caching {plan['peak_caching']:,})",
                   measured=s["peak_bytes"], plan=rows, params=plan.get("params"))
+
+
+def check_fp8(ctx, family):
+    """The mid-size run again with --fp8-base on: the same training verdict, the DiT's LoRA'd weights stored in
+    float8, and the peak of allocated memory against memory_plan's fp8 plan (and against the bf16 run's peak)."""
+    need_cuda(ctx, "fp8 base")
+    s, bf16 = ctx.train_mid_fp8(family), ctx.train_mid(family)
+    verdict = train_verdict(s)
+    model, _ = ctx.mid(family)
+    plan = load_example("memory_plan.py").memory_plan(
+        str(model), str(ctx.models()["vlm"]), method="dopsd", rank=MID_RANK, resolution=ctx.mid_res, batch_size=1,
+        n_images=N_IMAGES, rollout_steps=2, grad_checkpointing=True, base_precision="fp8")
+    planned = max(plan["peak_training"], plan["peak_caching"])
+    ratio, gib = s["peak_bytes"] / planned, lambda b: f"{b / 2**30:.2f}"
+    ok = verdict["ok"] and "float8" in s["dit_dtype"] and MEMORY_BAND[0] <= ratio <= MEMORY_BAND[1]
+    return result(ok, f"{ratio:.2f} ({gib(s['peak_bytes'])} / {gib(planned)} GiB; bf16 base {gib(bf16['peak_bytes'])})",
+                  f"{verdict['detail']}; measured {s['peak_bytes']:,} B, fp8 plan {planned:,} B",
+                  measured=s["peak_bytes"], measured_bf16=bf16["peak_bytes"], plan_fp8=planned, train=verdict["data"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -711,6 +732,8 @@ def checks(ctx):
     for f in ("zimage", "klein"):
         rows.append((f"train {f} mid", TRAIN_GOAL, lambda f=f: check_train_mid(ctx, f)))
         rows.append((f"memory {f} mid", band, lambda f=f: check_memory(ctx, f)))
+        rows.append((f"fp8 base {f} mid", f"{TRAIN_GOAL}; base float8; {band} (fp8 plan)",
+                     lambda f=f: check_fp8(ctx, f)))
     for f in ("zimage", "klein"):
         rows.append((f"sample {f}", f"<= max({GREY_GOAL}, 2 x floor) grey levels", lambda f=f: check_sample(ctx, f)))
     rows += [("2 GPUs: cuda:1", f"loss triton = torch (rel. {CUDA1_RTOL:g})", lambda: check_cuda1(ctx)),
