@@ -240,13 +240,14 @@ def scan_data(specs, caption=None, trigger=None, memo=None):
 
 def image_facts(path, memo):
     """(digest, (height, width)) of an image, decoded in full once (a truncated file fails here, not mid-training).
-    memo: {path: [bytes, mtime_ns, digest, height, width]} of images already decoded, updated in place; an unchanged
+    memo: {path: [bytes, mtime_ns, ctime_ns, digest, height, width]} of images already decoded, updated in place; an unchanged
     file is not read again, so a launch on 20,000 cached images costs 20,000 stats, not 20,000 decodes."""
     from PIL import Image
     st, key = path.stat(), str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]   # ctime: `cp -p` and rsync keep mtime, not ctime
     known = memo.get(key) if memo is not None else None
-    if known and known[:2] == [st.st_size, st.st_mtime_ns]:
-        return known[2], tuple(known[3:5])
+    if known and known[:3] == stamp:
+        return known[3], tuple(known[4:6])
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         swap = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)           # EXIF orientations that turn the image 90°
@@ -254,7 +255,7 @@ def image_facts(path, memo):
         im.load()
     digest = hashlib.sha256(data).hexdigest()
     if memo is not None:
-        memo[key] = [st.st_size, st.st_mtime_ns, digest, *size]
+        memo[key] = [*stamp, digest, *size]
     return digest, size
 
 def read_captions(path, meta):
@@ -317,7 +318,11 @@ def read_metadata(jsonl):
         try:  # HF imagefolder rows {"file_name", "text"}; musubi-style {"image_path", "caption"} is tolerated too
             if line.strip():
                 row = json.loads(line)
-                meta[Path(row.get("file_name") or row["image_path"]).name] = row.get("text", row.get("caption"))
+                text = row.get("text", row.get("caption"))
+                if not (text is None or isinstance(text, str) or (isinstance(text, list) and all(
+                        isinstance(t, str) for t in text))):
+                    raise TypeError("text is neither a string nor a list of strings")
+                meta[Path(row.get("file_name") or row["image_path"]).name] = text
         except (ValueError, KeyError, TypeError, AttributeError):
             problems.append(f"{jsonl} line {n} is not a JSON object with file_name and text: fix or remove it")
     return meta, problems
@@ -431,6 +436,8 @@ def pick_fp8_base(choice, device, transformer, target_regex=None, rank=0, slack=
     """True to store the frozen DiT in float8, printed with the reason. auto: only on CUDA, and only when the base as
     loaded, plus a rank-`rank` LoRA on target_regex's linears with its gradient and AdamW state (20 bytes a parameter,
     student and teacher) and `slack` for activations and the CUDA context, would not fit in the free memory."""
+    if choice == "on" and device.type == "mps":
+        raise UserError("--fp8-base on: Apple MPS has no float8 storage; pass --fp8-base off")
     if choice != "auto" or device.type != "cuda":
         use, why = choice == "on", "--fp8-base" if choice != "auto" else f"auto: {device.type}, nothing to save"
     else:
@@ -452,6 +459,12 @@ def store_base_in_fp8(transformer, compute_dtype):
     precision, which is why it is an option and not the default. Gradient checkpointing must be on: without it, each
     linear keeps its upcast weight for backward and the saving is gone. Never for --full (the trained weights)."""
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+def free_device(device):
+    """Give memory the caching allocator holds back to the device: collect cycles, then empty the cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 def setup_distributed(device_name, timeout_min=60.0):
     """(rank, world size, device): under torchrun one process per GPU (nccl) or CPU worker (gloo); plain python is
@@ -476,6 +489,16 @@ def setup_distributed(device_name, timeout_min=60.0):
         print(f"distributed: {world} processes, {'nccl' if cuda else 'gloo'}, device {device.type}, "
               f"collective timeout {timeout_min:g} min")
     return dist.get_rank(), world, device
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is true on any (without a process group: flag). Choices that shape the model --
+    the fp8 base -- must be one choice for all ranks, or they would train different models."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return flag
+    vote = torch.tensor(float(flag), device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote > 0)
 
 def ranks_agree(tensors):
     """True when every rank holds the same values: per-tensor float64 sums and abs-sums compared across ranks."""
@@ -504,17 +527,19 @@ def check_reachable(repo, flag, filename):
                         f"cannot be reached ({type(e).__name__}); download it on a connected machine (hf download "
                         f"{repo}) or pass a local folder") from None
 
-def full_run_parts(model):
+def full_run_parts(model, seen=()):
     """(base pipeline, trained transformer/ folder) when `model` is the --out folder of a `train --full` run, which
     holds only transformer/ and the config.json naming its own --model; else (model, None). So a --full run is the
     --model of the next one, and the next run's encoders and feature cache are the base's."""
     p = Path(model)
     if (p / "transformer" / "config.json").is_file() and not (p / "model_index.json").is_file():
         base = read_json(p / "config.json").get("model")
-        if base is None:
-            raise UserError(f"--model {model}: a transformer/ folder without a dopsd.py config.json naming its base "
-                            "model; pass the --out folder of a train --full run, or a diffusers pipeline")
-        return full_run_parts(base)[0], p / "transformer"
+        if base is None or p.resolve() in seen:
+            raise UserError(f"--model {model}: a transformer/ folder without a dopsd.py config.json naming another "
+                            "base model; pass the --out folder of a train --full run, or a diffusers pipeline")
+        if not Path(base).exists() and (p / base).exists():     # recorded relative to where that run was started
+            base = str(p / base)
+        return full_run_parts(base, (*seen, p.resolve()))[0], p / "transformer"
     return model, None
 
 def pipeline_family(model):
@@ -616,7 +641,10 @@ def read_lora_file(path):
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(meta.get("lora_adapter_metadata", "{}"))
-    alpha = info.get("transformer.lora_alpha", info.get("lora_alpha"))
+    peft_cfg = read_json(Path(path).parent / "adapter_config.json")   # peft's save_pretrained keeps alpha there
+    alpha = info.get("transformer.lora_alpha", info.get("lora_alpha", peft_cfg.get("lora_alpha")))
+    if info.get("transformer.use_rslora", info.get("use_rslora", peft_cfg.get("use_rslora"))):
+        raise UserError(f"--init-lora {path}: an rsLoRA (scale alpha/√r); convert it to a plain LoRA first")
     parts = {}
     for key, t in tensors.items():
         m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight|(.+)\.alpha", key)
@@ -1207,6 +1235,8 @@ def check_args(cfg):
              "onto the base model: it needs --method dopsd without --full"),
             (cfg.init_lora and cfg.full, "--init-lora continues a LoRA; to continue a --full run, pass its --out "
              "folder as --model"),
+            (Path(cfg.out).resolve() == Path(cfg.model).resolve(), f"--out {cfg.out} is the --model folder: the run "
+             "would overwrite the weights it reads; choose another --out"),
             (cfg.fp8_base == "on" and cfg.full, "--fp8-base on with --full: the trained weights must stay in bf16 or "
              "fp32; drop --fp8-base (LoRA runs can use it)"),
             (cfg.fp8_base == "on" and cfg.grad_checkpointing == "off", "--fp8-base on with --grad-checkpointing off: "
@@ -1245,7 +1275,8 @@ def files_identity(folder, subfolders=("",)):
     h = hashlib.sha256()
     for sub in subfolders:
         top = Path(folder) / sub
-        for f in sorted(p for p in ([top] if top.is_file() else top.rglob("*")) if p.is_file() and ".cache" not in p.parts):
+        files = [top] if top.is_file() else top.rglob("*")    # (a folder's own .cache: hub download metadata)
+        for f in sorted(p for p in files if p.is_file() and ".cache" not in p.relative_to(folder).parts):
             st = f.stat()
             h.update(f"{f.relative_to(folder)}\0".encode())
             h.update(f.read_bytes() if st.st_size < 1 << 20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
@@ -1276,13 +1307,16 @@ def entry_ok(path, key):
     except Exception:                                 # SafetensorError (truncated, garbage), OSError
         return False
 
-def missing_entries(plan):
-    """[(path, key, job)] for every entry not on disk or not valid; job: ("item", i, variant) or ("prompt", text).
-    A file that exists but is invalid is named in a warning and re-encoded."""
+def all_entries(plan):
+    """[(path, key, job)] of every entry of the plan, in a fixed order; job: ("item", i, variant) or ("prompt", text)."""
     todo = [(p, k, ("item", i, v)) for i, es in enumerate(plan["items"]) for v, (p, k) in enumerate(es)]
-    todo += [(p, k, ("prompt", text)) for text, (p, k) in plan["prompts"].items()]
+    return todo + [(p, k, ("prompt", text)) for text, (p, k) in plan["prompts"].items()]
+
+def missing_entries(plan):
+    """all_entries() not on disk or not valid, each once. A file that exists but is invalid is named in a warning
+    and re-encoded."""
     seen, out = set(), []
-    for p, k, job in todo:
+    for p, k, job in all_entries(plan):
         if p in seen or entry_ok(p, k):
             continue
         if p.exists():
@@ -1299,9 +1333,11 @@ def write_entry(path, key, tensors):
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"dopsd.key": key})
         os.replace(tmp, path)
-    except OSError as e:                              # a full disk: the entries written so far stay valid and reused
-        tmp.unlink(missing_ok=True)
-        raise WriteFailed(f"--cache-dir {path.parent}: cannot write a cache entry ({e.strerror or e}); the entries "
+    except Exception as e:                            # a full disk (OSError; SafetensorError wraps it): the entries
+        tmp.unlink(missing_ok=True)                   # written so far stay valid and are reused
+        if not isinstance(e, OSError) and "I/O error" not in str(e):
+            raise
+        raise WriteFailed(f"--cache-dir {path.parent}: cannot write a cache entry ({io_reason(e)}); the entries "
                           "already written are kept and reused: free space (or pass another --cache-dir) and run the "
                           "same command again") from None
 
@@ -1359,13 +1395,16 @@ def plan_cache(cfg, family, items, prompts, dopsd, dtype, world):
     plan = cache_plan(cfg.cache_dir, family, items, prompts, dopsd, encoders, vlm,
                       cfg.teacher_suffix or KLEIN_TEACHER_SUFFIX, dtype, make_buckets(cfg.resolution))
     todo = missing_entries(plan)
-    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local, local_world = (0, 1) if world == 1 else (int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
     total = sum(map(len, plan["items"])) + len(plan["prompts"])
     print(f"feature cache {cfg.cache_dir}: {total - len(todo)} of {total} entries found, {len(todo)} to encode")
+    # Each rank takes a fixed share of ALL the planned entries and encodes what of it is missing: ranks that scanned
+    # the folder at different moments (one already writing) still leave no entry to nobody.
+    share = {p for i, (p, _, _) in enumerate(all_entries(plan)) if i % local_world == local}
+    mine = [t for t in todo if t[0] in share]
     if world > 1 and todo:
-        print(f"rank {local}: encoding {len(todo[local::local_world])} of the {len(todo)} missing cache entries",
-              file=sys.stderr)
-    return plan, todo[local::local_world]
+        print(f"rank {local}: encoding {len(mine)} of the {len(todo)} missing cache entries", file=sys.stderr)
+    return plan, mine
 
 def fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show):
     """Encode this rank's share of the missing entries with the pipeline's encoders (and, for the Z-Image teacher,
@@ -1386,7 +1425,8 @@ def fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show)
 
 def encode_batch(family, enc, jobs, items, buckets):
     """Tensors for a batch of missing entries of one kind (prompts, or items of one bucket): the text features of all
-    captions in one encoder call (bit-identical to one at a time: every caption is padded to the same length). The
+    captions in one encoder call (bit-identical to one at a time on the CPU, where every caption is padded to the same
+    length; cuBLAS may pick another kernel for another batch size, so on CUDA the last bits may depend on it). The
     VAE encodes one crop at a time: batched convolutions round differently (~1e-6 here), and a fixed-seed run must
     give the same LoRA whatever the batching. The Z-Image VLM runs one turn at a time (the turns differ in length, and
     padding them would move their RoPE positions). Returns [{name: tensor}]."""
@@ -1693,6 +1733,9 @@ def load_run(path, run):
     """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
     ck, cfg = torch.load(path, map_location="cpu", weights_only=True), run.cfg
     check_resume(path, cfg, ck)
+    if ck["config"].get("init_lora") != cfg.init_lora:   # what --preserve-prompts pulls onto: not in the checkpoint
+        raise UserError(f"--resume: --init-lora was {ck['config'].get('init_lora')!r} in {path}, now "
+                        f"{cfg.init_lora!r}; use the same LoRA")
     with torch.no_grad():
         for p, v in zip(run.trainable + run.teacher_params, ck["student"] + ck["teacher"]):
             p.copy_(v)
@@ -1728,7 +1771,10 @@ def train(cfg):
     memo = read_json(cache_dir / "images.json")      # images decoded by an earlier launch: not decoded again
     items = scan_data(cfg.data, cfg.caption, cfg.trigger, memo)      # bad data stops us before any model is loaded
     check_writable(cache_dir, "--cache-dir")
-    write_json(cache_dir / "images.json", memo)
+    try:
+        write_json(cache_dir / "images.json", memo)
+    except OSError as e:                             # only a memo: the next launch decodes the images again
+        print(f"warning: --cache-dir {cache_dir}: cannot write images.json ({io_reason(e)})")
     cfg = replace(cfg, cache_dir=str(cache_dir))
     family = pipeline_family(cfg.model)
     if cfg.init_lora:
@@ -1755,10 +1801,18 @@ def check_init_lora(path, family, rank):
         raise UserError(f"--init-lora {path}: trained for {FAMILIES[trained]['arch']}, but --model is "
                         f"{FAMILIES[family]['arch']}; continue from a LoRA of this model")
     with safe_open(str(file), "pt") as f:
-        ranks = [f.get_slice(k).get_shape()[0] for k in f.keys() if re.search(r"\.(lora_A|lora_down)\b", k)]
+        keys = list(f.keys())
+        ranks = [f.get_slice(k).get_shape()[0] for k in keys if re.search(r"\.(lora_A|lora_down)\b", k)]
     if ranks and max(ranks) > rank:
         raise UserError(f"--init-lora {path}: its rank is {max(ranks)}, above --rank {rank}; pass --rank "
                         f"{max(ranks)} or more")
+    names = {re.sub(r"\.(lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight$|\.alpha$", "", k) for k in keys}
+    for prefix in LORA_PREFIXES:
+        names = {n.removeprefix(prefix) for n in names}
+    foreign = sorted(n for n in names if not re.fullmatch(LORA_TARGETS[family], "x." + n))
+    if foreign:                                       # (LORA_TARGETS expects a dotted parent before the layer name)
+        raise UserError(f"--init-lora {path}: {len(foreign)} of its modules are not ones dopsd.py trains on this model "
+                        f"(first: {foreign[0]}); pass a LoRA in diffusers or ComfyUI keys for this model")
     return file
 
 def train_distributed(cfg, items, family, rank, world, device):
@@ -1813,7 +1867,7 @@ def train_rank(cfg, items, family, rank, world, device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    fp8 = not cfg.full and pick_fp8_base(cfg.fp8_base, device, tr, LORA_TARGETS[family], cfg.rank)  # (--full: trained)
+    fp8 = not cfg.full and any_rank(pick_fp8_base(cfg.fp8_base, device, tr, LORA_TARGETS[family], cfg.rank), device)
     if not fp8:                                      # the LoRA is drawn where it trains, as it always was
         tr.to(device)
     init = read_lora_file(cfg.init_lora) if cfg.init_lora else None
@@ -1856,7 +1910,7 @@ def batch_entries(cache, positions, mine, seed, micro, device):
     idx = [cache["order"][j] for j in positions]
     variants = [0] * len(idx)
     if any(len(cache["files"][i]) > 1 for i in idx):
-        g = torch.Generator().manual_seed((seed << 32) + micro + (1 << 62))
+        g = torch.Generator().manual_seed(((seed << 32) + micro) ^ (1 << 62))   # < 2^64 for every valid seed
         variants = [int(torch.randint(len(cache["files"][i]), (1,), generator=g)) for i in idx]
     return [entry_conds(cache["family"], read_entry(cache["files"][i][v], device))
             for i, v in list(zip(idx, variants))[mine]]
@@ -2123,6 +2177,7 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     te = text_model(pipe.text_encoder).to(device)
     conds = [student_features(family, te, pipe.tokenizer, [p])[0] for p in prompts]
     pipe.text_encoder.to("cpu")                      # the features are made: the DiT gets the device to itself
+    free_device(device)                              # (and mem_get_info sees the encoder's memory as free)
     cell, steps = latent_cell(family, pipe.vae), steps or fam["deploy"]
     h, w = height // cell, width // cell
     preview = SimpleNamespace(sigmas=schedule(family, steps, h, w), noise=[torch.randn(
@@ -2136,6 +2191,8 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     if compare and source[0] == "full":              # the base first: the trained DiT replaces it
         place()
         rows.append(("base", row()))
+        pipe.transformer.to("cpu")                   # off the device before the trained DiT comes (the casting
+        free_device(device)                          # hooks hold reference cycles: only gc frees it)
     label = load_weights(pipe, lora, lora_scale) if lora else "base"
     place()                                          # fp8 after the LoRA is in: its factors stay as loaded
     if compare and source[0] == "lora":              # the same DiT with the LoRA off, on the same noise

@@ -1100,6 +1100,21 @@ def test_a_full_disk_while_caching_is_one_line_and_keeps_the_written_entries(tin
     assert [f.suffix for f in files if f.name != "images.json"] == [".safetensors"]
 
 
+def test_the_encoders_identity_names_their_files_even_inside_a_hub_cache(tmp_path):
+    """files_identity, the model part of every cache key, differs between two models whose text encoders differ, also
+    when both live under a .cache folder as hub snapshots do; a folder's own .cache (download metadata) is ignored."""
+    ids = []
+    for name, width in (("a", 32), ("b", 64)):
+        folder = tmp_path / ".cache" / "huggingface" / "hub" / name
+        (folder / "text_encoder").mkdir(parents=True)
+        (folder / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": width}))
+        ids.append(dopsd.files_identity(folder, ("text_encoder",)))
+        (folder / ".cache").mkdir()
+        (folder / ".cache" / "download.lock").write_text(name)
+        assert dopsd.files_identity(folder, ("text_encoder",)) == ids[-1]
+    assert ids[0] != ids[1]
+
+
 def test_an_unchanged_image_is_not_decoded_again(tiny, tmp_path, monkeypatch):
     """The scan remembers the images it decoded in the cache folder: a second launch reads none of their bytes."""
     memo = {}
