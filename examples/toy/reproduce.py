@@ -323,6 +323,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="shortened run: 1 seed, lengths 5/10, no sweep (for tests)")
     p.add_argument("--work", default=None, help="training runs (default: a temporary folder, deleted at the end)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes of 1 thread each (1: all in this process)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset to re-run (after a change to "
+                   "their code path only); the other methods' rows and LRs are read from --out's results.json, and "
+                   "the grids are left as they are")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     lengths, seeds = ((5, 10), (0,)) if args.quick else (LENGTHS, SEEDS)
@@ -334,7 +337,8 @@ def main(argv=None):
     t0 = time.time()
     data = str(world.write_finetune_set(work / "data"))
     keep = write_keep(work / "keep.txt")
-    methods = {m: [a.replace("{keep}", str(keep)) for a in v] for m, v in METHODS.items()}
+    chosen = args.methods.split(",")
+    methods = {m: [a.replace("{keep}", str(keep)) for a in v] for m, v in METHODS.items() if m in chosen}
     ev = evaluator(data)
     base, base_ims = ev.measure(None)
     teacher = ev.reference["teacher"]
@@ -343,7 +347,7 @@ def main(argv=None):
                      shape_new=shape_t)
     log(f"base: {base}\nteacher (ceiling): {teacher_m}")
     lrs = {m: 3e-4 for m in methods} if args.quick else pick_lrs(methods, data, work, lengths[0], workers)
-    order = ["dopsd-preserve", "dopsd", "dopsd-frozen", "sft"]          # longest first: the workers finish together
+    order = [m for m in ("dopsd-preserve", "dopsd", "dopsd-frozen", "sft") if m in methods]   # longest first
     jobs = [dict(name=m, args=methods[m], lr=lrs[m], seed=s, lengths=lengths, data=data, run=str(work / f"{m}_{s}"),
                  keep_images=s == seeds[0]) for m in order for s in seeds]
     res, grids = {}, {}
@@ -353,8 +357,14 @@ def main(argv=None):
         if "images" in r:
             grids[r["name"]] = r["images"]
     wall = time.time() - t0
+    if len(methods) < len(METHODS):                  # the rows not re-run, as the last full run measured them
+        old = json.loads((out / "results.json").read_text())
+        lrs.update({m: old["lrs"][m] for m in METHODS if m not in methods})
+        res.update({(k.split("@")[0], int(k.split("@")[1])): v for k, v in old["runs"].items()
+                    if k.split("@")[0] not in methods})
     report(out, lrs, lengths, seeds, base, teacher_m, res, wall, workers)
-    save_grids(out, base_ims, teacher, {m: grids[m] for m in METHODS})
+    if len(methods) == len(METHODS):
+        save_grids(out, base_ims, teacher, {m: grids[m] for m in METHODS})
     if args.work is None:
         shutil.rmtree(work)
     log(f"done in {wall / 60:.1f} min: {out / 'results.md'}, grids in {out}")
