@@ -119,7 +119,7 @@ class TrainConfig:
                                  "them; a second roll-out, 1.9x the step time in the bench; the logged loss adds "
                                  "--preserve-weight × its loss")
     preserve_weight: float = knob(1.0, "weight of the --preserve-prompts roll-out's loss")
-    resume: bool = knob(False, "continue from --out/checkpoint.pt")
+    resume: bool = knob(False, "continue from --out's checkpoint (checkpoint.pt; checkpoint/ for --full)")
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
                              choices=["auto", "triton", "torch"])
 
@@ -499,6 +499,11 @@ def any_rank(flag, device):
     vote = torch.tensor(float(flag), device=device)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX)
     return bool(vote > 0)
+
+def init_mesh(device, world):
+    """The 1-D device mesh FSDP2 shards over: every rank of the job, on its own device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (world,))
 
 def ranks_agree(tensors):
     """True when every rank holds the same values: per-tensor float64 sums and abs-sums compared across ranks."""
@@ -1201,8 +1206,9 @@ def read_prompts(flags, file, trigger=None):
 
 def check_args(cfg):
     """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
-    ckpt, counts = Path(cfg.out) / "checkpoint.pt", {k: getattr(cfg, k) for k in (
+    ckpt, counts = find_checkpoint(cfg.out, cfg.full), {k: getattr(cfg, k) for k in (
         "rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
+    other = find_checkpoint(cfg.out, not cfg.full)   # a LoRA run's file, or a --full run's folder
     check_out_path(cfg.out, "--out", folder=True)
     check_device(cfg.device)
     # The numbers' ranges; `not lo < x < hi` also refuses nan. inf: an lr of inf is no step size, and a timeout of inf
@@ -1226,8 +1232,8 @@ def check_args(cfg):
             (cfg.loss_steps is not None and cfg.method != "dopsd", "--loss-steps chooses roll-out states: it needs "
              "--method dopsd"),
             (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
-            (cfg.resume and not ckpt.is_file(), f"--resume: no checkpoint at {ckpt}; start without --resume"),
-            (not cfg.resume and ckpt.is_file(), f"--out {cfg.out} already holds a run; pass --resume to continue it "
+            (cfg.resume and not (ckpt or other), f"--resume: no checkpoint in {cfg.out}; start without --resume"),
+            (not cfg.resume and (ckpt or other), f"--out {cfg.out} already holds a run; pass --resume to continue it "
              "or choose another --out"),
             *((f and not Path(f).is_file(), f"--{flag} {f}: file not found; pass a text file with one prompt a line")
               for flag, f in (("sample-prompts", cfg.sample_prompts), ("preserve-prompts", cfg.preserve_prompts))),
@@ -1246,7 +1252,10 @@ def check_args(cfg):
         if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
             raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
     if cfg.resume:
-        check_resume(ckpt, cfg)
+        check_resume(ckpt or other, cfg)             # the other kind: says which flag differs
+        if not ckpt:                                 # a --full checkpoint.pt of dopsd.py before checkpoint/ folders
+            raise UserError(f"--resume: {other} was written by an older dopsd.py; train into a new --out with "
+                            f"--model {other.parent} if it holds transformer/")
 
 # --------------------------------------------------------------------------------------------------------------------
 # feature cache
@@ -1474,15 +1483,21 @@ def encode_missing(family, enc, todo, items, buckets, show=True):
                     write_entry(p, k, tensors)
                 bar.update(len(chunk))
 
-def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast, init=None, anchor=False):
+def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast, init=None, anchor=False, mesh=None,
+                 compute_dtype=torch.float32):
     """The two roles on one DiT -> (student, teacher, trainable, teacher_params); student: (model, x, σ, cond) -> u,
     teacher: (x, σ, cond, adapter="teacher") -> u. LoRA: adapters "student" and "teacher" (an exact copy at first),
     both set to `init` (read_lora_file's factors) if given. anchor: a third, frozen adapter "anchor" holding `init`,
     the model the run started from, for --preserve-prompts to pull onto (fusing it into the base instead would change
     the teacher's base as well, and cannot work on an fp8 base). --full: the DiT itself is the student, and a frozen
-    fp32 deep copy the EMA teacher (in bf16 its 1e-4 EMA increments would round away)."""
+    fp32 deep copy the EMA teacher (in bf16 its 1e-4 EMA increments would round away). mesh (--full under torchrun):
+    both are sharded with FSDP2 over it, the lists then hold this rank's shards (DTensors)."""
     if full:
-        teacher_model = copy.deepcopy(tr).eval() if dopsd else None
+        if mesh is not None:                         # parameters are replaced by shards: the lists come after this
+            shard_dit(tr.requires_grad_(True), mesh, compute_dtype)
+            teacher_model = sharded_copy(tr, mesh, compute_dtype) if dopsd else None
+        else:
+            teacher_model = copy.deepcopy(tr).eval() if dopsd else None
         layers = None                                # no LoRA layers: use_adapter does nothing
         trainable = list(tr.requires_grad_(True).parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
@@ -1514,6 +1529,49 @@ def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast, init=None
         use_adapter(layers, "student")
         return u
     return student, teacher, trainable, teacher_params
+
+# --------------------------------------------------------------------------------------------------------------------
+# --full under torchrun: FSDP2
+# DDP would replicate the fp32 DiT, its fp32 EMA copy, gradients and AdamW's two moments on every GPU (~22 bytes a
+# parameter: 129 GiB for Z-Image-Turbo). FSDP2 (torch's fully_shard) keeps 1/N of each on each rank and gathers one
+# block at a time for compute. Ranks must then run the same forwards in the same order: the grids are drawn by all of
+# them, and checkpoints and transformer/ are written by all of them (torch.distributed.checkpoint, one tensor at a time).
+
+def shard_dit(tr, mesh, compute_dtype):
+    """FSDP2 over `mesh`, in place: each repeated transformer block is one unit, the root (embedders, final layer)
+    one more, so beside its shards a rank holds at most one block's gathered weights (and the root's). Dtypes: the
+    shards stay fp32 (AdamW and the EMA update them in place; in bf16 a 1e-4 EMA step would round away); the gathered
+    copy is `compute_dtype` (bf16 on GPU: what autocast casts each weight to anyway, at half the all-gather); gradients
+    are reduce-scattered in fp32 (a bf16 mean over 8 ranks would drop the low bits of every gradient).
+    cast_forward_inputs=False: autocast chooses the activations' dtypes as in a one-GPU run (the policy's cast would
+    turn Z-Image's fp32 timestep into bf16). The root reshards after every forward too: left gathered after a no_grad
+    forward (the teacher, a grid), it would keep stale copies that miss the next optimizer or EMA step."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                              reduce_dtype=torch.float32, cast_forward_inputs=False)
+    blocks = [m for m in tr.modules() if type(m).__name__ in tr._repeated_blocks]   # before sharding renames them
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    return fully_shard(tr, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+
+def sharded_copy(tr, mesh, compute_dtype):
+    """A frozen copy of the sharded DiT `tr`, sharded alike: built on the meta device (no memory), given storage for
+    its shards only, then filled shard by shard from tr's. No rank ever holds a second full model (copy.deepcopy of
+    the unsharded DiT would cost every rank 4 bytes a parameter of host RAM; a sharded module cannot be copied)."""
+    dit_class = next(c for c in type(tr).__mro__ if c.__name__ in DIT_FAMILY)      # FSDP<Name> -> Name
+    with torch.device("meta"):
+        twin = dit_class.from_config(tr.config).requires_grad_(False).eval()
+    shard_dit(twin, mesh, compute_dtype).to_empty(device=mesh.device_type)
+    with torch.no_grad():                            # in place: FSDP gathers from the shards' own storage
+        for t, s in zip(twin.parameters(), tr.parameters(), strict=True):
+            t.to_local().copy_(s.to_local())
+        for t, s in zip(twin.buffers(), tr.buffers(), strict=True):
+            t.copy_(s)
+    return twin
+
+def local_shard(t):
+    """The part of t this rank holds: a DTensor's local shard, or t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 def wrap_ddp(tr, device):
     """PyTorch's own DDP, which averages the student's gradients across ranks in backward. The frozen weights skip its
@@ -1568,13 +1626,18 @@ def save_image(im, path):
         raise
 
 def sample_grid(run):
-    """Rank 0: the base, student and (D-OPSD) teacher rows on the fixed noise -> samples/step_NNNNNN.png, and the loss
-    curve so far -> loss.png. The teacher has an image only for the training columns."""
+    """The base, student and (D-OPSD) teacher rows on the fixed noise -> samples/step_NNNNNN.png, and the loss curve so
+    far -> loss.png, by rank 0. The teacher has an image only for the training columns. A sharded DiT needs every rank
+    in its forwards: they all draw the same grid (same noise, same prompts), rank 0 writes it."""
+    if run.rank > 0 and not run.sharded:
+        return
     p = run.preview
     row = lambda v, conds: draw_row(v, conds, p, FAMILIES[run.family]["decode"], run.vae, run.autocast)
     rows = [("base", p.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c), p.cond_s))]
     if run.cfg.method == "dopsd":
         rows.append(("teacher+image", row(run.teacher, p.cond_t)))
+    if run.rank > 0:
+        return
     try:                                             # a grid is worth no run: a full disk warns here, and the
         save_grid(rows, p.captions, run.out / "samples" / f"step_{run.step:06d}.png")    # next save stops the run
         save_loss_curve(run.out / "log.jsonl", run.out / "loss.png")
@@ -1620,9 +1683,11 @@ def io_reason(e):
     return getattr(e, "strerror", None) or (m.group(1) if m else (str(e).splitlines() or [type(e).__name__])[0])
 
 def save_run(run):
-    """checkpoint.pt (everything --resume needs) and the deliverable (the LoRA, or transformer/ for --full), both
-    atomic, by rank 0 once every rank has checked that all hold the same weights. Non-finite weights are never written."""
-    import torch.distributed as dist
+    """checkpoint.pt (everything --resume needs) and the LoRA, both atomic, by rank 0 once every rank has checked
+    that all hold the same weights. Non-finite weights are never written. --full: save_full_run (sharded ranks hold
+    different parts, so there is nothing for ranks_agree to compare; FSDP2's collectives keep them one model)."""
+    if run.cfg.full:
+        return save_full_run(run)
     if run.world > 1 and not ranks_agree(run.trainable + run.teacher_params):
         raise RuntimeError("ranks hold different weights: distributed training went out of sync")
     if run.rank == 0 and run.world > 1:
@@ -1633,12 +1698,18 @@ def save_run(run):
             write_run(run)
         except WriteFailed as e:
             failed = e
-    if run.world > 1:                                # the other ranks wait for rank 0's write, and hear if it failed
+    raise_on_every_rank(failed, run)
+
+def raise_on_every_rank(failed, run):
+    """Raise `failed` (a WriteFailed or None) on every rank if any rank failed: the others wait for the write and must
+    not train on alone. A rank that did not fail itself raises a line that points at the one that did."""
+    if run.world > 1:
+        import torch.distributed as dist
         flag = torch.tensor(float(failed is not None), device=run.device)
         dist.all_reduce(flag)
         if flag.item() and not failed:
-            failed = WriteFailed(f"rank 0 could not write the run's files in {run.out} (its message says why and "
-                                 "what is intact)")
+            failed = WriteFailed(f"another rank could not write the run's files in {run.out} (rank 0's message says "
+                                 "why and what is intact)")
     if failed:
         raise failed
 
@@ -1652,6 +1723,7 @@ def write_run(run):
     # A write that fails (a full disk) leaves the previous file in place and no partial one: one line, exit 1.
     try:
         atomic_torch_save({"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
+                           "world_size": run.world,
                            "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
                            "teacher": [p.detach().cpu() for p in run.teacher_params]}, ckpt)
     except OSError as e:
@@ -1661,19 +1733,8 @@ def write_run(run):
             "continue with --resume" if ckpt.is_file() else "no checkpoint had been saved yet: free space and train "
             "again")) from None
     run.saved_step = run.step
-    deliverable = out / ("transformer" if run.cfg.full else "pytorch_lora_weights.safetensors")
+    deliverable = out / "pytorch_lora_weights.safetensors"
     try:
-        if run.cfg.full:                             # write beside, swap in, then delete the old folder
-            try:
-                tr.save_pretrained(out / "transformer.tmp")
-            except BaseException:
-                shutil.rmtree(out / "transformer.tmp", ignore_errors=True)
-                raise
-            if (out / "transformer").exists():
-                os.replace(out / "transformer", out / "transformer.old")
-            os.replace(out / "transformer.tmp", out / "transformer")
-            shutil.rmtree(out / "transformer.old", ignore_errors=True)
-            return
         save_lora(tr, run.pipe_cls, "student", LORA_TARGETS[run.family], deliverable,
                   lora_card(run.cfg, run.family, run.step))
     except (OSError, SafetensorError) as e:
@@ -1681,6 +1742,131 @@ def write_run(run):
                           f"{run.step}) is written" + (f" and the previous {deliverable.name} is intact" if
                           deliverable.exists() else "") + f": free space, then run again with --resume to write "
                           f"{deliverable.name}") from None
+
+def save_full_run(run):
+    """--full: checkpoint/ (torch.distributed.checkpoint: each rank writes its own shards) and transformer/ (gathered
+    one tensor at a time); every rank takes part in both. Each is written beside its previous version and swapped in,
+    so a crash or a killed rank mid-save leaves the previous one loadable. Non-finite weights are never written."""
+    ckpt = Path(run.out) / "checkpoint"
+    finite = torch.tensor(float(all(bool(torch.isfinite(local_shard(p)).all()) for p in run.trainable)),
+                          device=run.device)         # this rank's shards; then all ranks' (MIN)
+    if run.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
+        return
+    raise_on_every_rank(write_full_checkpoint(run, ckpt), run)
+    run.saved_step = run.step
+    failed = export_dit(run.tr, run.out / "transformer", run.rank)
+    raise_on_every_rank(failed and WriteFailed(
+        f"could not write {run.out / 'transformer'} at step {run.step} ({io_reason(failed)}); {ckpt} (step "
+        f"{run.step}) is written: free space, then run again with --resume to write transformer/"), run)
+
+def full_state(run):
+    """What a --full checkpoint holds, as the live tensors (dcp.load fills them in place): the student's and the EMA
+    teacher's weights by parameter name, and AdamW's state keyed by parameter name too (torch's own mapping, the same
+    sharded or not): so N ranks' shards load into any other number of ranks, or one process."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    names = [n for n, _ in run.tr.named_parameters()]
+    state = {"student": {n: p.detach() for n, p in zip(names, run.trainable, strict=True)},
+             "optimizer": get_optimizer_state_dict(run.tr, run.opt)}
+    if run.teacher_params:
+        state["teacher"] = {n: p.detach() for n, p in zip(names, run.teacher_params, strict=True)}
+    return state
+
+def write_full_checkpoint(run, path):
+    """Every rank writes its shards into a fresh path.tmp/; rank 0 then adds meta.json (step, config: the folder is
+    complete once it is there) and swaps the folder in. Returns None or the WriteFailed to raise on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    tmp = path.with_name(path.name + ".tmp")
+    if run.rank == 0:                                # torch's writer expects an empty folder (it overwrites in place)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if run.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    try:
+        with warnings.catch_warnings():              # one process: torch warns that it saves without a group
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+            dcp.save(full_state(run), checkpoint_id=str(tmp))   # returns on every rank once all shards are written
+        if run.rank == 0:
+            write_json(tmp / "meta.json", {"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
+                                           "world_size": run.world})
+            swap_in(tmp, path)
+    except (OSError, CheckpointException) as e:
+        saved = getattr(run, "saved_step", None)
+        return WriteFailed(f"could not write {path} at step {run.step} ({io_reason(e)}); " + (
+            f"the previous checkpoint{f' (step {saved})' if saved else ''} there is intact: free space, then "
+            "continue with --resume" if (path / "meta.json").is_file() else "no checkpoint had been saved yet: free "
+            "space and train again"))
+    return None
+
+def swap_in(new, path):
+    """Replace the folder `path` by `new`: the old one goes aside first and is deleted last. A crash between the two
+    renames leaves path.old/ complete (find_checkpoint looks there)."""
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+def export_dit(tr, folder, rank, file_bytes=2 * 2**30):
+    """The DiT in save_pretrained's format (config.json; safetensors files of at most file_bytes, with diffusers'
+    names and index), written by rank 0 into folder.tmp and swapped in. Sharded, each tensor is gathered in turn (a
+    collective: every rank calls this) and the other ranks drop it at once: none holds more than one full tensor
+    beside its shards, rank 0 at most one file's worth. Returns None, or the OSError that stopped rank 0's writing."""
+    from safetensors.torch import save_file
+    state, files = tr.state_dict(), [[]]             # FSDP2: DTensors (its state_dict hook reshards first)
+    size = 0
+    for k, v in state.items():                       # the file layout, from the global shapes
+        if files[-1] and size + v.numel() * v.element_size() > file_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(k)
+        size += v.numel() * v.element_size()
+    names = ["diffusion_pytorch_model.safetensors"] if len(files) == 1 else [
+        f"diffusion_pytorch_model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    tmp, failed = folder.with_name(folder.name + ".tmp"), None
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, keys in zip(names, files):
+        part = {}
+        for k in keys:
+            v = state[k].full_tensor() if hasattr(state[k], "full_tensor") else state[k]
+            if rank == 0:
+                part[k] = v.detach().to("cpu").contiguous()
+        if rank == 0 and not failed:
+            try:
+                tmp.mkdir(parents=True, exist_ok=True)
+                save_file(part, tmp / name, metadata={"format": "pt"})
+            except OSError as e:
+                failed = e
+        del part
+    if rank == 0:
+        failed = failed or finish_export(tr, tmp, folder, dict(zip(names, files)), state)
+        if failed:                                   # the previous transformer/ stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+    return failed
+
+def finish_export(tr, tmp, folder, files, state):
+    """config.json (with the DiT's own class name: a sharded module's class is FSDP<Name>) and, for several files,
+    diffusers' index; then the folder is swapped in. Returns None or the OSError."""
+    try:
+        config = json.loads(tr.to_json_string())
+        config["_class_name"] = next(c for c in type(tr).__mro__ if c.__name__ in DIT_FAMILY).__name__
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if len(files) > 1:
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": {k: f for f, ks in files.items() for k in ks}},
+                indent=2))
+        swap_in(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return e
+    return None
 
 def save_lora(transformer, pipe_cls, adapter, target_regex, path, card):
     """One adapter as a diffusers LoRA file that every loader applies at its trained strength. diffusers scales B·A by
@@ -1717,17 +1903,53 @@ def lora_card(cfg, family, step):
 
 def check_resume(path, cfg, ck=None):
     """Refuse a --resume whose setup differs from the checkpoint's. check_args calls it before anything loads, with
-    mmap=True: that reads the pickled dict and maps the tensors without reading them (--full's checkpoint: ~130 GB)."""
+    mmap=True: that reads the pickled dict and maps the tensors without reading them. Another number of ranks is
+    fine when the global batch (--batch-size × ranks) is the same: the run then sees the batches it would have."""
     try:
-        ck = ck or torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        was = ck["config"]
+        if Path(path).is_dir():                      # a --full run's checkpoint/ folder
+            ck = json.loads((Path(path) / "meta.json").read_text())
+        else:
+            ck = ck or torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        was, was_world = ck["config"], ck.get("world_size")     # (older checkpoint.pt files: no world_size)
     except Exception as e:                           # torch.load raises one of several types on a damaged file
         raise UserError(f"--resume: cannot read {path} ({type(e).__name__}); it is damaged or not a dopsd.py "
                         "checkpoint: train into a new --out") from None
-    for k in ("model", "method", "rank", "alpha", "full", "batch_size", "grad_accum", "seed", "rollout_steps"):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if was_world and was["batch_size"] * was_world != cfg.batch_size * world:
+        fix = f"--batch-size {was['batch_size'] * was_world // world}" if was["batch_size"] * was_world % world == 0 \
+            else f"{was_world} ranks"
+        raise UserError(f"--resume: the global batch was --batch-size {was['batch_size']} × {was_world} rank(s) in "
+                        f"{path}, now {cfg.batch_size} × {world}; pass {fix} for the same global batch")
+    for k in ("model", "method", "rank", "alpha", "full", "grad_accum", "seed", "rollout_steps") + (
+            () if was_world else ("batch_size",)):
         if was[k] != getattr(cfg, k):
             raise UserError(f"--resume: --{k.replace('_', '-')} was {was[k]!r} in {path}, now {getattr(cfg, k)!r}; "
                             "use the same value")
+
+def find_checkpoint(out, full):
+    """The run's checkpoint in `out`, or None: checkpoint.pt for LoRA runs (one small file from rank 0); for --full
+    the folder checkpoint/ of torch.distributed.checkpoint shards (~16 bytes a parameter in all, every rank writing its
+    own), or checkpoint.old/ when a save died between its two renames (swap_in)."""
+    if not full:
+        return Path(out) / "checkpoint.pt" if (Path(out) / "checkpoint.pt").is_file() else None
+    return next((p for p in (Path(out) / "checkpoint", Path(out) / "checkpoint.old") if (p / "meta.json").is_file()),
+                None)
+
+def load_full_run(path, run):
+    """--full: restore the student, the EMA teacher, AdamW and the step counters from the checkpoint/ folder, whatever
+    number of ranks wrote it: each rank reads the parts of the saved shards that overlap its own."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    check_resume(path, run.cfg)
+    meta, state = json.loads((path / "meta.json").read_text()), full_state(run)
+    with warnings.catch_warnings():                  # one process: torch warns that it loads without a group
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(run.tr, run.opt, state["optimizer"])
+    for group in run.opt.param_groups:               # --lr (logged) wins over the saved one
+        group["lr"] = run.cfg.lr
+    run.step, run.nonfinite = meta["step"], meta["nonfinite"]
+    print(f"resumed from {path} at step {run.step} (written by {meta['world_size']} rank(s))")
 
 def load_run(path, run):
     """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
@@ -1868,19 +2090,24 @@ def train_rank(cfg, items, family, rank, world, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     fp8 = not cfg.full and any_rank(pick_fp8_base(cfg.fp8_base, device, tr, LORA_TARGETS[family], cfg.rank), device)
-    if not fp8:                                      # the LoRA is drawn where it trains, as it always was
-        tr.to(device)
+    sharded = cfg.full and world > 1                 # FSDP2; LoRA runs keep DDP (the adapters are small)
+    if not (fp8 or sharded):                         # the LoRA is drawn where it trains, as it always was; FSDP2
+        tr.to(device)                                # moves each block to the device as it shards it
     init = read_lora_file(cfg.init_lora) if cfg.init_lora else None
+    mesh = init_mesh(device, world) if sharded else None
+    if sharded:
+        print(f"sharded: FSDP2 over {world} ranks (the DiT, its EMA teacher, gradients and AdamW: 1/{world} each)")
     student, teacher, trainable, teacher_params = attach_roles(tr.requires_grad_(False), family, dopsd, cfg.full,
                                                                cfg.rank, cfg.alpha, cfg.seed, autocast, init,
-                                                               anchor=bool(init and preserve))
+                                                               anchor=bool(init and preserve), mesh=mesh,
+                                                               compute_dtype=dtype)
     if fp8:                                          # after the adapters: they stay fp32 (see store_base_in_fp8)
         store_base_in_fp8(tr, dtype)
         tr.to(device)
     if checkpointing or fp8:
         tr.enable_gradient_checkpointing()           # recompute activations in backward: memory for compute
     cache = loop_cache(plan, items, preserve, family, cfg.resolution)
-    preview = make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, rank == 0)
+    preview = make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, rank == 0 or sharded)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
     run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out,
@@ -1888,10 +2115,11 @@ def train_rank(cfg, items, family, rank, world, device):
                           cache=cache, tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
                           preview=preview, student=student, teacher=teacher, trainable=trainable,
                           teacher_params=teacher_params, opt=opt, step=0, nonfinite=0, trained_states=[],
-                          anchor="anchor" if init and preserve else None)   # what --preserve-prompts pulls onto
+                          anchor="anchor" if init and preserve else None,   # what --preserve-prompts pulls onto
+                          sharded=sharded, ddp=world > 1 and not sharded)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
-        load_run(out / "checkpoint.pt", run)
-    run.model = wrap_ddp(tr, device) if world > 1 else tr
+        (load_full_run if cfg.full else load_run)(find_checkpoint(out, cfg.full), run)
+    run.model = wrap_ddp(tr, device) if run.ddp else tr
     return train_loop(run)
 
 def loop_cache(plan, items, preserve, family, resolution):
@@ -1960,7 +2188,7 @@ def micro_step(run, micro):
 
     def student_x(x, s, c=cs):                       # the student on this batch's captions, or on c
         calls[0] += torch.is_grad_enabled()          # count the forwards that will have a backward
-        if run.world > 1:
+        if run.ddp:                                  # (FSDP2 reduce-scatters every backward into 1/N shards)
             run.model.require_backward_grad_sync = last and calls[0] == backwards
         return run.student(run.model, x, s, c)
     if cfg.method == "dopsd":
@@ -2007,7 +2235,7 @@ def train_loop(run):
                 if not skipped:                                      # else: drop this gradient, keep the weights
                     opt.step()
                     ema_update(run.teacher_params, run.trainable, cfg.ema_decay)
-                opt.zero_grad(set_to_none=run.world == 1)     # under DDP .grad are views into its buckets: keep them
+                opt.zero_grad(set_to_none=not run.ddp)        # under DDP .grad are views into its buckets: keep them
                 streak = streak + 1 if skipped else 0
                 run.step, run.nonfinite = run.step + 1, run.nonfinite + skipped
                 log_step(log, bar, run, loss, gnorm, time.perf_counter() - t0, skipped)
@@ -2015,7 +2243,7 @@ def train_loop(run):
                 # the sync, or one rank would save (a collective) while the others went on to the next step.
                 stop = stop or (run.world == 1 and ctrl_c.requested)
                 ended = stop or streak >= MAX_NONFINITE_STREAK        # either way: save once, below
-                if cfg.sample_every and run.step % cfg.sample_every == 0 and run.rank == 0 and not ended:
+                if cfg.sample_every and run.step % cfg.sample_every == 0 and not ended:
                     sample_grid(run)
                 if cfg.save_every and run.step % cfg.save_every == 0 and not ended:
                     save_run(run)
@@ -2023,8 +2251,7 @@ def train_loop(run):
             if stop and streak < MAX_NONFINITE_STREAK:
                 print(f"interrupted: checkpoint saved at step {run.step}; continue with --resume", file=sys.stderr)
                 return 130
-            if run.rank == 0:
-                sample_grid(run)
+            sample_grid(run)
     except KeyboardInterrupt:
         print("\nstopped: nothing saved since the last checkpoint", file=sys.stderr)
         if run.world > 1:
@@ -2034,7 +2261,8 @@ def train_loop(run):
         print(f"error: the loss was not finite for {streak} steps in a row (up to step {run.step}); lower --lr, or "
               "check the data; the last finite weights are saved", file=sys.stderr)
         return 1
-    print(f"done: {run.step} steps, {run.nonfinite} skipped. LoRA: {run.out / 'pytorch_lora_weights.safetensors'}; "
+    made = run.out / ("transformer" if run.cfg.full else "pytorch_lora_weights.safetensors")
+    print(f"done: {run.step} steps, {run.nonfinite} skipped. {'DiT' if run.cfg.full else 'LoRA'}: {made}; "
           f"grid: {run.out / 'samples' / f'step_{run.step:06d}.png'} (the student row should take on the data's look "
           f"and stay sharp at {FAMILIES[run.family]['deploy']} steps, like the base row above it)"
           + (f"; loss: {run.out / 'loss.png'}" if (run.out / "loss.png").is_file() else ""))

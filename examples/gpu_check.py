@@ -48,6 +48,8 @@ The rows (each: PASS / FAIL / SKIP, the measured figure, the goal; a FAIL or SKI
   2 GPUs: cuda:1        (>= 2 GPUs) one step with --device cuda:1: its loss with the Triton kernel equals the loss with
                         --loss-backend torch (rel. 1e-3): the kernel runs on the tensors' GPU, not on GPU 0.
   2 GPUs: nccl          (>= 2 GPUs) torchrun --nproc_per_node 2, 2 steps: exit 0 and "ranks in sync: 2 ranks".
+  2 GPUs: nccl --full   (>= 2 GPUs) the mid-size Z-Image DiT, --full sharded with FSDP2 over 2 ranks, 2 steps: exit 0,
+                        and each rank's peak of allocated memory against memory_plan's --world-size 2 plan (0.7..1.3).
 In --cpu mode the CUDA-only rows SKIP, and --precision bf16 means bf16 weights under CPU autocast.
 
 The GPU machine of this workplace (Python 3.12, torch 2.11 + triton 3.6, other transformers / peft, no diffusers, no
@@ -698,6 +700,46 @@ def check_nccl(ctx):
     return result(code == 0 and synced, f"exit {code}, {'in sync' if synced else 'no sync line'}", why)
 
 
+PEAK_WRAPPER = """import os, runpy, sys, torch
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:   # this rank's peak, for gpu_check's '2 GPUs: nccl --full' row
+    with open(os.environ["DOPSD_PEAK_FILE"] + os.environ["RANK"], "w") as f:
+        f.write(str(torch.cuda.max_memory_allocated()))
+"""
+
+
+def check_nccl_full(ctx):
+    """torchrun --nproc_per_node 2 dopsd.py train --full on the mid-size Z-Image DiT (FSDP2): both ranks finish, and
+    each rank's peak of allocated memory against memory_plan's plan for --full over 2 GPUs."""
+    need_two_gpus(ctx)
+    (model, data), m = ctx.mid("zimage"), ctx.models()
+    wrapper, peaks = ctx.work / "peak_wrapper.py", ctx.work / "nccl_full_peak"
+    wrapper.write_text(PEAK_WRAPPER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+           str(ROOT / "dopsd.py"), *train_argv(model, m["vlm"], data, ctx.work / "nccl_full", ctx.mid_res,
+                                               ctx.device.type, max_steps=2, extra=["--full"])]
+    soak = load_example("ddp_soak.py")
+    os.environ["DOPSD_PEAK_FILE"] = str(peaks)
+    code, out, err, _ = soak.finish(soak.start(cmd), NCCL_TIMEOUT_S)
+    print(out[-2000:], err[-2000:])
+    if code is None:
+        raise RuntimeError(f"torchrun did not finish in {NCCL_TIMEOUT_S} s (it and its ranks were killed)")
+    plan = load_example("memory_plan.py").memory_plan(
+        str(model), str(m["vlm"]), method="dopsd", full=True, resolution=ctx.mid_res, batch_size=1,
+        n_images=N_IMAGES, rollout_steps=2, grad_checkpointing=True, world_size=2)
+    planned = max(plan["peak_training"], plan["peak_caching"])
+    measured = [int(Path(f"{peaks}{r}").read_text()) for r in range(2) if Path(f"{peaks}{r}").is_file()]
+    ratio = max(measured, default=0) / planned
+    sharded = "sharded: FSDP2 over 2 ranks" in out
+    ok = code == 0 and sharded and len(measured) == 2 and MEMORY_BAND[0] <= ratio <= MEMORY_BAND[1]
+    why = "" if code == 0 else (err.strip().splitlines() or [""])[-1][:200]
+    return result(ok, f"exit {code}, peak / plan {ratio:.2f} ({max(measured, default=0) / 2**30:.2f} / "
+                  f"{planned / 2**30:.2f} GiB)", why or ("" if sharded else "no 'sharded: FSDP2' line"),
+                  measured=measured, plan=planned)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the libraries, the list of rows, CLI
 
@@ -737,7 +779,8 @@ def checks(ctx):
     for f in ("zimage", "klein"):
         rows.append((f"sample {f}", f"<= max({GREY_GOAL}, 2 x floor) grey levels", lambda f=f: check_sample(ctx, f)))
     rows += [("2 GPUs: cuda:1", f"loss triton = torch (rel. {CUDA1_RTOL:g})", lambda: check_cuda1(ctx)),
-             ("2 GPUs: nccl", 'exit 0, "ranks in sync: 2 ranks"', lambda: check_nccl(ctx))]
+             ("2 GPUs: nccl", 'exit 0, "ranks in sync: 2 ranks"', lambda: check_nccl(ctx)),
+             ("2 GPUs: nccl --full", f"exit 0; per-rank peak {band} (2 GPUs)", lambda: check_nccl_full(ctx))]
     return rows
 
 

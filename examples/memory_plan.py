@@ -122,8 +122,9 @@ def _dit(model, family, full, dtype):
     import diffusers
     dit = _meta(*diffusers.DiffusionPipeline.load_config(model)["transformer"], model, "transformer")
     n = dict(config=dict(dit.config), dit=count(dit))
-    if full:
-        return {**n, "trainable": n["dit"]}
+    if full:                                                # FSDP2's units: each repeated block, then the root
+        blocks = [count(b) for b in dit.modules() if type(b).__name__ in dit._repeated_blocks]
+        return {**n, "trainable": n["dit"], "block": max(blocks), "root": n["dit"] - sum(blocks)}
     for p in dit.parameters():                              # load_pipeline's dtype (on meta: the label only)
         p.data = p.data.to(dtype)
     with torch.device("meta"):
@@ -143,11 +144,14 @@ def _dit(model, family, full, dtype):
 
 
 def memory_plan(model, vlm=None, family=None, method="dopsd", full=False, rank=64, resolution=1024, batch_size=1,
-                n_images=1, rollout_steps=4, dtype=torch.bfloat16, grad_checkpointing=True, base_precision="bf16"):
+                n_images=1, rollout_steps=4, dtype=torch.bfloat16, grad_checkpointing=True, base_precision="bf16",
+                world_size=1):
     """Bytes of a CUDA run of `train`, from config files only: {row: bytes}, plus "params", "host" and "setup" dicts.
     GPU: peak_caching (first run: the encoders fill the cache) and peak_training; host RAM: host_peak; disk: the
     feature cache (entry_disk per entry, disk for n_images images, one caption each). base_precision: "bf16" = the
-    frozen DiT as loaded (dtype), "fp8" = stored in float8 e4m3 (dopsd.py --fp8-base on).
+    frozen DiT as loaded (dtype), "fp8" = stored in float8 e4m3 (dopsd.py --fp8-base on). world_size: GPUs under
+    torchrun; --full is then sharded with FSDP2 (dopsd.shard_dit) and the GPU rows are per GPU; a LoRA run uses DDP,
+    which replicates everything (the same per GPU as one GPU).
 
     model, vlm: local folders or hub ids; only model_index.json and each component's config.json are read."""
     family = dopsd.pipeline_family(model) if family is None else family   # refuses unsupported pipelines early
@@ -173,11 +177,17 @@ def memory_plan(model, vlm=None, family=None, method="dopsd", full=False, rank=6
     act = {gc: batch_size * dit_activations(family, d["config"], S, L, rank, full, gc) for gc in (True, False)}
     encode = min(dopsd.ENCODE_BATCH, n_images)              # entries encoded per encoder call
     lora = 4 * n["trainable"] * (1 + distill)               # fp32 student (+ teacher) factors
-    plan = {"dit": 4 * n["dit"] if full else d["fp8_bytes"] if fp8 else d["bytes"],
+    N = world_size if full else 1                           # the DiT-sized rows are split N ways by FSDP2
+    plan = {"dit": 4 * n["dit"] // N if full else d["fp8_bytes"] if fp8 else d["bytes"],
             "text_encoder": n["text_encoder"] * e, "vlm": n["vlm"] * e, "vae": n["vae"] * e,
-            "adapters": 4 * n["dit"] * distill if full else lora,   # fp32 EMA DiT or the LoRA factors
-            "gradients": 4 * n["trainable"], "optimizer": 8 * n["trainable"],
-            "autocast_copies": e * n["trainable"],          # autocast's cached bf16 copies of the trainable weights
+            "adapters": 4 * n["dit"] * distill // N if full else lora,   # fp32 EMA DiT or the LoRA factors
+            "gradients": 4 * n["trainable"] // N, "optimizer": 8 * n["trainable"] // N,
+            # autocast's cached bf16 copies of the trainable weights; sharded, FSDP2 gathers them in bf16 already
+            "autocast_copies": 0 if N > 1 else e * n["trainable"],
+            # FSDP2 (dopsd.shard_dit): two blocks gathered in bf16 (the one computing, the next one prefetched) and
+            # the root; in backward one block's unsharded bf16 gradient and its fp32 copy for the reduce-scatter
+            "fsdp_gathered": e * (2 * d["block"] + d["root"]) if N > 1 else 0,
+            "fsdp_gradient": (e + 4) * d["block"] if N > 1 else 0,
             "fp8_upcast": e * d["fp8_block"] if fp8 else 0,
             # output_hidden_states: every layer's [B, 512, D] (both encoders pad to 512 tokens) until the call returns;
             # on top, the larger of one layer's MLP (gate, up, their product: 3 × [B, 512, F]) and, for klein, the
@@ -189,7 +199,8 @@ def memory_plan(model, vlm=None, family=None, method="dopsd", full=False, rank=6
             "activations_gc": act[True], "activations_no_gc": act[False]}
     plan["peak_caching"] = sum(plan[k] for k in ("text_encoder", "vlm", "vae", "encoder_states", "encoder_transient",
                                                  "entries_caching"))
-    resident = ("dit", "vae", "adapters", "gradients", "optimizer", "autocast_copies", "fp8_upcast", "entries_training")
+    resident = ("dit", "vae", "adapters", "gradients", "optimizer", "autocast_copies", "fp8_upcast", "entries_training",
+                "fsdp_gathered", "fsdp_gradient")
     plan["peak_training"] = sum(plan[k] for k in resident) + act[grad_checkpointing]
     # Host RAM: load_pipeline puts every component on the CPU in its load dtype (the DiT in fp32 for --full); the
     # VAE and the text encoder then move to the GPU, the Z-Image VLM loads whole to CPU before its language model is
@@ -202,7 +213,7 @@ def memory_plan(model, vlm=None, family=None, method="dopsd", full=False, rank=6
     plan["params"] = n
     plan["setup"] = dict(family=family, method=method, full=full, rank=rank, resolution=resolution, tokens=(S, L),
                          batch_size=batch_size, n_images=n_images, rollout_steps=rollout_steps, dtype=str(dtype)[6:],
-                         grad_checkpointing=grad_checkpointing, base_precision=base_precision)
+                         grad_checkpointing=grad_checkpointing, base_precision=base_precision, world_size=world_size)
     return plan
 
 
@@ -214,7 +225,8 @@ def size(b):
 def format_plan(plan):
     """The plan as the table main() prints."""
     s, n, full, fp8 = plan["setup"], plan["params"], plan["setup"]["full"], plan["setup"]["base_precision"] == "fp8"
-    distill, dt = s["method"] == "dopsd", s["dtype"]
+    distill, dt, N = s["method"] == "dopsd", s["dtype"], s["world_size"] if full else 1
+    per = f"; 1/{N} of it per GPU (FSDP2 shards)" if N > 1 else ""
     cnt = lambda k: f"{n[k] / 1e9:.3f} B" if n[k] >= 1e8 else f"{n[k] / 1e6:.1f} M" if n[k] >= 1e6 else f"{n[k]:,}"
     enc = "text encoder + VLM" if n["vlm"] else "text encoder"
     dit = ("fp32, trained in place" if full else f"{n['dit_fp8'] / n['dit']:.1%} float8 e4m3 (LoRA'd linears), the "
@@ -237,14 +249,17 @@ def format_plan(plan):
         ("entries in flight", "the encoder batch's outputs, then written to disk", plan["entries_caching"]),
         ("peak while caching", f"{enc} + VAE + the batch being encoded", plan["peak_caching"]),
         ("- GPU while training", "", None),
-        ("DiT weights", f"{cnt('dit')} params, {dit}", plan["dit"]),
+        ("DiT weights", f"{cnt('dit')} params, {dit}{per}", plan["dit"]),
         ("fp8 upcast", "one block's weights in bf16, from its recompute to its backward", plan["fp8_upcast"]),
         ("VAE", "", plan["vae"]),
-        ("EMA teacher DiT", f"{cnt('dit')}, fp32 (in bf16 the EMA increments would round away)", plan["adapters"])
+        ("EMA teacher DiT", f"{cnt('dit')}, fp32 (in bf16 the EMA increments would round away){per}", plan["adapters"])
         if full else ("LoRA factors", f"{cnt('trainable')} per adapter, fp32, "
                       f"{'student + teacher' if distill else 'student'}", plan["adapters"]),
-        ("gradients", f"{cnt('trainable')}, fp32", plan["gradients"]),
-        ("AdamW state", f"2 × {cnt('trainable')}, fp32", plan["optimizer"]),
+        ("gradients", f"{cnt('trainable')}, fp32{per}", plan["gradients"]),
+        ("AdamW state", f"2 × {cnt('trainable')}, fp32{per}", plan["optimizer"]),
+        ("FSDP2 gathered", f"two blocks in {dt} (computing + prefetched) and the root", plan["fsdp_gathered"]),
+        ("FSDP2 gradients", f"one block's unsharded {dt} gradient + its fp32 copy for the reduce-scatter",
+         plan["fsdp_gradient"]),
         ("autocast copies", f"{cnt('trainable')}, {dt} copies of the trainable weights, cached for the roll-out",
          plan["autocast_copies"]),
         ("cache entries", f"batch {s['batch_size']} + {min(PREVIEW, s['n_images'])} sample-grid image(s), read "
@@ -258,6 +273,10 @@ def format_plan(plan):
         ("- host RAM and disk", "", None),
         ("peak host RAM", f"{host}; afterwards only the batch being read", plan["host_peak"]),
         ("cache on disk", top, plan["disk"])]
+    gpus = (f"per GPU, --full sharded over {N} GPUs with FSDP2: the weights, EMA teacher, gradients and AdamW state "
+            "1/N each; every rank loads the fp32 DiT into host RAM first" if N > 1 else
+            "with torchrun every GPU holds all of the above; the gradients are views into DDP's all-reduce buckets, "
+            "no second copy" + ("; --full under torchrun is sharded (--world-size N)" if full else ""))
     head = (f"memory plan from config files: {s['family']}, {s['method']}, "
             f"{'full fine-tuning' if full else 'LoRA r%d' % s['rank']}, {s['resolution']}² px, "
             f"batch {s['batch_size']}, K={s['rollout_steps']}, {dt} autocast, base {s['base_precision']}, "
@@ -266,8 +285,7 @@ def format_plan(plan):
             for a, b, c in rows if c is None or c or a in ("gradients", "AdamW state")]
     return "\n".join([head, *body, "  not included: CUDA context and allocator slack (~1-2 GiB; --fit keeps "
                       f"{HEADROOM / 2**30:g} GiB free), the VAE's transient encode/decode buffers, the libraries' "
-                      "host RAM;", "  with torchrun every GPU holds all of the above; the gradients are views into "
-                      "DDP's all-reduce buckets, no second copy"])
+                      "host RAM;", f"  {gpus}"])
 
 
 def fit(model, vlm=None, gib=FIT_GIB, headroom=HEADROOM, **kw):
@@ -329,6 +347,8 @@ def main(argv=None):
                    "the GPU peaks are the same for any number from 8 up)")
     p.add_argument("--method", default=d.method, choices=["dopsd", "sft"])
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of a LoRA")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs under torchrun: --full is sharded over them "
+                   "(FSDP2), and the plan is per GPU (default %(default)s)")
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default %(default)s)")
     p.add_argument("--resolution", type=int, default=d.resolution, help="bucket side in pixels (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per micro-batch (default %(default)s)")
@@ -347,7 +367,8 @@ def main(argv=None):
             folders = [Path(dopsd.parse_data_flag(x)[0]) for x in a.data]
             dopsd.refuse([(not f.is_dir(), f"--data {f}: not a folder") for f in folders])
             n = sum(f.suffix.lower() in dopsd.IMAGE_EXTS for x in folders for f in x.iterdir())
-        dopsd.refuse([(n is not None and n < 1, f"--images {n} / --data: no images to plan for")])
+        dopsd.refuse([(n is not None and n < 1, f"--images {n} / --data: no images to plan for"),
+                      (a.world_size < 1, f"--world-size {a.world_size}: pass the number of GPUs, 1 or more")])
         kw = dict(method=a.method, full=a.full, batch_size=a.batch_size, n_images=n or 100,
                   rollout_steps=a.rollout_steps)
         if a.fit:
@@ -356,7 +377,7 @@ def main(argv=None):
         for m in [] if a.fit else a.model:
             print(format_plan(memory_plan(m, a.vlm, rank=a.rank, resolution=a.resolution,
                                           grad_checkpointing=a.grad_checkpointing == "on",
-                                          base_precision=a.base_precision, **kw)))
+                                          base_precision=a.base_precision, world_size=a.world_size, **kw)))
     except dopsd.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
