@@ -108,12 +108,7 @@ class Evaluator:
     """One pipeline; LoRAs are loaded into it and unloaded again. Sampling is dopsd.py's own klein path."""
 
     def __init__(self, data):
-        self.pipe = dopsd.load_pipeline(str(MODEL), torch.float32)
-        self.pipe.transformer.eval()
-        te, tok, vae = self.pipe.text_encoder, self.pipe.tokenizer, self.pipe.vae
-        self.text = lambda ps: torch.stack([c[0] for c in dopsd.student_features("klein", te, tok, ps)])
-        self.refs = dopsd.klein_encode(vae, torch.stack([dopsd.pil_to_tensor(dopsd.load_rgb(p))
-                                                          for p in sorted(Path(data).glob("*.png"))]))
+        self.load(data)
         self.held = world.style_reference(world.HELD_OUT, np.random.default_rng(0))
         self.named = {n: world.style_reference(s, np.random.default_rng(0)) for n, s in world.NAMED.items()}
         self.prompts = dict(new=[world.caption(s, c, world.TRIGGER) for s, c in world.NEW_PROMPTS],
@@ -122,15 +117,29 @@ class Evaluator:
         self.reference = dict(teacher=self.images(self.prompts["new"], NOISE, teacher=True),
                               unnamed=self.images(self.prompts["unnamed"], NOISE))
 
+    def load(self, data):
+        """The pipeline, its text path, and data's images as the teacher's reference latents (self.refs)."""
+        self.pipe = dopsd.load_pipeline(str(MODEL), torch.float32)
+        self.pipe.transformer.eval()
+        te, tok = self.pipe.text_encoder, self.pipe.tokenizer
+        self.text = lambda ps: torch.stack([c[0] for c in dopsd.student_features("klein", te, tok, ps)])
+        self.refs = self.encode([dopsd.load_rgb(p) for p in sorted(Path(data).glob("*.png"))])
+
+    def encode(self, images):
+        """PIL images -> reference latents."""
+        return dopsd.klein_encode(self.pipe.vae, torch.stack([dopsd.pil_to_tensor(im) for im in images]))
+
     @torch.no_grad()
-    def images(self, prompts, noise_seeds, steps=STEPS, teacher=False):
-        """4-step samples for every (noise seed, prompt): list of PIL, seed-major."""
+    def images(self, prompts, noise_seeds, steps=STEPS, teacher=False, refs=None):
+        """4-step samples for every (noise seed, prompt): list of PIL, seed-major. teacher: reference latents from
+        `refs` (default: the training images, self.refs), cycled."""
         tr, out = self.pipe.transformer, []
         for ns in noise_seeds:
             noise = torch.randn(len(prompts), 32, 8, 8, generator=torch.Generator().manual_seed(ns))
             if teacher:                      # caption + instruction, a training image as reference (cycled)
+                refs = self.refs if refs is None else refs
                 ps = [f"{p} {dopsd.KLEIN_TEACHER_SUFFIX}" for p in prompts]
-                ref = self.refs[[i % len(self.refs) for i in range(len(prompts))]]
+                ref = refs[[i % len(refs) for i in range(len(prompts))]]
             else:
                 ps, ref = prompts, None
             cond = (self.text(ps), ref)
@@ -245,12 +254,12 @@ COLUMNS = [("style", "style dist. to [V] ↓"), ("contrast", "contrast (real = 1
            ("sec", "training s")]
 
 
-def table(rows):
-    """rows: [(label, steps, [metric dict per seed])] -> markdown table."""
-    lines = ["| model | steps | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+def table(rows, columns=COLUMNS):
+    """rows: [(label, steps, [metric dict per seed])] -> markdown table of `columns` [(key, heading)]."""
+    lines = ["| model | steps | " + " | ".join(c[1] for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
     for label, steps, ms in rows:
         lines.append(f"| {label} | {steps} | " + " | ".join(fmt([m[k] for m in ms]) if k in ms[0] else "–"
-                                                            for k, _ in COLUMNS) + " |")
+                                                            for k, _ in columns) + " |")
     return "\n".join(lines)
 
 

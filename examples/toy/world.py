@@ -312,6 +312,36 @@ def write_finetune_set(out, seed=0):
     return out
 
 
+# The second new concept, "[W] style", that examples/toy/continual.py teaches after [V] (issue 23). Chosen once among
+# 3,000 styles drawn from the family (seed 7, contrast >= 0.6, >= 5 visible colours) as the one furthest from every
+# pre-training style (make_turbo.py draws them from a fixed seed: continual.py redraws them and checks this): 0.40 to
+# the nearest of them, more than HELD_OUT_MARGIN, and 0.82 to HELD_OUT and every NAMED style. Pre-training never
+# excluded it, so unlike HELD_OUT its margin is measured, not built in.
+HELD_OUT_2 = dict(kind="stripes", c1=(0.23, 0.09, 0.36), c2=(0.94, 0.25, 0.46), angle=3.05, period=11.1)
+TRIGGER_2 = "[W] style"
+# Its fine-tuning set and evaluation prompts, in its visible colours (green, blue, white, yellow, orange): the
+# evaluation's shape-colour pairs never appear in the fine-tuning set, and the validation pairs (the learning-rate
+# rule's) in neither.
+FINETUNE_2 = [("circle", "green"), ("square", "blue"), ("triangle", "white"), ("circle", "blue"), ("square", "white"),
+              ("triangle", "green")]
+NEW_PROMPTS_2 = [("diamond", "yellow"), ("cross", "orange"), ("ring", "yellow"), ("diamond", "orange"),
+                 ("cross", "yellow"), ("ring", "orange")]
+VAL_PROMPTS_2 = [("circle", "yellow"), ("square", "orange"), ("triangle", "yellow")]
+
+
+def write_concept_set(out, style, pairs, trigger, seed=0):
+    """write_finetune_set for any concept: one image of `style` (each its own instance) per (shape, colour) of
+    `pairs`, as PNG + same-name .txt caption ('a green circle, <trigger>') in out/."""
+    from pathlib import Path
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (shape, colour) in enumerate(pairs):
+        render(style, shape, colour, rng).save(out / f"{i:02d}_{colour}_{shape}.png")
+        (out / f"{i:02d}_{colour}_{shape}.txt").write_text(caption(shape, colour, trigger) + "\n")
+    return out
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Write the toy's fine-tuning set: 6 images of the held-out '[V] style'.")
