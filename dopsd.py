@@ -142,6 +142,115 @@ class SampleConfig:
                          "for a small change in the image; auto = on with CUDA only when it would not fit otherwise",
                          choices=["auto", "on", "off"])
 
+# --------------------------------------------------------------------------------------------------------------------
+# the method
+# D-OPSD without any model family, readable and copyable on its own: the loss (its maths, a reference, the public
+# dopsd_loss), the on-policy roll-out that scores the student's own states with the teacher, the teacher's EMA, and
+# the SFT baseline. A velocity here is any callable (x [B, ...], sigma [B]) -> u [B, ...]; the families come later.
+#
+# Per roll-out step k, v_s = v_θ(x_k, t_k, f(p)), v_t = sg[v_φ(x_k, t_k, f_mm(p, I))], σ_b the noise level of sample b,
+# N = numel (any trailing shape). The sign convention of v does not matter (the roll-out passes u = ε − x0):
+#
+#     L = (1/N) Σ_{b,i} w(σ_b) · (v_s[b,i] − v_t[b,i])²            (one mean over all N elements, no per-sample mean)
+#     w = σ²   for space="x0": both families predict x̂0 = x ± σ·v (Z-Image +, FLUX −), so x̂0_S − x̂0_T = ±σ(v_s − v_t)
+#              and the released code's x0-space MSE is exactly the σ²-weighted velocity MSE (the authors, D-OPSD#6).
+#     w = 1    for space="v": the paper's velocity MSE.
+#     ∂L/∂v_s = 2 · w · (v_s − v_t) / N          ∂L/∂v_t = 0 (stop-gradient)       ∂L/∂σ = 0 (σ is the schedule)
+#
+# dopsd_loss computes exactly this, through a fused path (section "fused loss", after the families) that saves memory
+# traffic; divergence_loss_reference is the same loss line for line, the yardstick of the tests.
+
+def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
+    """The loss line for line from the math, eager, in the inputs' dtype (the tests feed float64). NaN for numel 0."""
+    assert space in ("x0", "v"), f"space must be 'x0' or 'v', got {space!r}"
+    w = sigma**2 if space == "x0" else torch.ones_like(sigma)       # (B,)  w(σ_b)
+    w = w.view(v_student.shape[0], *([1] * (v_student.dim() - 1)))  # (B, 1, ..., 1) broadcasts over C, H, W
+    d = v_student - v_teacher.detach()                              # (B, ...)  sg on the teacher
+    return (w * d**2).mean()                                        # ()  one mean over all N elements
+
+def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto"):
+    """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
+    v_student: (B, ...) float, any strides; v_teacher: the same shape; sigma: (B,); all on one device. backend: "auto",
+    "triton" or "torch". Returns a 0-D fp32 tensor (0 for numel 0). A ValueError names any argument the fused paths
+    would misread."""
+    shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+    B = v_student.shape[0] if torch.is_tensor(v_student) and v_student.dim() else None
+    if space not in ("x0", "v"):
+        raise ValueError(f"dopsd_loss: space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"dopsd_loss: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if B is None or shape(v_teacher) != shape(v_student):
+        raise ValueError(f"dopsd_loss: v_student {shape(v_student)} and v_teacher {shape(v_teacher)} must be float "
+                         "tensors of one shape (B, ...)")
+    if not (v_student.is_floating_point() and v_teacher.is_floating_point()):
+        raise ValueError("dopsd_loss: velocities must be float")
+    if shape(sigma) != (B,):
+        raise ValueError(f"dopsd_loss: sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}")
+    for name, t in (("v_teacher", v_teacher), ("sigma", sigma)):
+        if t.device != v_student.device:
+            raise ValueError(f"dopsd_loss: {name} is on {t.device} but v_student is on {v_student.device}")
+    sigma = sigma.detach().float()                                  # (B,) the schedule never gets a gradient
+    w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()     # (B,) fp32 w(σ_b)
+    path = _resolve_loss_backend(backend, v_student.device, v_student.dtype)
+    return DivergenceLoss.apply(v_student, v_teacher.detach(), w, path)   # sg: the teacher is only a target
+
+# K student Euler steps from noise; at each visited (detached) state the teacher scores it and the student is pulled
+# onto the teacher's prediction. Because the state is detached, loss_k depends on θ only through the k-th student
+# forward, so a backward per step gives exactly the gradient of the mean -- with one step's activations in memory.
+
+def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, stepwise=True, backend="auto",
+                  trained=None):
+    """One on-policy roll-out; accumulates grad_scale · ∇(mean_k loss_k) into the student's .grad.
+    student, teacher: callables (x [B, ...], sigma [B]) -> u [B, ...]; the teacher is called under no_grad.
+    noise: [B, ...] start state at σ = sigmas[0]; sigmas: [K+1] schedule ending at 0.
+    stepwise=False keeps all K graphs and runs one backward (the public recipe's memory behaviour; for tests/bench).
+    trained: the M steps that get a loss (default all K), each weighted K/M, so the gradient is an unbiased estimate
+    of the full one; at the others the student only moves on (a no_grad forward) and the teacher is not called.
+    Returns (mean loss over the trained steps, detached, fp32 scalar; the final state x at σ = 0)."""
+    K, B = len(sigmas) - 1, noise.shape[0]
+    trained = range(K) if trained is None else trained
+    sigmas = sigmas.to(noise.device)                               # once, not a host->device copy per step
+    x, total, graph = noise, noise.new_zeros((), dtype=torch.float32), 0.0
+    for k in range(K):
+        x = x.detach()                                             # no gradient through earlier steps (no BPTT)
+        s, dt = sigmas[k].expand(B), sigmas[k + 1] - sigmas[k]     # [B] noise level; () Euler step Δσ < 0
+        if k in trained:
+            with torch.no_grad():
+                u_t = teacher(x, s)                                # the teacher on the STUDENT's state
+            u_s = student(x, s)                                    # with grad
+            loss = dopsd_loss(u_s, u_t, s, space, backend)         # loss_k
+            if stepwise:
+                (loss * (grad_scale / len(trained))).backward()    # (K/M)·(1/K); frees this step's activations now
+            else:
+                graph = graph + loss
+            total += loss.detach()
+        else:                                                      # no loss here: the student only moves on
+            with torch.no_grad():
+                u_s = student(x, s)
+        x = x + dt * u_s.detach().to(x.dtype)                      # the student's own Euler step: on-policy
+    if not stepwise:
+        (graph * (grad_scale / len(trained))).backward()
+    return total / len(trained), x.detach()
+
+@torch.no_grad()
+def ema_update(teacher_params, student_params, decay):
+    """φ <- μ·φ + (1-μ)·θ over matching parameter lists (decay = μ). μ = 1 keeps the teacher at its start."""
+    if decay >= 1.0:
+        return
+    for t, s in zip(teacher_params, student_params):
+        t.lerp_(s.to(t.dtype), 1.0 - decay)
+
+def sft_loss(student, x0, noise, sigma, backend="auto"):
+    """Plain flow matching (the SFT baseline): the ground-truth velocity ε - x0 at a random σ. x0, noise: [B, ...]."""
+    s = sigma.view(-1, *[1] * (x0.dim() - 1))
+    x = (1 - s) * x0 + s * noise                                   # x_σ, the interpolation path
+    return dopsd_loss(student(x, sigma), noise - x0, sigma, space="v", backend=backend)
+
+# --------------------------------------------------------------------------------------------------------------------
+# errors and argument checks
+# A mistake the user can fix is a UserError: main() prints it as one line, without a traceback. The checks that
+# need no model (an output path, a device name) run before anything loads.
+
 class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line and exits with `code`, without a traceback."""
     code = 2                                         # 2: the command line or its files were wrong, nothing ran
@@ -817,10 +926,11 @@ def klein_decode(vae, x):
     return to_pil(vae.decode(z.to(vae.dtype)).sample)
 
 # --------------------------------------------------------------------------------------------------------------------
-# few-step roll-out
-# The student integrates its own few-step ODE from noise with Euler steps, on the schedule the pipeline samples with.
-# Every family's velocity function returns u = ε - x0 (the scheduler's convention), so the loop is family-free:
+# schedules and velocities
+# Each family's sampling schedule and its DiT call, in one convention: every velocity function returns u = ε - x0
+# (the scheduler's), so the roll-out in "the method" is family-free:
 #     x0_hat = x - σ·u,      x_next = x + (σ_next - σ)·u.
+
 
 def zimage_sigmas(num_steps, shift=3.0):
     """Z-Image-Turbo's schedule in diffusers 0.42: linspace(1, 1/N, N), shifted by 3, then 0. [N+1], fp32.
@@ -893,10 +1003,11 @@ def euler_sample(velocity, noise, sigmas):
     return x
 
 # --------------------------------------------------------------------------------------------------------------------
-# teacher scoring
+# two roles on one DiT
 # The teacher is the SAME DiT with the "teacher" adapter active and the multimodal context in place of the caption
 # features. It is evaluated on the student's state under no_grad, and never trained: after each optimizer step its
-# weights move a little towards the student's (EMA). One DiT in memory, two small adapters.
+# weights move a little towards the student's (ema_update). One DiT in memory, two small adapters.
+
 
 def lora_layers(transformer):
     """The peft LoRA layers of a model, listed once so that switching adapters needs no walk over every module."""
@@ -918,54 +1029,27 @@ def use_adapter(layers, name, trainable=True):
             layer.enable_adapters(True)
             layer.set_adapter(name, inference_mode=not trainable)
 
-@torch.no_grad()
-def ema_update(teacher_params, student_params, decay):
-    """φ <- μ·φ + (1-μ)·θ over matching parameter lists (decay = μ). μ = 1 keeps the teacher at its start."""
-    if decay >= 1.0:
-        return
-    for t, s in zip(teacher_params, student_params):
-        t.lerp_(s.to(t.dtype), 1.0 - decay)
-
 # --------------------------------------------------------------------------------------------------------------------
-# divergence loss: math -> reference -> fused (Triton kernel + one autograd.Function) -> dispatch
-# The student is pulled toward the stop-gradient teacher on the student's own state. The loss is a weighted MSE, so the
-# only thing worth fusing is memory traffic: one pass that reads v_s and v_t and writes what backward needs.
-#
-# Per roll-out step k, v_s = v_θ(x_k, t_k, f(p)), v_t = sg[v_φ(x_k, t_k, f_mm(p, I))], σ_b the noise level of sample b,
-# N = numel (any trailing shape). The sign convention of v does not matter (the roll-out passes u = ε − x0):
-#
-#     L = (1/N) Σ_{b,i} w(σ_b) · (v_s[b,i] − v_t[b,i])²            (one mean over all N elements, no per-sample mean)
-#     w = σ²   for space="x0": both families predict x̂0 = x ± σ·v (Z-Image +, FLUX −), so x̂0_S − x̂0_T = ±σ(v_s − v_t)
-#              and the released code's x0-space MSE is exactly the σ²-weighted velocity MSE (the authors, D-OPSD#6).
-#     w = 1    for space="v": the paper's velocity MSE.
-#     ∂L/∂v_s = 2 · w · (v_s − v_t) / N          ∂L/∂v_t = 0 (stop-gradient)       ∂L/∂σ = 0 (σ is the schedule)
+# fused loss: the Triton kernel, its PyTorch twin, one autograd.Function, and the backend dispatch behind dopsd_loss
+# The loss (maths in "the method") is a weighted MSE, so the only thing worth fusing is memory traffic: one pass that
+# reads v_s and v_t and writes what backward needs.
 #
 # In code d = v_s − v_t, w is a [B] fp32 vector, and flat element j of the contiguous tensor is in sample j // (N/B).
 # The fused paths store wd = w·d = (N/2)·∂L/∂v_s in the input dtype and apply 2/N with grad_output in backward: 2·w·d/N
 # in fp16 is below the smallest subnormal (6e-8) once N ≳ 1e6, and a GradScaler multiplies only after the underflow.
 # Memory traffic per element (examples/bench.py counts it op by op): eager autograd makes 18 N-sized reads and writes,
 # 72 B in fp32; the kernel makes 5 (forward: read v_s, v_t, write wd; backward: read wd, write the gradient), 20 B
-# fp32 or 10 B bf16. Fusing the student's Euler step x + dt·v_s while v_s is in registers costs 2 more, not 3 to 5.
+# fp32 or 10 B bf16.
 
-def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
-    """The loss line for line from the math, eager, in the inputs' dtype (the tests feed float64). NaN for numel 0."""
-    assert space in ("x0", "v"), f"space must be 'x0' or 'v', got {space!r}"
-    w = sigma**2 if space == "x0" else torch.ones_like(sigma)       # (B,)  w(σ_b)
-    w = w.view(v_student.shape[0], *([1] * (v_student.dim() - 1)))  # (B, 1, ..., 1) broadcasts over C, H, W
-    d = v_student - v_teacher.detach()                              # (B, ...)  sg on the teacher
-    return (w * d**2).mean()                                        # ()  one mean over all N elements
-
-def _divergence_fwd_torch(v_s, v_t, w, x=None, dt=None):
-    """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype, x + dt·v_s or None). It runs inside
+def _divergence_fwd_torch(v_s, v_t, w):
+    """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype). It runs inside
     autograd.Function.forward, so no graph is built and only wd is kept; torch.compile would fuse it into one loop."""
     ct = torch.promote_types(v_s.dtype, torch.float32)              # fp32 math for bf16/fp16, float64 stays float64
     bshape = (v_s.shape[0],) + (1,) * (v_s.dim() - 1)               # (B, 1, ..., 1)
-    vs = v_s.to(ct)                                                 # (B, ...) no copy when v_s is already fp32
-    d = vs - v_t                                                    # (B, ...) ct; type promotion upcasts v_t in-loop
+    d = v_s.to(ct) - v_t                                            # (B, ...) ct; type promotion upcasts v_t in-loop
     wd = w.to(ct).view(bshape) * d                                  # (B, ...) w(σ_b)·d = (N/2)·∂L/∂v_s
     loss = (torch.dot(wd.view(-1), d.view(-1)) / v_s.numel()).float()   # ()  Σ w·d² / N in fp32, one read of each
-    x_next = None if x is None else (x.to(ct) + dt.to(ct).view(bshape) * vs).to(x.dtype)   # the roll-out's Euler step
-    return loss, wd.to(v_s.dtype), x_next
+    return loss, wd.to(v_s.dtype)
 
 if HAS_TRITON:  # the kernel only exists when triton imports; defining it under `if` keeps the file importable
 
@@ -976,12 +1060,8 @@ if HAS_TRITON:  # the kernel only exists when triton imports; defining it under 
         w_ptr,           # *[B] fp32 per-sample weight w(σ_b)
         wd_ptr,          # *[N] out: w·(v_s − v_t) in v_s's dtype, = (N/2)·∂L/∂v_s (2/N is applied in backward)
         partial_ptr,     # *[n_blocks] out: fp32 Σ_block w·d² (summed by torch afterwards; no atomics)
-        x_ptr,           # *[N] roll-out state x (read only when HAS_STEP)
-        dt_ptr,          # *[B] fp32 per-sample Euler step Δ_k (read only when HAS_STEP)
-        xn_ptr,          # *[N] out: x + Δ·v_s in x's dtype (written only when HAS_STEP)
         N,               # total number of elements; ints are specialised only on ==1 and %16, so few recompiles
         per_sample,      # N // B; the sample of flat element j is b = j // per_sample
-        HAS_STEP: tl.constexpr,  # compile-time switch: fuse the student's Euler step or not
         BLOCK: tl.constexpr,     # elements per program
     ):
         pid = tl.program_id(0)
@@ -995,49 +1075,38 @@ if HAS_TRITON:  # the kernel only exists when triton imports; defining it under 
         wd = w * d                                                  # masked lanes: d = 0 so they add nothing
         tl.store(wd_ptr + offs, wd.to(wd_ptr.dtype.element_ty), mask=mask)
         tl.store(partial_ptr + pid, tl.sum(wd * d, axis=0))         # one fp32 partial per block
-        if HAS_STEP:  # v_s is already in registers: x_next costs a read of x and a write, not a second read of v_s
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + b, mask=mask, other=0.0)
-            tl.store(xn_ptr + offs, (x + dt * vs).to(xn_ptr.dtype.element_ty), mask=mask)
 
-def _divergence_fwd_triton(v_s, v_t, w, x=None, dt=None, block=1024):
+def _divergence_fwd_triton(v_s, v_t, w, block=1024):
     """Triton forward, same contract. block 1024 × 4 warps = 8 elements a thread: enough bytes in flight for a
     bandwidth-bound op, and ~1000 programs to fill every SM on a 1M-element latent."""
-    N, has_step = v_s.numel(), x is not None
+    N = v_s.numel()
     n_blocks = triton.cdiv(N, block)
-    wd, x_next = torch.empty_like(v_s), torch.empty_like(x) if has_step else None     # (B, ...)
+    wd = torch.empty_like(v_s)                                                        # (B, ...)
     partials = torch.empty(n_blocks, dtype=torch.float32, device=v_s.device)          # (n_blocks,)
-    # Without HAS_STEP the x/dt/x_next code is compiled out and any valid pointer fills those slots. Triton launches on
-    # the *current* CUDA device and stream, so make that the tensors' device (a no-op when it already is).
+    # Triton launches on the *current* CUDA device and stream, so make that the tensors' device (a no-op when it is).
     with torch.cuda.device(v_s.device) if v_s.is_cuda else contextlib.nullcontext():
-        _divergence_kernel[(n_blocks,)](v_s, v_t, w, wd, partials, x if has_step else v_s, dt if has_step else w,
-                                        x_next if has_step else wd, N, N // v_s.shape[0], HAS_STEP=has_step,
-                                        BLOCK=block, num_warps=4)
-    return partials.sum() / N, wd, x_next   # two-stage sum: deterministic, unlike an atomic_add into one scalar
+        _divergence_kernel[(n_blocks,)](v_s, v_t, w, wd, partials, N, N // v_s.shape[0], BLOCK=block, num_warps=4)
+    return partials.sum() / N, wd   # two-stage sum: deterministic, unlike an atomic_add into one scalar
 
 class DivergenceLoss(torch.autograd.Function):
     """L and w·d in one forward pass; backward only rescales the stored w·d. Shared by both backends."""
 
     @staticmethod
-    def forward(ctx, v_s, v_t, w, x, dt, backend):
-        # v_s, v_t, x: (B, ...) any strides (made contiguous: b = j // (N/B) needs it); w, dt: (B,) fp32
-        v_s, v_t, x = v_s.contiguous(), v_t.contiguous(), None if x is None else x.contiguous()
+    def forward(ctx, v_s, v_t, w, backend):
+        # v_s, v_t: (B, ...) any strides (made contiguous: b = j // (N/B) needs it); w: (B,) fp32
+        v_s, v_t = v_s.contiguous(), v_t.contiguous()
         ctx.N = v_s.numel()
         if ctx.N == 0:  # mean over zero elements is defined as 0 (not NaN), with an empty gradient; nothing to launch
-            loss, wd, x_next = v_s.new_zeros((), dtype=torch.float32), torch.zeros_like(v_s), None if x is None else x.clone()
+            loss, wd = v_s.new_zeros((), dtype=torch.float32), torch.zeros_like(v_s)
         else:
-            loss, wd, x_next = (_divergence_fwd_triton if backend == "triton" else _divergence_fwd_torch)(
-                v_s, v_t, w, x, dt)
+            loss, wd = (_divergence_fwd_triton if backend == "triton" else _divergence_fwd_torch)(v_s, v_t, w)
         ctx.save_for_backward(wd if ctx.needs_input_grad[0] else None)  # keep N·s bytes only if v_s needs grad
-        if x_next is None:
-            return loss
-        ctx.mark_non_differentiable(x_next)                         # the next state is detached (no BPTT)
-        return loss, x_next
+        return loss
 
     @staticmethod
-    def backward(ctx, g_loss, *unused):
+    def backward(ctx, g_loss):
         # ∂/∂v_s = grad_output · 2·w·d / N: the 2/N joins grad_output here, in fp32 (see the fp16 note above)
-        return ctx.saved_tensors[0] * (g_loss * (2.0 / max(ctx.N, 1))), None, None, None, None, None
+        return ctx.saved_tensors[0] * (g_loss * (2.0 / max(ctx.N, 1))), None, None, None
 
 LOSS_BACKEND = {}   # backend="auto" per device type, e.g. {"cpu": "torch", "cuda": "triton"}; tests clear it
 
@@ -1046,7 +1115,7 @@ def triton_probe(device):
     builds a C launcher stub, and slim CUDA images have no compiler (triton/runtime/build.py). Better here than later."""
     try:
         v = torch.ones(1, 4, device=device)
-        loss, wd, _ = _divergence_fwd_triton(v, v * 0, torch.ones(1, device=device))
+        loss, wd = _divergence_fwd_triton(v, v * 0, torch.ones(1, device=device))
         ok = math.isclose(loss.item(), 1.0) and bool((wd == 1).all())
         return ok, "test launch passed" if ok else "test launch gave a wrong result"
     except Exception as e:                              # anything at all: the PyTorch path is always there
@@ -1079,87 +1148,6 @@ def _resolve_loss_backend(backend, device, dtype):
             if bad:
                 raise RuntimeError(f"dopsd_loss: backend='triton' but {why}; or use backend='torch'")
     return backend
-
-def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto", x=None, dt=None):
-    """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
-    v_student: (B, ...) float, any strides; v_teacher: the same shape; sigma: (B,); all on one device. backend: "auto",
-    "triton" or "torch". Returns a 0-D fp32 tensor (0 for numel 0); given x and dt, also x + dt·v_s (see
-    dopsd_loss_and_step). A ValueError names any argument the fused paths would misread."""
-    shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-    B = v_student.shape[0] if torch.is_tensor(v_student) and v_student.dim() else None
-    tensors = [("v_teacher", v_teacher), ("sigma", sigma), ("x", x), ("dt", dt)]
-    for bad, why in ((space not in ("x0", "v"), f"space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}"),
-                     (backend not in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got "
-                      f"{backend!r}"),
-                     (B is None or shape(v_teacher) != shape(v_student), f"v_student {shape(v_student)} and v_teacher "
-                      f"{shape(v_teacher)} must be float tensors of one shape (B, ...)"),
-                     (not (v_student.is_floating_point() and v_teacher.is_floating_point()), "velocities must be float"),
-                     (shape(sigma) != (B,), f"sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}"),
-                     (x is not None and shape(x) != shape(v_student), f"x must have v_student's shape "
-                      f"{shape(v_student)}, got {shape(x)}"),
-                     (torch.is_tensor(dt) and shape(dt) not in ((), (B,)), f"dt must be a float or shape ({B},)"),
-                     *((torch.is_tensor(t) and t.device != v_student.device, f"{n} is on {getattr(t, 'device', '')} "
-                       f"but v_student is on {v_student.device}") for n, t in tensors)):
-        if bad:
-            raise ValueError(f"dopsd_loss: {why}")
-    sigma = sigma.detach().float()                                  # (B,) the schedule never gets a gradient
-    w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()     # (B,) fp32 w(σ_b)
-    if x is not None:  # dt: python float, 0-D or (B,) tensor -> (B,) fp32; the roll-out state is detached every step
-        dt = torch.as_tensor(dt, dtype=torch.float32, device=v_student.device).detach().expand(B).contiguous()
-        x = x.detach()
-    path = _resolve_loss_backend(backend, v_student.device, v_student.dtype)
-    return DivergenceLoss.apply(v_student, v_teacher.detach(), w, x, dt, path)   # sg: the teacher is only a target
-
-def dopsd_loss_and_step(v_student, v_teacher, sigma, x, dt, space="x0", backend="auto"):
-    """dopsd_loss plus the student's next Euler state x + dt·v_s from the same pass over v_s; dt = σ_{k+1} − σ_k < 0
-    (float or (B,)). Returns (loss () fp32, x_next in x's dtype, detached: no backpropagation across steps)."""
-    return dopsd_loss(v_student, v_teacher, sigma, space, backend, x, dt)
-
-# --------------------------------------------------------------------------------------------------------------------
-# the D-OPSD step
-# K student Euler steps from noise; at each visited (detached) state the teacher scores it and the student is pulled
-# onto the teacher's prediction. Because the state is detached, loss_k depends on θ only through the k-th student
-# forward, so a backward per step gives exactly the gradient of the mean -- with one step's activations in memory.
-
-def dopsd_rollout(student, teacher, noise, sigmas, space="x0", grad_scale=1.0, stepwise=True, backend="auto",
-                  trained=None):
-    """One on-policy roll-out; accumulates grad_scale · ∇(mean_k loss_k) into the student's .grad.
-    student, teacher: callables (x [B, ...], sigma [B]) -> u [B, ...]; the teacher is called under no_grad.
-    noise: [B, ...] start state at σ = sigmas[0]; sigmas: [K+1] schedule ending at 0.
-    stepwise=False keeps all K graphs and runs one backward (the public recipe's memory behaviour; for tests/bench).
-    trained: the M steps that get a loss (default all K), each weighted K/M, so the gradient is an unbiased estimate
-    of the full one; at the others the student only moves on (a no_grad forward) and the teacher is not called.
-    Returns (mean loss over the trained steps, detached, fp32 scalar; the final state x at σ = 0)."""
-    K, B = len(sigmas) - 1, noise.shape[0]
-    trained = range(K) if trained is None else trained
-    sigmas = sigmas.to(noise.device)                               # once, not a host->device copy per step
-    x, total, graph = noise, noise.new_zeros((), dtype=torch.float32), 0.0
-    for k in range(K):
-        x = x.detach()                                             # no gradient through earlier steps (no BPTT)
-        s = sigmas[k].expand(B)                                    # [B]
-        if k not in trained:                                       # no loss here: the student's Euler step only
-            with torch.no_grad():
-                x = x + (sigmas[k + 1] - sigmas[k]) * student(x, s)
-            continue
-        with torch.no_grad():
-            u_t = teacher(x, s)                                    # teacher on the STUDENT's state
-        u_s = student(x, s)                                        # with grad
-        # loss_k, and the student's own Euler step x + (σ_next - σ)·u_s from the same pass over u_s (on-policy)
-        loss, x = dopsd_loss_and_step(u_s, u_t, s, x, sigmas[k + 1] - sigmas[k], space=space, backend=backend)
-        if stepwise:
-            (loss * (grad_scale / len(trained))).backward()        # (K/M)·(1/K); frees this step's activations now
-        else:
-            graph = graph + loss
-        total += loss.detach()
-    if not stepwise:
-        (graph * (grad_scale / len(trained))).backward()
-    return total / len(trained), x.detach()
-
-def sft_loss(student, x0, noise, sigma, backend="auto"):
-    """Plain flow matching (the SFT baseline): the ground-truth velocity ε - x0 at a random σ. x0, noise: [B, ...]."""
-    s = sigma.view(-1, *[1] * (x0.dim() - 1))
-    x = (1 - s) * x0 + s * noise                                   # x_σ, the interpolation path
-    return dopsd_loss(student(x, sigma), noise - x0, sigma, space="v", backend=backend)
 
 # --------------------------------------------------------------------------------------------------------------------
 # training

@@ -84,6 +84,28 @@ def lora_weights(out):
     return load_file(str(Path(out) / "pytorch_lora_weights.safetensors"))
 
 
+# ---------------------------------------------------------------------------------------------------- the method
+# dopsd.py's family-free method on a linear velocity field u = W·x: no diffusers, no models, milliseconds.
+
+def test_one_dopsd_step_moves_the_student_towards_the_teacher_at_the_states_it_visited():
+    """After one roll-out and one gradient step, the student's velocity is closer to the frozen teacher's at every state
+    the student's own roll-out visited, and the teacher was called at exactly those states."""
+    g = torch.Generator().manual_seed(0)
+    W = (torch.eye(4) + 0.3 * torch.randn(4, 4, generator=g)).requires_grad_(True)     # the student θ
+    W_t = torch.eye(4) - 0.3 * torch.randn(4, 4, generator=g)                          # the teacher φ, frozen
+    visited, sigmas = [], dopsd.zimage_sigmas(4)
+    student = lambda x, s: x @ W.T
+    teacher = lambda x, s: visited.append(x.clone()) or x @ W_t.T
+    _, x_end = dopsd.dopsd_rollout(student, teacher, torch.randn(8, 4, generator=g), sigmas, space="v")
+    x = visited[0]
+    for k, seen in enumerate(visited):                  # the teacher saw the student's own Euler states
+        assert torch.equal(seen, x)
+        x = x + (sigmas[k + 1] - sigmas[k]) * student(x, None).detach()
+    assert len(visited) == 4 and torch.equal(x, x_end)
+    gap = lambda W: [((x @ W.T - x @ W_t.T) ** 2).mean().item() for x in visited]
+    assert all(after < before for after, before in zip(gap(W.detach() - 0.1 * W.grad), gap(W.detach())))
+
+
 # ---------------------------------------------------------------------------------------------------- data checks
 
 
@@ -691,7 +713,7 @@ def test_ema_moves_the_teacher_towards_the_student():
 # interpreter (TRITON_INTERPRET=1, set at the top of this file before triton is imported); everything is compared
 # against divergence_loss_reference evaluated in float64.
 
-from dopsd import HAS_TRITON, LOSS_BACKEND, divergence_loss_reference, dopsd_loss, dopsd_loss_and_step  # noqa: E402
+from dopsd import HAS_TRITON, LOSS_BACKEND, divergence_loss_reference, dopsd_loss  # noqa: E402
 
 M = dopsd
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -867,33 +889,6 @@ def test_empty_tensor_gives_zero_loss(backend):
     assert loss.item() == 0.0 and loss.dtype == torch.float32 and vs.grad.shape == (2, 0, 5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("per_sample_dt", [True, False], ids=["dt[B]", "dt-scalar"])
-def test_loss_and_step_gives_detached_euler_state(backend, per_sample_dt):
-    """dopsd_loss_and_step returns dopsd_loss and x + dt·v_s, detached, for per-sample or scalar dt."""
-    vs, vt, sigma = make_inputs((3, 4, 5, 7), torch.float32)
-    x = torch.randn(3, 4, 5, 7)
-    dt = torch.tensor([0.1, 0.25, 0.5]) if per_sample_dt else 0.15
-    loss, x_next = dopsd_loss_and_step(vs, vt, sigma, x, dt, backend=backend)
-    dt_b = torch.as_tensor(dt).expand(3).view(3, 1, 1, 1)
-    assert_close(x_next, x + dt_b * vs.detach(), rtol=1e-6, what="x_next", normwise=True)
-    assert_close(loss, dopsd_loss(vs, vt, sigma, backend=backend), rtol=1e-7, what="loss", normwise=True)
-    assert not x_next.requires_grad
-    loss.backward()
-    assert_close(vs.grad, reference64(vs, vt, sigma)[1], rtol=1e-5, what="grad", normwise=True)
-
-
-@needs_triton
-def test_loss_and_step_bf16_state_triton():
-    """The fused Euler step writes x_next in x's dtype (bf16) and matches x + dt·v_s computed in fp32."""
-    vs, vt, sigma = make_inputs((2, 4099), torch.bfloat16)
-    x = torch.randn(2, 4099).bfloat16()
-    _, x_next = dopsd_loss_and_step(vs, vt, sigma, x, torch.tensor([0.5, 0.1]), backend="triton")
-    expected = x.float() + torch.tensor([0.5, 0.1]).view(2, 1) * vs.detach().float()
-    assert x_next.dtype == torch.bfloat16
-    assert_close(x_next, expected, rtol=1e-2, what="x_next", normwise=True)
-
-
 # --- 4. dispatch and errors -------------------------------------------------------------------------------------------
 
 def test_auto_picks_torch_on_cpu_and_prints_once(capsys, monkeypatch):
@@ -992,7 +987,7 @@ def test_unknown_backend_raises():
 
 
 def test_argument_on_another_device_raises():
-    """A sigma (or teacher, x, dt) on another device than v_student is a ValueError naming it, not a crash inside a
+    """A sigma (or teacher) on another device than v_student is a ValueError naming it, not a crash inside a
     kernel (the meta device stands in for a GPU here)."""
     with pytest.raises(ValueError, match="sigma is on meta but v_student is on cpu"):
         dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, device="meta"))
@@ -1002,12 +997,6 @@ def test_integer_velocities_raise():
     """Integer velocities are a ValueError: the loss is defined on float tensors only."""
     with pytest.raises(ValueError, match="velocities must be float"):
         dopsd_loss(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.ones(2))
-
-
-def test_step_state_shape_mismatch_raises():
-    """dopsd_loss_and_step with x of the wrong shape is a ValueError."""
-    with pytest.raises(ValueError, match="x must have v_student's shape"):
-        dopsd_loss_and_step(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 4), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------------- feature cache
@@ -1646,12 +1635,8 @@ def test_resume_trains_at_the_learning_rate_it_is_given(tiny, tmp_path):
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypatch, capsys):
     """A NaN loss skips the step (weights untouched); 5 in a row stop the run with code 1, saving only finite weights."""
-    real = dopsd.dopsd_loss_and_step
-
-    def nan_loss(*a, **k):
-        loss, x = real(*a, **k)
-        return loss * float("nan"), x
-    monkeypatch.setattr(dopsd, "dopsd_loss_and_step", nan_loss)
+    real = dopsd.dopsd_loss
+    monkeypatch.setattr(dopsd, "dopsd_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     code = dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "20"))
     assert code == 1 and "not finite" in capsys.readouterr().err
     rows = [json.loads(l) for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
