@@ -5,11 +5,13 @@ The models are the *real* architectures (the same diffusers / transformers class
 Tongyi-MAI/Z-Image-Turbo, black-forest-labs/FLUX.2-klein-4B and Qwen/Qwen3-VL-4B-Instruct. No network, no GPU, no
 torchvision. The weights are random (fixed seed), so images are noise: this is for tests and smoke runs, not quality.
 
-Run as: python examples/make_tiny.py --out tiny
+Run as: python examples/make_tiny.py --out tiny            (--metrics: also the metric models of examples/eval.py)
 
     tiny/zimage      ZImagePipeline        (Qwen3Model text encoder, AutoencoderKL, ZImageTransformer2DModel)
     tiny/klein       Flux2KleinPipeline    (Qwen3ForCausalLM, AutoencoderKLFlux2, Flux2Transformer2DModel), distilled
     tiny/vlm         Qwen3VLForConditionalGeneration + tokenizer + image processor (the Z-Image teacher's VLM)
+    tiny/clip        CLIPModel + tokenizer + image processor (examples/eval.py's CLIP and PickScore; --metrics)
+    tiny/dino        DINOv3ViTModel + preprocessor config (examples/eval.py's DINO; --metrics)
     tiny/data        8 small images in mixed formats/modes + same-name .txt captions containing "[V]"
     tiny/data_jsonl  the same kind of images, captions in metadata.jsonl
 
@@ -221,6 +223,46 @@ def make_vlm(path):
     return model
 
 
+def make_clip(path):
+    """Save a tiny CLIPModel (CLIP ViT-H-14 / PickScore layout) with a tokenizer and a PIL image processor; return it.
+
+    examples/eval.py scores CLIP-T / CLIP-I with it, and PickScore (a fine-tuned CLIP) too. The tokenizer is the tiny
+    byte-level one: no BPE merges to ship. eos_token_id=2 keeps CLIP's pooling at the highest token id, which works
+    for a tokenizer that adds no end token (the real CLIP tokenizer adds one, and its config says so)."""
+    torch.manual_seed(SEED)
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    tok = build_tokenizer()
+    config = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=2,
+                                         bos_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16),
+                        projection_dim=16)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return model
+
+
+def make_dino(path):
+    """Save a tiny DINOv3ViTModel (facebook/dinov3-vits16plus layout: registers, RoPE) and its preprocessor config.
+
+    DINOv3ViTImageProcessor needs torchvision, so the preprocessor_config.json is written as JSON (resize to `size`,
+    ImageNet mean/std): examples/eval.py reads those numbers and preprocesses with PIL."""
+    torch.manual_seed(SEED)
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    model = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, patch_size=16, image_size=32,
+                                           num_register_tokens=4)).eval()
+    model.save_pretrained(path)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "DINOv3ViTImageProcessor", "size": {"height": 32, "width": 32},
+                   "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                   "rescale_factor": 1 / 255, "resample": 2}, f, indent=2)
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Demo data: procedurally drawn shapes, deliberately in every awkward file format / PIL mode a loader meets
 
@@ -322,6 +364,7 @@ def make_demo_data_jsonl(path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="tiny", help="output folder; gets zimage/ klein/ vlm/ data/ data_jsonl/")
+    p.add_argument("--metrics", action="store_true", help="also clip/ and dino/, the metric models of examples/eval.py")
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # transformers' per-save "Writing model shards" bars would bury the summary
@@ -332,6 +375,10 @@ def main(argv=None):
         comps = getattr(obj, "components", None) or {"visual": obj.model.visual, "language": obj.model.language_model}
         parts = {k: n_params(v) for k, v in comps.items() if isinstance(v, torch.nn.Module)}
         print(f"{out:<24} {time.time() - t:5.2f}s  " + ", ".join(f"{k} {v:,}" for k, v in parts.items()))
+    for name, build in [("clip", make_clip), ("dino", make_dino)] if args.metrics else []:
+        t, out = time.time(), os.path.join(args.out, name)
+        n = n_params(build(out))
+        print(f"{out:<24} {time.time() - t:5.2f}s  {n:,} parameters")
     for name, build in [("data", make_demo_data), ("data_jsonl", make_demo_data_jsonl)]:
         out = os.path.join(args.out, name)
         print(f"{out:<24} {', '.join(build(out))}")
