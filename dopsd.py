@@ -1192,15 +1192,10 @@ def read_prompts(flags, file, trigger=None):
                                                      else [])]]
     return [p.replace("[V]", trigger) if trigger else p for p in prompts if p]
 
-def check_args(cfg):
-    """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
-    ckpt, counts = find_checkpoint(cfg.out, cfg.full), {k: getattr(cfg, k) for k in (
-        "rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
-    other = find_checkpoint(cfg.out, not cfg.full)   # a LoRA run's file, or a --full run's folder
-    check_out_path(cfg.out, "--out", folder=True)
-    check_device(cfg.device)
-    # The numbers' ranges; `not lo < x < hi` also refuses nan. inf: an lr of inf is no step size, and a timeout of inf
-    # minutes overflows the timedelta torchrun's process group takes.
+def check_ranges(cfg):
+    """Refuse a number out of its range. `not lo < x < hi` also refuses nan. inf: an lr of inf is no step size, and a
+    timeout of inf minutes overflows the timedelta torchrun's process group takes."""
+    counts = {k: getattr(cfg, k) for k in ("rollout_steps", "rank", "max_steps", "batch_size", "grad_accum")}
     for flag, value, ok, want in (
             *((f"--{k.replace('_', '-')}", v, v >= 1, "at least 1") for k, v in counts.items()),
             ("--lr", cfg.lr, cfg.lr is None or 0 < cfg.lr < math.inf, "a positive learning rate, e.g. 1e-4"),
@@ -1212,6 +1207,14 @@ def check_args(cfg):
              "generator of 64 bits)")):
         if not ok:
             raise UserError(f"{flag} {value}: out of range; pass {want}")
+
+def check_args(cfg):
+    """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
+    ckpt = find_checkpoint(cfg.out, cfg.full)
+    other = find_checkpoint(cfg.out, not cfg.full)   # a LoRA run's file, or a --full run's folder
+    check_out_path(cfg.out, "--out", folder=True)
+    check_device(cfg.device)
+    check_ranges(cfg)
     refuse([(cfg.resolution < 64 or cfg.resolution % 16,
              f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})"),
             (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
@@ -2054,6 +2057,13 @@ def train_distributed(cfg, items, family, rank, world, device):
         dist.destroy_process_group()
     return code
 
+def write_config(cfg, family, world):
+    """out/config.json: every setting of the run, its family, world size and library versions; out/samples/."""
+    import diffusers, peft, transformers
+    (Path(cfg.out) / "samples").mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world,
+        "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}}, indent=2))
+
 def train_rank(cfg, items, family, rank, world, device):
     """One process of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The `run`
     namespace holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
@@ -2062,10 +2072,7 @@ def train_rank(cfg, items, family, rank, world, device):
     print(f"{family} | method {cfg.method} | roll-out K={cfg.rollout_steps} | deploy {fam['deploy']} steps, no CFG "
           f"| {'full fine-tuning' if cfg.full else f'LoRA r{cfg.rank}'} | lr {cfg.lr:g}")
     if rank == 0:
-        import diffusers, peft, transformers
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world, "versions": {
-            m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}}, indent=2))
+        write_config(cfg, family, world)
     extra = read_prompts(cfg.sample_prompt, cfg.sample_prompts, cfg.trigger)         # the grids' held-out columns
     preserve = read_prompts(None, cfg.preserve_prompts, cfg.trigger)
     refuse([(cfg.preserve_prompts and not preserve, f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")])
@@ -2074,9 +2081,7 @@ def train_rank(cfg, items, family, rank, world, device):
     pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
     fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show=rank == 0)
     del pipe                                         # the encoders go: the loop only ever runs the DiT
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device(device)
     fp8 = not cfg.full and any_rank(pick_fp8_base(cfg.fp8_base, device, tr, LORA_TARGETS[family], cfg.rank), device)
     sharded = cfg.full and world > 1                 # FSDP2; LoRA runs keep DDP (the adapters are small)
     if not (fp8 or sharded):                         # the LoRA is drawn where it trains, as it always was; FSDP2
@@ -2203,38 +2208,32 @@ def micro_step(run, micro):
 def train_loop(run):
     """The algorithm box: for each step, roll out and score every micro-batch (gradients accumulate), clip, AdamW,
     EMA towards the student, log. A non-finite step is skipped; Ctrl-C saves after the step in flight."""
-    from tqdm import tqdm
-    cfg, opt, first, streak, stop, ended = run.cfg, run.opt, run.step, 0, False, False
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=cfg.method, dynamic_ncols=True, disable=run.rank > 0)
-    log = open(run.out / "log.jsonl", "a") if run.rank == 0 else open(os.devnull, "w")
+    cfg, first, streak, stop = run.cfg, run.step, 0, False
+    bar, log = progress_bar_and_log(run)
     try:
         with CtrlC() as ctrl_c, bar, log:
-            while run.step < cfg.max_steps and not ended:
-                t0, micro, run.trained_states = time.perf_counter(), run.step * cfg.grad_accum, []
-                loss = sum(micro_step(run, micro + m).detach() / cfg.grad_accum for m in range(cfg.grad_accum))
+            while run.step < cfg.max_steps and not stop and streak < MAX_NONFINITE_STREAK:
+                t0, run.trained_states, loss = time.perf_counter(), [], 0.0
+                for m in range(cfg.grad_accum):             # roll-out, teacher, loss, backward: .grad accumulates
+                    loss = loss + micro_step(run, run.step * cfg.grad_accum + m).detach() / cfg.grad_accum
                 gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, 1.0)   # equal on every rank: synced
                 loss, stop = sync_loss_and_stop(loss, ctrl_c.requested, run.world, run.device)
                 gnorm = gnorm.item()                                 # host syncs, after the collective, for the log
                 if gnorm == 0 and run.step == first:                 # the student's LoRA got no gradient at all
-                    print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
-                          "switched away before backward, so training would silently do nothing", file=sys.stderr)
-                    return 1
+                    return no_gradient_error()
                 skipped = not (math.isfinite(loss) and math.isfinite(gnorm))
                 if not skipped:                                      # else: drop this gradient, keep the weights
-                    opt.step()
+                    run.opt.step()
                     ema_update(run.teacher_params, run.trainable, cfg.ema_decay)
-                opt.zero_grad(set_to_none=not run.ddp)        # under DDP .grad are views into its buckets: keep them
+                run.opt.zero_grad(set_to_none=not run.ddp)    # under DDP .grad are views into its buckets: keep them
                 streak = streak + 1 if skipped else 0
                 run.step, run.nonfinite = run.step + 1, run.nonfinite + skipped
                 log_step(log, bar, run, loss, gnorm, time.perf_counter() - t0, skipped)
                 # One process: a Ctrl-C during this step counts now. Several: only the flag all ranks agreed on at
                 # the sync, or one rank would save (a collective) while the others went on to the next step.
                 stop = stop or (run.world == 1 and ctrl_c.requested)
-                ended = stop or streak >= MAX_NONFINITE_STREAK        # either way: save once, below
-                if cfg.sample_every and run.step % cfg.sample_every == 0 and not ended:
-                    sample_grid(run)
-                if cfg.save_every and run.step % cfg.save_every == 0 and not ended:
-                    save_run(run)
+                if not stop and streak < MAX_NONFINITE_STREAK:       # else: the loop ends and saves once, below
+                    periodic_grid_and_checkpoint(run)
             save_run(run)
             if stop and streak < MAX_NONFINITE_STREAK:
                 print(f"interrupted: checkpoint saved at step {run.step}; continue with --resume", file=sys.stderr)
@@ -2245,6 +2244,30 @@ def train_loop(run):
         if run.world > 1:
             raise                                     # train_distributed ends this rank without a barrier
         return 130
+    return end_of_run(run, streak)
+
+def progress_bar_and_log(run):
+    """A tqdm bar (rank 0 only) and log.jsonl opened for appending (os.devnull on the other ranks)."""
+    from tqdm import tqdm
+    bar = tqdm(total=run.cfg.max_steps, initial=run.step, desc=run.cfg.method, dynamic_ncols=True,
+               disable=run.rank > 0)
+    return bar, open(run.out / "log.jsonl", "a") if run.rank == 0 else open(os.devnull, "w")
+
+def no_gradient_error():
+    """Exit code 1 for a first step whose gradient is exactly 0: training would silently do nothing."""
+    print("\nerror: the student's gradient is exactly 0 at the first step: its adapter was frozen or "
+          "switched away before backward, so training would silently do nothing", file=sys.stderr)
+    return 1
+
+def periodic_grid_and_checkpoint(run):
+    """A sample grid every --sample-every steps and a checkpoint every --save-every (0: only at the end)."""
+    if run.cfg.sample_every and run.step % run.cfg.sample_every == 0:
+        sample_grid(run)
+    if run.cfg.save_every and run.step % run.cfg.save_every == 0:
+        save_run(run)
+
+def end_of_run(run, streak):
+    """The exit code and last line of a run that finished its steps (0) or stopped on non-finite losses (1)."""
     if streak >= MAX_NONFINITE_STREAK:
         print(f"error: the loss was not finite for {streak} steps in a row (up to step {run.step}); lower --lr, or "
               "check the data; the last finite weights are saved", file=sys.stderr)

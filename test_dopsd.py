@@ -3,10 +3,10 @@ Tests for dopsd.py, read as a specification. Offline, CPU, tiny random-weight mo
 
 Run as:  python -m pytest -q            (about 1 minute on 2 cores)
 
-Groups, in dopsd.py's section order: data checks (before any model loads) -> device, models and conditioning ->
-roll-out vs the diffusers pipeline, teacher and EMA -> the fused loss -> end to end through main(argv) (train,
-resume, sample, LoRA interop with the pipelines, torchrun) -> the klein battery -> the toy model -> examples/
-memory_plan.py and gpu_check.py.
+Groups, in dopsd.py's section order: the method (roll-out, loss and EMA on toy velocity fields) -> data checks (before
+any model loads) -> device, models and conditioning -> roll-out vs the diffusers pipeline, teacher -> the fused loss ->
+end to end through main(argv) (train, resume, sample, LoRA interop with the pipelines, torchrun) -> the klein
+battery -> the toy model -> examples/memory_plan.py and gpu_check.py.
 The tiny models are built once per session by examples/make_tiny.py and loaded by path, like real checkpoints.
 """
 
@@ -85,7 +85,7 @@ def lora_weights(out):
 
 
 # ---------------------------------------------------------------------------------------------------- the method
-# dopsd.py's family-free method on a linear velocity field u = W·x: no diffusers, no models, milliseconds.
+# dopsd.py's family-free method on toy velocity fields (a linear u = W·x): no diffusers, no models, milliseconds.
 
 def test_one_dopsd_step_moves_the_student_towards_the_teacher_at_the_states_it_visited():
     """After one roll-out and one gradient step, the student's velocity is closer to the frozen teacher's at every state
@@ -104,6 +104,38 @@ def test_one_dopsd_step_moves_the_student_towards_the_teacher_at_the_states_it_v
     assert len(visited) == 4 and torch.equal(x, x_end)
     gap = lambda W: [((x @ W.T - x @ W_t.T) ** 2).mean().item() for x in visited]
     assert all(after < before for after, before in zip(gap(W.detach() - 0.1 * W.grad), gap(W.detach())))
+
+
+def test_reference_gradient_is_closed_form():
+    """Autograd through the reference gives ∂L/∂v_s = 2·w·(v_s − v_t)/N."""
+    vs, vt, sigma = make_inputs((2, 3, 5), torch.float64)
+    _, grad = reference64(vs, vt, sigma)
+    expected = 2 * sigma.double().view(2, 1, 1) ** 2 * (vs - vt).detach() / vs.numel()
+    assert_close(grad, expected, rtol=1e-12, what="closed-form grad", normwise=True)
+
+
+def test_the_teacher_runs_M_times_per_rollout_and_the_student_has_M_backwards():
+    """At the K − M unchosen states the teacher is not called and the student runs without grad."""
+    calls = {"teacher": 0, "grad": 0, "no_grad": 0}
+
+    def student(x, s):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return x * w
+    w = torch.tensor(0.5, requires_grad=True)
+    teacher = lambda x, s: calls.__setitem__("teacher", calls["teacher"] + 1) or x * 0
+    dopsd.dopsd_rollout(student, teacher, torch.randn(2, 3), dopsd.zimage_sigmas(4), trained=[1, 3])
+    assert calls == {"teacher": 2, "grad": 2, "no_grad": 2} and w.grad is not None
+
+
+def test_ema_moves_the_teacher_towards_the_student():
+    """φ <- μφ + (1-μ)θ exactly; μ = 1 leaves the teacher untouched."""
+    t, s = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
+    dopsd.ema_update(t, s, 0.9)
+    assert_close(t[0], torch.full((3,), 0.1), 1e-7)
+    assert_close(t[1], torch.full((2,), 0.9 * 1 + 0.1 * 3), 1e-6)
+    before = [x.clone() for x in t]
+    dopsd.ema_update(t, s, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, t))
 
 
 # ---------------------------------------------------------------------------------------------------- data checks
@@ -598,19 +630,6 @@ def test_one_loss_step_averaged_over_its_K_choices_is_the_full_gradient(two_role
         assert_close(mean[n], full[n], rtol=1e-5, what=n, normwise=True)
 
 
-def test_the_teacher_runs_M_times_per_rollout_and_the_student_has_M_backwards():
-    """At the K − M unchosen states the teacher is not called and the student runs without grad."""
-    calls = {"teacher": 0, "grad": 0, "no_grad": 0}
-
-    def student(x, s):
-        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
-        return x * w
-    w = torch.tensor(0.5, requires_grad=True)
-    teacher = lambda x, s: calls.__setitem__("teacher", calls["teacher"] + 1) or x * 0
-    dopsd.dopsd_rollout(student, teacher, torch.randn(2, 3), dopsd.zimage_sigmas(4), trained=[1, 3])
-    assert calls == {"teacher": 2, "grad": 2, "no_grad": 2} and w.grad is not None
-
-
 def test_stepwise_backward_equals_one_backward(two_role_dit):
     """Backward per step (flat memory) gives the same gradient and loss as one backward over the mean of the K losses."""
     tr, student, teacher = two_role_dit
@@ -697,17 +716,6 @@ def test_lora_layer_under_autocast_keeps_no_fp32_copy_of_its_input(tiny):
     assert {t.untyped_storage().data_ptr() for t in inputs} == {x.untyped_storage().data_ptr()}
 
 
-def test_ema_moves_the_teacher_towards_the_student():
-    """φ <- μφ + (1-μ)θ exactly; μ = 1 leaves the teacher untouched."""
-    t, s = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.full((2,), 3.0)]
-    dopsd.ema_update(t, s, 0.9)
-    assert_close(t[0], torch.full((3,), 0.1), 1e-7)
-    assert_close(t[1], torch.full((2,), 0.9 * 1 + 0.1 * 3), 1e-6)
-    before = [x.clone() for x in t]
-    dopsd.ema_update(t, s, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(before, t))
-
-
 # ---------------------------------------------------------------------------------------------------- fused loss
 # The divergence loss: reference, PyTorch path and Triton kernel agree. The kernel runs on CPU through the Triton
 # interpreter (TRITON_INTERPRET=1, set at the top of this file before triton is imported); everything is compared
@@ -745,16 +753,6 @@ def run_loss(vs, vt, sigma, space="x0", backend="torch", grad_scale=1.0):
     loss = dopsd_loss(vs, vt, sigma, space=space, backend=backend)
     (grad_scale * loss).backward()
     return loss.detach(), vs.grad
-
-
-# --- 1. the math ------------------------------------------------------------------------------------------------------
-
-def test_reference_gradient_is_closed_form():
-    """Autograd through the reference gives ∂L/∂v_s = 2·w·(v_s − v_t)/N."""
-    vs, vt, sigma = make_inputs((2, 3, 5), torch.float64)
-    _, grad = reference64(vs, vt, sigma)
-    expected = 2 * sigma.double().view(2, 1, 1) ** 2 * (vs - vt).detach() / vs.numel()
-    assert_close(grad, expected, rtol=1e-12, what="closed-form grad", normwise=True)
 
 
 # --- 2. Triton kernel vs reference ----------------------------------------------------------------------------------
@@ -1152,7 +1150,6 @@ def test_several_folders_with_repeats_and_caption_lists_train(tiny, tmp_path):
     args[args.index("--data") + 1] = f"{tiny['small']}:2"
     assert dopsd.main(args) == 0
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4      # 2 images + 1 image × 2 variants
-
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -1695,8 +1692,6 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_files(tiny, tmp_path
     else:                                            # checkpoint.pt is at step 2, the LoRA still at step 1
         assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
         assert lora.read_bytes() == kept[lora.name] and "--resume" in line
-
-
 
 
 def test_backward_runs_outside_autocast(tiny, tmp_path, monkeypatch):
