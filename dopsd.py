@@ -76,10 +76,8 @@ class TrainConfig:
     trigger: str = knob(None, "word that replaces [V] in captions (default: keep [V] literally)")
     resolution: int = knob(1024, "bucket size in pixels, multiple of 16")
     rollout_steps: int = knob(4, "K, student Euler steps per roll-out (4: σ = 1, .9, .75, .5 -> 0)")
-    loss_steps: int = knob(None, "M: a loss at M of the K roll-out states only, drawn anew each micro-batch (shared by "
-                           "its samples and ranks) and weighted K/M (an unbiased gradient before clipping); the "
-                           "others cost one student forward: at K 4 the bench measures M 1 at 0.44x the step time, "
-                           "for a noisier gradient (default: M = K)", type=int)
+    loss_steps: int = knob(None, "M: a loss at M of the K roll-out states only, drawn anew each micro-batch and "
+                           "weighted K/M (unbiased); the others cost one student forward (default: M = K)", type=int)
     loss_space: str = knob("x0", "x0: σ²-weighted velocity MSE (released code); v: velocity MSE (paper)",
                            choices=["x0", "v"])
     ema_decay: float = knob(0.9999, "teacher EMA decay μ per step; 1.0 keeps the teacher at the base model")
@@ -91,8 +89,8 @@ class TrainConfig:
                           ".safetensors, or another trainer's diffusers/ComfyUI-style LoRA of the same model) and keep "
                           "teaching it: one file holds both concepts; --preserve-prompts then pulls onto base + this "
                           "LoRA; its rank may be at most --rank")
-    full: bool = knob(False, "train every DiT weight instead of a LoRA, an fp32 EMA copy as teacher: ~22 bytes a "
-                      "parameter, ~130 GB for Z-Image (examples/memory_plan.py)")
+    full: bool = knob(False, "train every DiT weight instead of a LoRA, an fp32 EMA copy as teacher (memory: "
+                      "examples/memory_plan.py)")
     lr: float = knob(None, "AdamW learning rate, constant (default: the authors', Z-Image 1e-4, klein 2e-5)", type=float)
     max_steps: int = knob(2000, "optimizer steps")
     batch_size: int = knob(1, "images per micro-batch and rank, one aspect bucket")
@@ -113,11 +111,9 @@ class TrainConfig:
                                "the concept generalises (repeat the flag for more)", action="append")
     sample_prompts: str = knob(None, "a file of such prompts, one a line")
     save_every: int = knob(500, "steps between checkpoints; 0 = only at the end")
-    preserve_prompts: str = knob(None, "a file of prompts without the concept, one a line: each micro-batch the student "
-                                 "also rolls out on a random one per sample, from noise, and is pulled onto the base "
-                                 "model (LoRA off) at its own states (the --loss-steps ones), against bleeding into "
-                                 "them; a second roll-out, 1.9x the step time in the bench; the logged loss adds "
-                                 "--preserve-weight × its loss")
+    preserve_prompts: str = knob(None, "a file of prompts without the concept, one a line: a second roll-out a "
+                                 "micro-batch on them pulls the student onto the base model (LoRA off), against "
+                                 "bleeding into them; the logged loss adds --preserve-weight × its loss")
     preserve_weight: float = knob(1.0, "weight of the --preserve-prompts roll-out's loss")
     resume: bool = knob(False, "continue from --out's checkpoint (checkpoint.pt; checkpoint/ for --full)")
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
@@ -263,7 +259,8 @@ class WriteFailed(UserError):
 
 def refuse(checks):
     """Raise a UserError with the message of the first (bad, message) pair that is bad. Every message is built
-    before any check runs, so it may only use values that exist when nothing is wrong."""
+    before any check runs, so it may only use values that exist when nothing is wrong. (examples/ call it; dopsd.py
+    itself writes plain `if ...: raise UserError(...)`.)"""
     for bad, message in checks:
         if bad:
             raise UserError(message)
@@ -379,11 +376,12 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
     image_facts."""
     from PIL import Image
     root = Path(data_dir)
-    refuse([(not root.is_dir(), f"--data {root}: folder not found; pass a folder of images with same-name .txt "
-             "captions")])
+    if not root.is_dir():
+        raise UserError(f"--data {root}: folder not found; pass a folder of images with same-name .txt captions")
     meta, problems = read_metadata(root / "metadata.jsonl")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    refuse([(not files, f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")])
+    if not files:
+        raise UserError(f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")
     bad, items, bomb_limit = {"unreadable": [], "large": [], "small": [], "uncaptioned": [], "not_utf8": []}, [], 0
     for p in files:
         try:
@@ -416,7 +414,8 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
     which = ("2 × " if bomb_limit > Image.MAX_IMAGE_PIXELS else "") + "Image.MAX_IMAGE_PIXELS"
     problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE, limit=bomb_limit, which=which)
                  for k, ps in bad.items() if ps]
-    refuse([(problems, f"--data {root}: " + "; ".join(problems))])
+    if problems:
+        raise UserError(f"--data {root}: " + "; ".join(problems))
     warn_shared_captions(root, files, meta)
     return items
 
@@ -585,11 +584,14 @@ def setup_distributed(device_name, timeout_min=60.0):
     import datetime
     import torch.distributed as dist
     cuda = device_name != "cpu" and torch.cuda.is_available()
-    refuse([(device_name not in ("auto", "cuda", "cpu"), f"--device {device_name} under torchrun: each rank takes "
-             "cuda:LOCAL_RANK; pass --device cuda (choose the GPUs with CUDA_VISIBLE_DEVICES) or --device cpu"),
-            (device_name == "auto" and not cuda and has_mps(), "torchrun on Apple MPS: there is no multi-process "
-             "backend for mps; run one process (python dopsd.py train ...), or pass --device cpu to train on the CPU"),
-            (device_name == "cuda" and not cuda, "--device cuda: no CUDA device is visible; pass --device cpu")])
+    if device_name not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {device_name} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda "
+                        "(choose the GPUs with CUDA_VISIBLE_DEVICES) or --device cpu")
+    if device_name == "auto" and not cuda and has_mps():
+        raise UserError("torchrun on Apple MPS: there is no multi-process backend for mps; run one process (python "
+                        "dopsd.py train ...), or pass --device cpu to train on the CPU")
+    if device_name == "cuda" and not cuda:
+        raise UserError("--device cuda: no CUDA device is visible; pass --device cpu")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -667,11 +669,12 @@ def pipeline_family(model):
         raise UserError(f"--model {model}: cannot read model_index.json ({type(e).__name__}); "
                         "pass a diffusers pipeline folder or hub id") from None
     cls = index["_class_name"]
-    refuse([(cls not in SUPPORTED_PIPELINES, f"--model {model}: {cls} is not supported; supported families: "
-             "ZImagePipeline (Z-Image-Turbo), Flux2KleinPipeline (FLUX.2-klein-4B/9B, distilled)"),
-            (cls == "Flux2KleinPipeline" and not index.get("is_distilled", False), f"--model {model}: this klein "
-             "checkpoint is not step-distilled (is_distilled=false, a klein base model): D-OPSD keeps few-step "
-             "sampling; for a base model use ordinary fine-tuning")])
+    if cls not in SUPPORTED_PIPELINES:
+        raise UserError(f"--model {model}: {cls} is not supported; supported families: ZImagePipeline "
+                        "(Z-Image-Turbo), Flux2KleinPipeline (FLUX.2-klein-4B/9B, distilled)")
+    if cls == "Flux2KleinPipeline" and not index.get("is_distilled", False):
+        raise UserError(f"--model {model}: this klein checkpoint is not step-distilled (is_distilled=false, a klein "
+                        "base model): D-OPSD keeps few-step sampling; for a base model use ordinary fine-tuning")
     return SUPPORTED_PIPELINES[cls]
 
 def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True):
@@ -697,9 +700,10 @@ def load_hybrid_vlm(vlm_path, text_encoder, dtype):
     src = {k.removeprefix("model."): v for k, v in text_encoder.state_dict().items()}    # Qwen3ForCausalLM has "model."
     dst = vlm.language_model.state_dict()
     matched = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
-    refuse([(len(matched) != len(dst), f"--vlm {vlm_path}: only {len(matched)}/{len(dst)} language-model tensors match "
-             f"the text encoder of --model (first missing: {min(set(dst) - set(matched), default='')}); use the "
-             "Qwen3-VL of the same size as the encoder")])
+    if len(matched) != len(dst):
+        raise UserError(f"--vlm {vlm_path}: only {len(matched)}/{len(dst)} language-model tensors match the text "
+                        f"encoder of --model (first missing: {min(set(dst) - set(matched), default='')}); use the "
+                        "Qwen3-VL of the same size as the encoder")
     # assign=True: the VLM's language model holds the text encoder's own tensors, not a copy -- caching then needs one
     # 4 B language model on the device, not two (Z-Image's caching peak would otherwise pass its training peak)
     vlm.language_model.load_state_dict(matched, assign=True)
@@ -1044,10 +1048,10 @@ def use_adapter(layers, name, trainable=True):
 def _divergence_fwd_torch(v_s, v_t, w):
     """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype). It runs inside
     autograd.Function.forward, so no graph is built and only wd is kept; torch.compile would fuse it into one loop."""
-    ct = torch.promote_types(v_s.dtype, torch.float32)              # fp32 math for bf16/fp16, float64 stays float64
+    math_dtype = torch.promote_types(v_s.dtype, torch.float32)    # fp32 for bf16/fp16 inputs, float64 stays float64
     bshape = (v_s.shape[0],) + (1,) * (v_s.dim() - 1)               # (B, 1, ..., 1)
-    d = v_s.to(ct) - v_t                                            # (B, ...) ct; type promotion upcasts v_t in-loop
-    wd = w.to(ct).view(bshape) * d                                  # (B, ...) w(σ_b)·d = (N/2)·∂L/∂v_s
+    d = v_s.to(math_dtype) - v_t                                    # (B, ...) type promotion upcasts v_t in-loop
+    wd = w.to(math_dtype).view(bshape) * d                          # (B, ...) w(σ_b)·d = (N/2)·∂L/∂v_s
     loss = (torch.dot(wd.view(-1), d.view(-1)) / v_s.numel()).float()   # ()  Σ w·d² / N in fp32, one read of each
     return loss, wd.to(v_s.dtype)
 
@@ -1207,6 +1211,12 @@ def check_ranges(cfg):
              "generator of 64 bits)")):
         if not ok:
             raise UserError(f"{flag} {value}: out of range; pass {want}")
+    if cfg.resolution < 64 or cfg.resolution % 16:
+        raise UserError(f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})")
+    if cfg.loss_steps is not None and not 1 <= cfg.loss_steps <= cfg.rollout_steps:
+        raise UserError(f"--loss-steps must be from 1 to --rollout-steps {cfg.rollout_steps} (got {cfg.loss_steps})")
 
 def check_args(cfg):
     """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
@@ -1215,30 +1225,31 @@ def check_args(cfg):
     check_out_path(cfg.out, "--out", folder=True)
     check_device(cfg.device)
     check_ranges(cfg)
-    refuse([(cfg.resolution < 64 or cfg.resolution % 16,
-             f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})"),
-            (not 0.0 <= cfg.ema_decay <= 1.0, f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})"),
-            (cfg.loss_steps is not None and not 1 <= cfg.loss_steps <= cfg.rollout_steps,
-             f"--loss-steps must be from 1 to --rollout-steps {cfg.rollout_steps} (got {cfg.loss_steps})"),
-            (cfg.loss_steps is not None and cfg.method != "dopsd", "--loss-steps chooses roll-out states: it needs "
-             "--method dopsd"),
-            (min(cfg.sample_every, cfg.save_every) < 0, "--sample-every and --save-every must be 0 or positive"),
-            (cfg.resume and not (ckpt or other), f"--resume: no checkpoint in {cfg.out}; start without --resume"),
-            (not cfg.resume and (ckpt or other), f"--out {cfg.out} already holds a run; pass --resume to continue it "
-             "or choose another --out"),
-            *((f and not Path(f).is_file(), f"--{flag} {f}: file not found; pass a text file with one prompt a line")
-              for flag, f in (("sample-prompts", cfg.sample_prompts), ("preserve-prompts", cfg.preserve_prompts))),
-            (cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"), "--preserve-prompts pulls a LoRA student "
-             "onto the base model: it needs --method dopsd without --full"),
-            (cfg.init_lora and cfg.full, "--init-lora continues a LoRA; to continue a --full run, pass its --out "
-             "folder as --model"),
-            (Path(cfg.out).resolve() == Path(cfg.model).resolve(), f"--out {cfg.out} is the --model folder: the run "
-             "would overwrite the weights it reads; choose another --out"),
-            (cfg.fp8_base == "on" and cfg.full, "--fp8-base on with --full: the trained weights must stay in bf16 or "
-             "fp32; drop --fp8-base (LoRA runs can use it)"),
-            (cfg.fp8_base == "on" and cfg.grad_checkpointing == "off", "--fp8-base on with --grad-checkpointing off: "
-             "without checkpointing each linear keeps its upcast weight for backward and the saving is gone; drop "
-             "--grad-checkpointing off")])
+    if cfg.loss_steps is not None and cfg.method != "dopsd":
+        raise UserError("--loss-steps chooses roll-out states: it needs --method dopsd")
+    if min(cfg.sample_every, cfg.save_every) < 0:
+        raise UserError("--sample-every and --save-every must be 0 or positive")
+    if cfg.resume and not (ckpt or other):
+        raise UserError(f"--resume: no checkpoint in {cfg.out}; start without --resume")
+    if not cfg.resume and (ckpt or other):
+        raise UserError(f"--out {cfg.out} already holds a run; pass --resume to continue it or choose another --out")
+    for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
+        if f and not Path(f).is_file():
+            raise UserError(f"{flag} {f}: file not found; pass a text file with one prompt a line")
+    if cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"):
+        raise UserError("--preserve-prompts pulls a LoRA student onto the base model: it needs --method dopsd without "
+                        "--full")
+    if cfg.init_lora and cfg.full:
+        raise UserError("--init-lora continues a LoRA; to continue a --full run, pass its --out folder as --model")
+    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
+        raise UserError(f"--out {cfg.out} is the --model folder: the run would overwrite the weights it reads; choose "
+                        "another --out")
+    if cfg.fp8_base == "on" and cfg.full:
+        raise UserError("--fp8-base on with --full: the trained weights must stay in bf16 or fp32; drop --fp8-base "
+                        "(LoRA runs can use it)")
+    if cfg.fp8_base == "on" and cfg.grad_checkpointing == "off":
+        raise UserError("--fp8-base on with --grad-checkpointing off: without checkpointing each linear keeps its "
+                        "upcast weight for backward and the saving is gone; drop --grad-checkpointing off")
     for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
         if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
             raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
@@ -1575,6 +1586,11 @@ def wrap_ddp(tr, device):
     return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False, gradient_as_bucket_view=True)
 
+# --------------------------------------------------------------------------------------------------------------------
+# grids and checkpoints
+# What a run leaves behind: sample grids and loss.png, an atomic checkpoint (checkpoint.pt, or checkpoint/ for --full)
+# and the deliverable (the LoRA with its metadata, or transformer/), and reading them back for --resume.
+
 def draw_row(velocity, conds, preview, decode, vae, autocast):
     """One grid row: velocity (x, σ, cond) -> u, sampled on the deploy schedule from each column's fixed noise, with
     that column's conditioning (conds: one per column; fewer leave the last columns empty)."""
@@ -1867,12 +1883,12 @@ def save_lora(transformer, pipe_cls, adapter, target_regex, path, card):
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    lc, tmp = transformer.peft_config[adapter], Path(str(path) + ".d")
-    layers = {k: v * (lc.lora_alpha / lc.r) if ".lora_B." in k else v
+    lora_cfg, tmp = transformer.peft_config[adapter], Path(str(path) + ".d")
+    layers = {k: v * (lora_cfg.lora_alpha / lora_cfg.r) if ".lora_B." in k else v
               for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter).items()}
     try:                                             # everything is written into tmp, then one rename
         pipe_cls.save_lora_weights(tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata={
-            **lc.to_dict(), "lora_alpha": lc.r, "target_modules": target_regex})
+            **lora_cfg.to_dict(), "lora_alpha": lora_cfg.r, "target_modules": target_regex})
         with safe_open(tmp / "pytorch_lora_weights.safetensors", "pt") as f:    # diffusers' header, plus the card
             meta = {**f.metadata(), **card}
         save_file(load_file(tmp / "pytorch_lora_weights.safetensors"), tmp / "with_card", metadata=meta)
@@ -1892,16 +1908,16 @@ def lora_card(cfg, family, step):
             "dopsd.base_model": base, "dopsd.deploy_steps": str(fam["deploy"]),
             "dopsd.trained_rank_alpha": f"{cfg.rank}/{cfg.alpha:g} (folded into lora_B; lora_alpha = rank here)"}
 
-def check_resume(path, cfg, ck=None):
+def check_resume(path, cfg, ckpt=None):
     """Refuse a --resume whose setup differs from the checkpoint's. check_args calls it before anything loads, with
     mmap=True: that reads the pickled dict and maps the tensors without reading them. Another number of ranks is
     fine when the global batch (--batch-size × ranks) is the same: the run then sees the batches it would have."""
     try:
         if Path(path).is_dir():                      # a --full run's checkpoint/ folder
-            ck = json.loads((Path(path) / "meta.json").read_text())
+            ckpt = json.loads((Path(path) / "meta.json").read_text())
         else:
-            ck = ck or torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        was, was_world = ck["config"], ck.get("world_size")     # (older checkpoint.pt files: no world_size)
+            ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        was, was_world = ckpt["config"], ckpt.get("world_size")     # (older checkpoint.pt files: no world_size)
     except Exception as e:                           # torch.load raises one of several types on a damaged file
         raise UserError(f"--resume: cannot read {path} ({type(e).__name__}); it is damaged or not a dopsd.py "
                         "checkpoint: train into a new --out") from None
@@ -1944,19 +1960,24 @@ def load_full_run(path, run):
 
 def load_run(path, run):
     """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
-    ck, cfg = torch.load(path, map_location="cpu", weights_only=True), run.cfg
-    check_resume(path, cfg, ck)
-    if ck["config"].get("init_lora") != cfg.init_lora:   # what --preserve-prompts pulls onto: not in the checkpoint
-        raise UserError(f"--resume: --init-lora was {ck['config'].get('init_lora')!r} in {path}, now "
+    ckpt, cfg = torch.load(path, map_location="cpu", weights_only=True), run.cfg
+    check_resume(path, cfg, ckpt)
+    if ckpt["config"].get("init_lora") != cfg.init_lora:   # what --preserve-prompts pulls onto: not in the checkpoint
+        raise UserError(f"--resume: --init-lora was {ckpt['config'].get('init_lora')!r} in {path}, now "
                         f"{cfg.init_lora!r}; use the same LoRA")
     with torch.no_grad():
-        for p, v in zip(run.trainable + run.teacher_params, ck["student"] + ck["teacher"]):
+        for p, v in zip(run.trainable + run.teacher_params, ckpt["student"] + ckpt["teacher"]):
             p.copy_(v)
-    run.opt.load_state_dict(ck["optimizer"])
+    run.opt.load_state_dict(ckpt["optimizer"])
     for group in run.opt.param_groups:               # load_state_dict restores the old lr: --lr (logged) wins
         group["lr"] = cfg.lr
-    run.step, run.nonfinite = ck["step"], ck["nonfinite"]
+    run.step, run.nonfinite = ckpt["step"], ckpt["nonfinite"]
     print(f"resumed from {path} at step {run.step}")
+
+# --------------------------------------------------------------------------------------------------------------------
+# the training run
+# train() checks everything it can before a model loads, train_rank() sets one process up, and train_loop() is the
+# algorithm box; micro_step() is one batch's roll-out with teacher scoring and backward.
 
 class CtrlC:
     """First Ctrl-C: `requested` turns true, and the loop saves after the step in flight, so the checkpoint is a
@@ -2075,7 +2096,8 @@ def train_rank(cfg, items, family, rank, world, device):
         write_config(cfg, family, world)
     extra = read_prompts(cfg.sample_prompt, cfg.sample_prompts, cfg.trigger)         # the grids' held-out columns
     preserve = read_prompts(None, cfg.preserve_prompts, cfg.trigger)
-    refuse([(cfg.preserve_prompts and not preserve, f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")])
+    if cfg.preserve_prompts and not preserve:
+        raise UserError(f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")
     plan, mine = plan_cache(cfg, family, items, extra + preserve, dopsd, dtype, world)
     pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None, text_encoder=bool(mine))
     pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
@@ -2103,9 +2125,8 @@ def train_rank(cfg, items, family, rank, world, device):
     preview = make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, rank == 0 or sharded)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
-    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out,
-                          cell=latent_cell(family, vae),
-                          cache=cache, tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
+    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cache=cache,
+                          cell=latent_cell(family, vae), tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
                           preview=preview, student=student, teacher=teacher, trainable=trainable,
                           teacher_params=teacher_params, opt=opt, step=0, nonfinite=0, trained_states=[],
                           anchor="anchor" if init and preserve else None,   # what --preserve-prompts pulls onto
@@ -2159,44 +2180,51 @@ def make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, dra
     use_adapter(layers, "student")                   # trainable again before DDP or the optimizer look at it
     return preview
 
-def micro_step(run, micro):
-    """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
+def my_share_of_the_batch(run, micro):
+    """This rank's slice of micro-batch `micro`: (generator g, slice mine, h, w, noise [b, C, h, w], conditioning).
     The global batch (batch_size × world) and its noise depend on (seed, micro) only, and each rank takes its slice:
     N ranks × batch b train exactly like 1 process × batch N·b, and a resumed run sees the batches an uninterrupted
-    one would. Under DDP the gradient all-reduce runs only on the last backward of the optimizer step: the K roll-out
-    steps and the --grad-accum micro-batches would otherwise each pay one."""
+    one would. g has drawn the noise; the caller draws the rest of the micro-batch's randomness from it."""
     cfg, cache = run.cfg, run.cache
     pos = batch_for_step(cache["bucket_of"], cfg.batch_size * run.world, cfg.seed, micro)   # epoch positions
     h, w = cache["bucket_of"][pos[0]][0] // run.cell, cache["bucket_of"][pos[0]][1] // run.cell
     g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
     mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
     noise = torch.randn(len(pos), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
-    conds, calls = batch_entries(cache, pos, mine, cfg.seed, micro, run.device), [0]
-    cs = collate([s for s, _ in conds])
+    return g, mine, h, w, noise, batch_entries(cache, pos, mine, cfg.seed, micro, run.device)
+
+def micro_step(run, micro):
+    """One micro-batch: its loss, with its gradient (scaled by 1/grad_accum) already accumulated in .grad.
+    Under DDP the gradient all-reduce runs only on the last backward of the optimizer step: the K roll-out steps and
+    the --grad-accum micro-batches would otherwise each pay one."""
+    cfg, cache, calls = run.cfg, run.cache, [0]
+    g, mine, h, w, noise, conds = my_share_of_the_batch(run, micro)
+    cond_s = collate([s for s, _ in conds])
     M, K = cfg.loss_steps or cfg.rollout_steps, cfg.rollout_steps
     trained = sorted(torch.randperm(K, generator=g)[:M].tolist()) if M < K and cfg.method == "dopsd" else None
     run.trained_states += [trained] if trained else []       # for the log (--loss-steps)
     rollouts = (2 if cache["preserve"] else 1) if cfg.method == "dopsd" else 0
     backwards, last = max(1, rollouts * M), (micro + 1) % cfg.grad_accum == 0
 
-    def student_x(x, s, c=cs):                       # the student on this batch's captions, or on c
+    def student_x(x, s, c=cond_s):                   # the student on this batch's captions, or on c
         calls[0] += torch.is_grad_enabled()          # count the forwards that will have a backward
         if run.ddp:                                  # (FSDP2 reduce-scatters every backward into 1/N shards)
             run.model.require_backward_grad_sync = last and calls[0] == backwards
         return run.student(run.model, x, s, c)
     if cfg.method == "dopsd":
-        ct, sigmas = collate([t for _, t in conds]), schedule(run.family, cfg.rollout_steps, h, w)
-        loss = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, ct), noise, sigmas, cfg.loss_space,
+        cond_t, sigmas = collate([t for _, t in conds]), schedule(run.family, cfg.rollout_steps, h, w)
+        loss = dopsd_rollout(student_x, lambda x, s: run.teacher(x, s, cond_t), noise, sigmas, cfg.loss_space,
                              1.0 / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
         # --preserve-prompts: on-policy from new noise, onto the model the run started from (the base, adapters off;
         # with --init-lora the frozen anchor adapter), with a loss at the same states as the main roll-out
         if cache["preserve"]:
             pick = torch.randint(len(cache["preserve"]), (len(noise) * run.world,), generator=g)[mine].tolist()
             noise_p = torch.randn(len(noise) * run.world, *noise.shape[1:], generator=g)[mine].to(run.device)
-            cp = collate(prompt_conds(cache, pick, run.device))
+            cond_p = collate(prompt_conds(cache, pick, run.device))
             loss = loss + cfg.preserve_weight * dopsd_rollout(
-                lambda x, s: student_x(x, s, cp), lambda x, s: run.teacher(x, s, cp, adapter=run.anchor), noise_p, sigmas,
-                cfg.loss_space, cfg.preserve_weight / cfg.grad_accum, backend=cfg.loss_backend, trained=trained)[0]
+                lambda x, s: student_x(x, s, cond_p), lambda x, s: run.teacher(x, s, cond_p, adapter=run.anchor),
+                noise_p, sigmas, cfg.loss_space, cfg.preserve_weight / cfg.grad_accum, backend=cfg.loss_backend,
+                trained=trained)[0]
         return loss
     u = torch.rand(cfg.batch_size * run.world, generator=g)[mine]   # SFT: σ from the family's shifted density
     x0 = torch.stack([x0 for _, x0 in conds])
@@ -2385,9 +2413,10 @@ def load_weights(pipe, weights, scale=1.0):
 
 def check_sample_args(prompts, out, lora, lora_scale, compare, steps, seed, height, width, device):
     """Everything the arguments and files can tell, before any weight is read. Returns lora_source(lora) or None."""
-    refuse([(height % 16 or width % 16 or min(height, width) < 16,
-             f"--height/--width must be multiples of 16 (got {height}×{width})"),
-            (compare and not lora, "--compare needs --lora: it draws the base model beside the trained one")])
+    if height % 16 or width % 16 or min(height, width) < 16:
+        raise UserError(f"--height/--width must be multiples of 16 (got {height}×{width})")
+    if compare and not lora:
+        raise UserError("--compare needs --lora: it draws the base model beside the trained one")
     check_out_path(out, "--out", folder=False)
     check_image_name(out)
     check_device(device)
