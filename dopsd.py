@@ -1485,7 +1485,7 @@ def encode_missing(family, enc, todo, items, buckets, show=True):
                     write_entry(p, k, tensors)
                 bar.update(len(chunk))
 
-def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast, init=None, anchor=False, mesh=None,
+def attach_roles(dit, family, dopsd, full, rank, alpha, seed, autocast, init=None, anchor=False, mesh=None,
                  compute_dtype=torch.float32):
     """The two roles on one DiT -> (student, teacher, trainable, teacher_params); student: (model, x, σ, cond) -> u,
     teacher: (x, σ, cond, adapter="teacher") -> u. LoRA: adapters "student" and "teacher" (an exact copy at first),
@@ -1496,22 +1496,22 @@ def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast, init=None
     both are sharded with FSDP2 over it, the lists then hold this rank's shards (DTensors)."""
     if full:
         if mesh is not None:                         # parameters are replaced by shards: the lists come after this
-            shard_dit(tr.requires_grad_(True), mesh, compute_dtype)
-            teacher_model = sharded_copy(tr, mesh, compute_dtype) if dopsd else None
+            shard_dit(dit.requires_grad_(True), mesh, compute_dtype)
+            teacher_model = sharded_copy(dit, mesh, compute_dtype) if dopsd else None
         else:
-            teacher_model = copy.deepcopy(tr).eval() if dopsd else None
+            teacher_model = copy.deepcopy(dit).eval() if dopsd else None
         layers = None                                # no LoRA layers: use_adapter does nothing
-        trainable = list(tr.requires_grad_(True).parameters())
+        trainable = list(dit.requires_grad_(True).parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
     else:
         torch.manual_seed(seed)                      # LoRA's A factors are drawn from the global RNG
         names = ("student",) + ("teacher",) * dopsd + ("anchor",) * anchor
-        n = add_lora_adapters(tr, LORA_TARGETS[family], rank, alpha, names)
+        n = add_lora_adapters(dit, LORA_TARGETS[family], rank, alpha, names)
         if init:
-            set_lora(tr, init, names, alpha / rank)
-        st = adapter_params(tr, "student")
-        trainable, teacher_model, layers = list(st.values()), tr, lora_layers(tr)
-        teacher_params = [adapter_params(tr, "teacher")[k] for k in st] if dopsd else []
+            set_lora(dit, init, names, alpha / rank)
+        st = adapter_params(dit, "student")
+        trainable, teacher_model, layers = list(st.values()), dit, lora_layers(dit)
+        teacher_params = [adapter_params(dit, "teacher")[k] for k in st] if dopsd else []
         print(f"LoRA: {n} linears wrapped (every attention and feed-forward linear), "
               f"{sum(p.numel() for p in trainable):,} trainable parameters")
     velocity = FAMILIES[family]["velocity"]
@@ -1539,7 +1539,7 @@ def attach_roles(tr, family, dopsd, full, rank, alpha, seed, autocast, init=None
 # block at a time for compute. Ranks must then run the same forwards in the same order: the grids are drawn by all of
 # them, and checkpoints and transformer/ are written by all of them (torch.distributed.checkpoint, one tensor at a time).
 
-def shard_dit(tr, mesh, compute_dtype):
+def shard_dit(dit, mesh, compute_dtype):
     """FSDP2 over `mesh`, in place: each repeated transformer block is one unit, the root (embedders, final layer)
     one more, so beside its shards a rank holds at most one block's gathered weights (and the root's). Dtypes: the
     shards stay fp32 (AdamW and the EMA update them in place; in bf16 a 1e-4 EMA step would round away); the gathered
@@ -1551,23 +1551,23 @@ def shard_dit(tr, mesh, compute_dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
-    blocks = [m for m in tr.modules() if type(m).__name__ in tr._repeated_blocks]   # before sharding renames them
+    blocks = [m for m in dit.modules() if type(m).__name__ in dit._repeated_blocks]   # before sharding renames them
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    return fully_shard(tr, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    return fully_shard(dit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
 
-def sharded_copy(tr, mesh, compute_dtype):
-    """A frozen copy of the sharded DiT `tr`, sharded alike: built on the meta device (no memory), given storage for
-    its shards only, then filled shard by shard from tr's. No rank ever holds a second full model (copy.deepcopy of
+def sharded_copy(dit, mesh, compute_dtype):
+    """A frozen copy of the sharded DiT `dit`, sharded alike: built on the meta device (no memory), given storage for
+    its shards only, then filled shard by shard from dit's. No rank ever holds a second full model (copy.deepcopy of
     the unsharded DiT would cost every rank 4 bytes a parameter of host RAM; a sharded module cannot be copied)."""
-    dit_class = next(c for c in type(tr).__mro__ if c.__name__ in DIT_FAMILY)      # FSDP<Name> -> Name
+    dit_class = next(c for c in type(dit).__mro__ if c.__name__ in DIT_FAMILY)     # FSDP<Name> -> Name
     with torch.device("meta"):
-        twin = dit_class.from_config(tr.config).requires_grad_(False).eval()
+        twin = dit_class.from_config(dit.config).requires_grad_(False).eval()
     shard_dit(twin, mesh, compute_dtype).to_empty(device=mesh.device_type)
     with torch.no_grad():                            # in place: FSDP gathers from the shards' own storage
-        for t, s in zip(twin.parameters(), tr.parameters(), strict=True):
+        for t, s in zip(twin.parameters(), dit.parameters(), strict=True):
             t.to_local().copy_(s.to_local())
-        for t, s in zip(twin.buffers(), tr.buffers(), strict=True):
+        for t, s in zip(twin.buffers(), dit.buffers(), strict=True):
             t.copy_(s)
     return twin
 
@@ -1575,15 +1575,15 @@ def local_shard(t):
     """The part of t this rank holds: a DTensor's local shard, or t itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
-def wrap_ddp(tr, device):
+def wrap_ddp(dit, device):
     """PyTorch's own DDP, which averages the student's gradients across ranks in backward. The frozen weights skip its
     start-up broadcast: every rank loads the same files and seeds the LoRA alike (ranks_agree() checks). With
     gradient_as_bucket_view the gradients live in DDP's buckets, not beside them (a second copy: 25 GB for --full
     Z-Image); hence zero_grad(set_to_none=False) under DDP."""
     from torch.nn.parallel import DistributedDataParallel
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        tr, [n for n, p in tr.named_parameters() if not p.requires_grad])
-    return DistributedDataParallel(tr, device_ids=[device.index] if device.type == "cuda" else None,
+        dit, [n for n, p in dit.named_parameters() if not p.requires_grad])
+    return DistributedDataParallel(dit, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1723,7 +1723,7 @@ def raise_on_every_rank(failed, run):
 def write_run(run):
     """Rank 0's part of save_run: the files, each written beside its old version and swapped in."""
     from safetensors import SafetensorError
-    out, tr, ckpt = run.out, run.tr, run.out / "checkpoint.pt"
+    out, dit, ckpt = run.out, run.dit, run.out / "checkpoint.pt"
     if not all(torch.isfinite(p).all() for p in run.trainable):
         print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
         return
@@ -1742,7 +1742,7 @@ def write_run(run):
     run.saved_step = run.step
     deliverable = out / "pytorch_lora_weights.safetensors"
     try:
-        save_lora(tr, run.pipe_cls, "student", LORA_TARGETS[run.family], deliverable,
+        save_lora(dit, run.pipe_cls, "student", LORA_TARGETS[run.family], deliverable,
                   lora_card(run.cfg, run.family, run.step))
     except (OSError, SafetensorError) as e:
         raise WriteFailed(f"could not write {deliverable} at step {run.step} ({io_reason(e)}); {ckpt} (step "
@@ -1765,7 +1765,7 @@ def save_full_run(run):
         return
     raise_on_every_rank(write_full_checkpoint(run, ckpt), run)
     run.saved_step = run.step
-    failed = export_dit(run.tr, run.out / "transformer", run.rank)
+    failed = export_dit(run.dit, run.out / "transformer", run.rank)
     raise_on_every_rank(failed and WriteFailed(
         f"could not write {run.out / 'transformer'} at step {run.step} ({io_reason(failed)}); {ckpt} (step "
         f"{run.step}) is written: free space, then run again with --resume to write transformer/"), run)
@@ -1775,9 +1775,9 @@ def full_state(run):
     teacher's weights by parameter name, and AdamW's state keyed by parameter name too (torch's own mapping, the same
     sharded or not): so N ranks' shards load into any other number of ranks, or one process."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    names = [n for n, _ in run.tr.named_parameters()]
+    names = [n for n, _ in run.dit.named_parameters()]
     state = {"student": {n: p.detach() for n, p in zip(names, run.trainable, strict=True)},
-             "optimizer": get_optimizer_state_dict(run.tr, run.opt)}
+             "optimizer": get_optimizer_state_dict(run.dit, run.opt)}
     if run.teacher_params:
         state["teacher"] = {n: p.detach() for n, p in zip(names, run.teacher_params, strict=True)}
     return state
@@ -1819,13 +1819,13 @@ def swap_in(new, path):
     os.replace(new, path)
     shutil.rmtree(old, ignore_errors=True)
 
-def export_dit(tr, folder, rank, file_bytes=2 * 2**30):
+def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
     """The DiT in save_pretrained's format (config.json; safetensors files of at most file_bytes, with diffusers'
     names and index), written by rank 0 into folder.tmp and swapped in. Sharded, each tensor is gathered in turn (a
     collective: every rank calls this) and the other ranks drop it at once: none holds more than one full tensor
     beside its shards, rank 0 at most one file's worth. Returns None, or the OSError that stopped rank 0's writing."""
     from safetensors.torch import save_file
-    state, files = tr.state_dict(), [[]]             # FSDP2: DTensors (its state_dict hook reshards first)
+    state, files = dit.state_dict(), [[]]            # FSDP2: DTensors (its state_dict hook reshards first)
     size = 0
     for k, v in state.items():                       # the file layout, from the global shapes
         if files[-1] and size + v.numel() * v.element_size() > file_bytes:
@@ -1852,17 +1852,17 @@ def export_dit(tr, folder, rank, file_bytes=2 * 2**30):
                 failed = e
         del part
     if rank == 0:
-        failed = failed or finish_export(tr, tmp, folder, dict(zip(names, files)), state)
+        failed = failed or finish_export(dit, tmp, folder, dict(zip(names, files)), state)
         if failed:                                   # the previous transformer/ stays as it was
             shutil.rmtree(tmp, ignore_errors=True)
     return failed
 
-def finish_export(tr, tmp, folder, files, state):
+def finish_export(dit, tmp, folder, files, state):
     """config.json (with the DiT's own class name: a sharded module's class is FSDP<Name>) and, for several files,
     diffusers' index; then the folder is swapped in. Returns None or the OSError."""
     try:
-        config = json.loads(tr.to_json_string())
-        config["_class_name"] = next(c for c in type(tr).__mro__ if c.__name__ in DIT_FAMILY).__name__
+        config = json.loads(dit.to_json_string())
+        config["_class_name"] = next(c for c in type(dit).__mro__ if c.__name__ in DIT_FAMILY).__name__
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if len(files) > 1:
             total = sum(v.numel() * v.element_size() for v in state.values())
@@ -1952,7 +1952,7 @@ def load_full_run(path, run):
     with warnings.catch_warnings():                  # one process: torch warns that it loads without a group
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(state, checkpoint_id=str(path))
-    set_optimizer_state_dict(run.tr, run.opt, state["optimizer"])
+    set_optimizer_state_dict(run.dit, run.opt, state["optimizer"])
     for group in run.opt.param_groups:               # --lr (logged) wins over the saved one
         group["lr"] = run.cfg.lr
     run.step, run.nonfinite = meta["step"], meta["nonfinite"]
@@ -2100,40 +2100,40 @@ def train_rank(cfg, items, family, rank, world, device):
         raise UserError(f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")
     plan, mine = plan_cache(cfg, family, items, extra + preserve, dopsd, dtype, world)
     pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None, text_encoder=bool(mine))
-    pipe_cls, tr, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
+    pipe_cls, dit, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
     fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show=rank == 0)
     del pipe                                         # the encoders go: the loop only ever runs the DiT
     free_device(device)
-    fp8 = not cfg.full and any_rank(pick_fp8_base(cfg.fp8_base, device, tr, LORA_TARGETS[family], cfg.rank), device)
+    fp8 = not cfg.full and any_rank(pick_fp8_base(cfg.fp8_base, device, dit, LORA_TARGETS[family], cfg.rank), device)
     sharded = cfg.full and world > 1                 # FSDP2; LoRA runs keep DDP (the adapters are small)
     if not (fp8 or sharded):                         # the LoRA is drawn where it trains, as it always was; FSDP2
-        tr.to(device)                                # moves each block to the device as it shards it
+        dit.to(device)                               # moves each block to the device as it shards it
     init = read_lora_file(cfg.init_lora) if cfg.init_lora else None
     mesh = init_mesh(device, world) if sharded else None
     if sharded:
         print(f"sharded: FSDP2 over {world} ranks (the DiT, its EMA teacher, gradients and AdamW: 1/{world} each)")
-    student, teacher, trainable, teacher_params = attach_roles(tr.requires_grad_(False), family, dopsd, cfg.full,
+    student, teacher, trainable, teacher_params = attach_roles(dit.requires_grad_(False), family, dopsd, cfg.full,
                                                                cfg.rank, cfg.alpha, cfg.seed, autocast, init,
                                                                anchor=bool(init and preserve), mesh=mesh,
                                                                compute_dtype=dtype)
     if fp8:                                          # after the adapters: they stay fp32 (see store_base_in_fp8)
-        store_base_in_fp8(tr, dtype)
-        tr.to(device)
+        store_base_in_fp8(dit, dtype)
+        dit.to(device)
     if checkpointing or fp8:
-        tr.enable_gradient_checkpointing()           # recompute activations in backward: memory for compute
+        dit.enable_gradient_checkpointing()          # recompute activations in backward: memory for compute
     cache = loop_cache(plan, items, preserve, family, cfg.resolution)
-    preview = make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, rank == 0 or sharded)
+    preview = make_preview(cfg, family, items, extra, plan, dit, vae, device, autocast, rank == 0 or sharded)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
-    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cache=cache,
-                          cell=latent_cell(family, vae), tr=tr, model=tr, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
+    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cache=cache, dit=dit,
+                          cell=latent_cell(family, vae), model=dit, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
                           preview=preview, student=student, teacher=teacher, trainable=trainable,
                           teacher_params=teacher_params, opt=opt, step=0, nonfinite=0, trained_states=[],
                           anchor="anchor" if init and preserve else None,   # what --preserve-prompts pulls onto
                           sharded=sharded, ddp=world > 1 and not sharded)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         (load_full_run if cfg.full else load_run)(find_checkpoint(out, cfg.full), run)
-    run.model = wrap_ddp(tr, device) if run.ddp else tr
+    run.model = wrap_ddp(dit, device) if run.ddp else dit
     return train_loop(run)
 
 def loop_cache(plan, items, preserve, family, resolution):
@@ -2161,7 +2161,7 @@ def prompt_conds(cache, picks, device):
     """Student conditioning of the --preserve-prompts numbered in picks, read from disk."""
     return [entry_conds(cache["family"], read_entry(cache["preserve"][i], device))[0] for i in picks]
 
-def make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, draw_base):
+def make_preview(cfg, family, items, extra, plan, dit, vae, device, autocast, draw_base):
     """What every sample grid draws: the same noise and prompts each time (up to 4 training captions, then the
     held-out prompts), and (draw_base: rank 0) the base model's row, drawn once with every adapter off."""
     fam, cols, n = FAMILIES[family], range(min(4, len(items))), cfg.resolution // latent_cell(family, vae)
@@ -2171,11 +2171,11 @@ def make_preview(cfg, family, items, extra, plan, tr, vae, device, autocast, dra
         sigmas=schedule(family, fam["deploy"], n, n), cond_t=[t for _, t in shown] if cfg.method == "dopsd" else [],
         cond_s=[s for s, _ in shown] + [entry_conds(family, read_entry(plan["prompts"][p][0], device))[0]
                                         for p in extra],
-        noise=[torch.randn(1, tr.config.in_channels, n, n, generator=torch.Generator().manual_seed(cfg.seed + j))
+        noise=[torch.randn(1, dit.config.in_channels, n, n, generator=torch.Generator().manual_seed(cfg.seed + j))
                for j in range(len(cols) + len(extra))])
-    layers = lora_layers(tr)
+    layers = lora_layers(dit)
     use_adapter(layers, None)                        # every adapter off (and frozen): the base model
-    preview.base = draw_row(lambda x, s, c: fam["velocity"](tr, x, s, c), preview.cond_s, preview, fam["decode"],
+    preview.base = draw_row(lambda x, s, c: fam["velocity"](dit, x, s, c), preview.cond_s, preview, fam["decode"],
                             vae, autocast) if draw_base else None
     use_adapter(layers, "student")                   # trainable again before DDP or the optimizer look at it
     return preview
@@ -2190,7 +2190,7 @@ def my_share_of_the_batch(run, micro):
     h, w = cache["bucket_of"][pos[0]][0] // run.cell, cache["bucket_of"][pos[0]][1] // run.cell
     g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
     mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
-    noise = torch.randn(len(pos), run.tr.config.in_channels, h, w, generator=g)[mine].to(run.device)   # [b, C, h, w]
+    noise = torch.randn(len(pos), run.dit.config.in_channels, h, w, generator=g)[mine].to(run.device)  # [b, C, h, w]
     return g, mine, h, w, noise, batch_entries(cache, pos, mine, cfg.seed, micro, run.device)
 
 def micro_step(run, micro):
