@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -136,6 +137,17 @@ def test_ema_moves_the_teacher_towards_the_student():
     before = [x.clone() for x in t]
     dopsd.ema_update(t, s, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, t))
+
+
+def test_the_method_section_comes_first_and_the_readme_map_gives_its_lines():
+    """dopsd.py's family-free method section starts by line 200 and is at most 150 lines, at the lines README.md's map
+    of the file states."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first, last, count = map(int, re.search(r"\*\*the method\*\* \(lines (\d+)–(\d+), (\d+) lines", readme).groups())
+    lines = (ROOT / "dopsd.py").read_text(encoding="utf-8").splitlines()
+    assert lines[first - 1].startswith("# ----") and lines[first] == "# the method"
+    assert lines[last].strip() == "" and lines[last + 1].startswith("# ----")     # the next section's rule
+    assert count == last - first + 1 <= 150 and first <= 200
 
 
 # ---------------------------------------------------------------------------------------------------- data checks
