@@ -8,7 +8,6 @@ The runs, the models and one evaluation of every row with every metric model are
 tests read that evaluation, or run eval.py once more where a behaviour needs other flags.
 """
 import contextlib
-import importlib.util
 import io
 import json
 import re
@@ -23,13 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import dopsd  # noqa: E402
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(Path(name).stem, ROOT / "examples" / name)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from test_dopsd import _load_example as _load  # noqa: E402
 
 
 ev = _load("eval.py")

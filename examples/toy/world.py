@@ -302,14 +302,7 @@ def sharpness(image):
 def write_finetune_set(out, seed=0):
     """The FINETUNE images of HELD_OUT (each its own instance) as PNG + same-name .txt captions
     ('a red circle, [V] style') in out/."""
-    from pathlib import Path
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (shape, colour) in enumerate(FINETUNE):
-        render(HELD_OUT, shape, colour, rng).save(out / f"{i:02d}_{colour}_{shape}.png")
-        (out / f"{i:02d}_{colour}_{shape}.txt").write_text(caption(shape, colour, TRIGGER) + "\n")
-    return out
+    return write_concept_set(out, HELD_OUT, FINETUNE, TRIGGER, seed)
 
 
 # The second new concept, "[W] style", that examples/toy/continual.py teaches after [V] (issue 23). Chosen once among
@@ -330,7 +323,7 @@ VAL_PROMPTS_2 = [("circle", "yellow"), ("square", "orange"), ("triangle", "yello
 
 
 def write_concept_set(out, style, pairs, trigger, seed=0):
-    """write_finetune_set for any concept: one image of `style` (each its own instance) per (shape, colour) of
+    """A fine-tuning set of any concept: one image of `style` (each its own instance) per (shape, colour) of
     `pairs`, as PNG + same-name .txt caption ('a green circle, <trigger>') in out/."""
     from pathlib import Path
     out = Path(out)
