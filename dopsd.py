@@ -377,7 +377,8 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
     from PIL import Image
     root = Path(data_dir)
     if not root.is_dir():
-        raise UserError(f"--data {root}: folder not found; pass a folder of images with same-name .txt captions")
+        raise UserError(f"--data {root}: {'is a file, not a folder' if root.exists() else 'folder not found'}; pass a "
+                        "folder of images with same-name .txt captions")
     meta, problems = read_metadata(root / "metadata.jsonl")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
@@ -642,6 +643,16 @@ def check_reachable(repo, flag, filename):
         raise UserError(f"{flag} {repo}: no such local folder, not in the Hugging Face cache, and {constants.ENDPOINT} "
                         f"cannot be reached ({type(e).__name__}); download it on a connected machine (hf download "
                         f"{repo}) or pass a local folder") from None
+
+def check_vlm_kind(vlm):
+    """Refuse a --vlm that its config.json says is no Qwen3-VL, before anything loads: transformers would print a long
+    load report and then fail on a missing tensor. A hub id not cached yet passes (from_pretrained fetches it)."""
+    from huggingface_hub import try_to_load_from_cache
+    config = Path(vlm) / "config.json" if Path(vlm).is_dir() else try_to_load_from_cache(vlm, "config.json")
+    kind = read_json(config).get("model_type") if isinstance(config, (str, Path)) and Path(config).is_file() else None
+    if kind is not None and kind != "qwen3_vl":
+        raise UserError(f"--vlm {vlm}: a {kind} model; the Z-Image teacher needs a Qwen3-VL of the text encoder's size "
+                        "(Qwen/Qwen3-VL-4B-Instruct)")
 
 def full_run_parts(model, seen=()):
     """(base pipeline, trained transformer/ folder) when `model` is the --out folder of a `train --full` run, which
@@ -2015,6 +2026,7 @@ def train(cfg):
         cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, cfg.rank)))
     if family == "zimage" and cfg.method == "dopsd":
         check_reachable(cfg.vlm, "--vlm", "config.json")
+        check_vlm_kind(cfg.vlm)
     rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
     if cfg.lr is None:
         cfg = replace(cfg, lr=DEFAULT_LR[family])
@@ -2336,9 +2348,9 @@ LORA_KEYS = {"zimage": r"(^|[._])(layers|noise_refiner|context_refiner)[._]\d+[.
              "klein": r"(^|[._])(transformer_blocks|double_blocks|single_blocks)[._]\d+[._]"}
 DIT_FAMILY = {"ZImageTransformer2DModel": "zimage", "Flux2Transformer2DModel": "klein"}   # a --full run's DiT class
 
-def lora_source(weights, scale=1.0):
+def lora_source(weights, scale=1.0, flag="--lora"):
     """--lora -> ("full", a --full run's transformer/ folder) or ("lora", the .safetensors file); refuses a path that
-    is neither, and a --lora-scale on a --full run."""
+    is neither, and a --lora-scale on a --full run. flag: the option the errors name (examples/eval.py: --full too)."""
     p = Path(weights)
     if (p / "transformer" / "config.json").is_file():
         if scale != 1.0:
@@ -2346,11 +2358,11 @@ def lora_source(weights, scale=1.0):
                             "--lora-scale")
         return "full", p / "transformer"
     if not p.exists():
-        raise UserError(f"--lora {p}: not found; pass a dopsd.py train --out folder or its "
+        raise UserError(f"{flag} {p}: not found; pass a dopsd.py train --out folder or its "
                         "pytorch_lora_weights.safetensors")
     file = p if p.is_file() else p / "pytorch_lora_weights.safetensors"
     if not file.is_file():
-        raise UserError(f"--lora {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a dopsd --out "
+        raise UserError(f"{flag} {p}: no pytorch_lora_weights.safetensors or transformer/ found; pass a dopsd --out "
                         "folder")
     return "lora", file
 

@@ -207,6 +207,7 @@ GOOD = {"train": {"--data": "{data}", "--model": "{zimage}", "--vlm": "{vlm}", "
 BAD_INPUTS = [
     # train: the data (one message names every bad file of the folder)
     ("data-missing", "train", {"--data": "{nope}"}, 2, "nope: folder not found"),
+    ("data-is-a-file", "train", {"--data": "{file}"}, 2, "file: is a file, not a folder"),
     ("data-without-images", "train", {"--data": "{no_images}"}, 2, "no images (.png .jpg .jpeg .webp .bmp) found"),
     ("data-corrupt-image", "train", {"--data": "{corrupt}"}, 2, "unreadable or corrupt image(s) (broken.png)"),
     ("data-image-over-pil-limit", "train", {"--data": "{huge}"}, 2,
@@ -275,6 +276,8 @@ BAD_INPUTS = [
     ("model-unsupported", "train", {"--model": "{unsupported}"}, 2, "StableDiffusionPipeline is not supported"),
     ("model-klein-base", "train", {"--model": "{klein_base}"}, 2, "not step-distilled"),
     ("vlm-mistyped-path", "train", {"--vlm": "./no/such/vlm"}, 2, "--vlm ./no/such/vlm: no such local folder"),
+    ("vlm-not-a-qwen3-vl", "train", {"--vlm": "{zimage}/text_encoder"}, 2, "text_encoder: a qwen3 model; the "
+     "Z-Image teacher needs a Qwen3-VL"),
     ("device-unknown", "train", {"--device": "gpu"}, 2, "--device gpu: not a device name"),
     ("device-unsupported", "train", {"--device": "meta"}, 2, "--device meta: dopsd.py runs on cpu, cuda or mps"),
     ("device-absent-gpu", "train", {"--device": "cuda:99"}, 2, "--device cuda:99: "),

@@ -144,7 +144,7 @@ def read_runs(specs):
     path, folder and its config.json ({} for a lone .safetensors)."""
     runs, seen = [], {"base": 1}                     # a run folder named base must not overwrite the base row
     for kind, spec in specs:
-        got, path = dopsd.lora_source(spec)
+        got, path = dopsd.lora_source(spec, flag=f"--{kind}")
         if kind == "full" and got != "full":
             raise UserError(f"--full {spec}: no transformer/ folder in it; pass a `train --full` --out folder, or "
                             "use --lora for a LoRA run")

@@ -220,6 +220,7 @@ def test_the_steps_default_to_the_deploy_count(tiny, tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["--lora", "{tmp}/no_such_run"], "--lora"),
     (["--full", "{tiny}/dopsd"], "--full"),
+    (["--full", "{tmp}/no_such_run"], "error: --full "),                   # not "--lora": the flag typed
     (["--lora", "{tiny}/dopsd", "--data", "{tmp}/no_such_data"], "--data"),
     (["--lora", "{tiny}/dopsd", "--prompts", "{tmp}/no_such_file.txt"], "--prompts"),
     (["--lora", "{tiny}/dopsd", "--seeds", "0,x"], "--seeds"),
