@@ -1745,7 +1745,7 @@ def write_run(run):
                            "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
                            "teacher": [p.detach().cpu() for p in run.teacher_params]}, ckpt)
     except OSError as e:
-        saved = getattr(run, "saved_step", None)
+        saved = run.saved_step
         raise WriteFailed(f"could not write {ckpt} at step {run.step} ({io_reason(e)}); " + (
             f"the previous checkpoint{f' (step {saved})' if saved else ''} there is intact: free space, then "
             "continue with --resume" if ckpt.is_file() else "no checkpoint had been saved yet: free space and train "
@@ -1813,7 +1813,7 @@ def write_full_checkpoint(run, path):
                                            "world_size": run.world})
             swap_in(tmp, path)
     except (OSError, CheckpointException) as e:
-        saved = getattr(run, "saved_step", None)
+        saved = run.saved_step
         return WriteFailed(f"could not write {path} at step {run.step} ({io_reason(e)}); " + (
             f"the previous checkpoint{f' (step {saved})' if saved else ''} there is intact: free space, then "
             "continue with --resume" if (path / "meta.json").is_file() else "no checkpoint had been saved yet: free "
@@ -1990,6 +1990,36 @@ def load_run(path, run):
 # train() checks everything it can before a model loads, train_rank() sets one process up, and train_loop() is the
 # algorithm box; micro_step() is one batch's roll-out with teacher scoring and backward.
 
+@dataclass(eq=False)
+class TrainingRun:
+    """What train_rank sets up and the loop, the grids and the checkpoints read: one object, its fields named here."""
+    cfg: TrainConfig
+    family: str                      # "zimage" or "klein"
+    rank: int                        # this process, of `world` (1 without torchrun); rank 0 writes the files
+    world: int
+    device: torch.device
+    out: Path                        # --out
+    cache: object                    # loop_cache(): the feature cache's entry paths and the epoch order
+    dit: torch.nn.Module             # the DiT (sharded under FSDP2), holding both roles
+    model: torch.nn.Module           # what the student runs: the DiT, or its DDP wrapper
+    cell: int                        # pixels per latent cell
+    pipe_cls: type                   # the diffusers pipeline class (a LoRA file's key prefix)
+    vae: torch.nn.Module
+    autocast: object                 # a context manager factory: bf16 autocast on an accelerator
+    preview: object                  # the sample grid's fixed noise, conditioning and base row
+    student: object                  # attach_roles()'s callables
+    teacher: object
+    trainable: list                  # the student's parameters (AdamW's)
+    teacher_params: list             # the EMA teacher's, in the same order
+    opt: torch.optim.Optimizer
+    anchor: str = None               # the adapter --preserve-prompts pulls onto (None: the bare base)
+    sharded: bool = False            # --full under torchrun: FSDP2
+    ddp: bool = False                # a LoRA run under torchrun: DDP
+    step: int = 0                    # optimizer steps done (a checkpoint saves it, --resume restores it)
+    nonfinite: int = 0               # steps skipped for a non-finite loss or gradient
+    saved_step: int = None           # the step of the last checkpoint written
+    trained_states: list = field(default_factory=list)   # this step's roll-out states with a loss (--loss-steps)
+
 class CtrlC:
     """First Ctrl-C: `requested` turns true, and the loop saves after the step in flight, so the checkpoint is a
     consistent state. Second Ctrl-C: KeyboardInterrupt, quit at once. Only the main thread can take signals."""
@@ -2098,8 +2128,8 @@ def write_config(cfg, family, world):
         "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}}, indent=2))
 
 def train_rank(cfg, items, family, rank, world, device):
-    """One process of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The `run`
-    namespace holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
+    """One process of `world`: load, cache the encoders' outputs, attach the two roles, then train_loop. The TrainingRun
+    holds what the loop reads and a checkpoint saves. Rank 0 writes the files."""
     out, fam, dopsd = Path(cfg.out), FAMILIES[family], cfg.method == "dopsd"
     dtype, autocast, checkpointing = pick_precision(device, cfg.precision, cfg.grad_checkpointing)
     print(f"{family} | method {cfg.method} | roll-out K={cfg.rollout_steps} | deploy {fam['deploy']} steps, no CFG "
@@ -2137,12 +2167,11 @@ def train_rank(cfg, items, family, rank, world, device):
     preview = make_preview(cfg, family, items, extra, plan, dit, vae, device, autocast, rank == 0 or sharded)
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
-    run = SimpleNamespace(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cache=cache, dit=dit,
-                          cell=latent_cell(family, vae), model=dit, pipe_cls=pipe_cls, vae=vae, autocast=autocast,
-                          preview=preview, student=student, teacher=teacher, trainable=trainable,
-                          teacher_params=teacher_params, opt=opt, step=0, nonfinite=0, trained_states=[],
-                          anchor="anchor" if init and preserve else None,   # what --preserve-prompts pulls onto
-                          sharded=sharded, ddp=world > 1 and not sharded)
+    run = TrainingRun(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cache=cache, dit=dit,
+                      model=dit, cell=latent_cell(family, vae), pipe_cls=pipe_cls, vae=vae, autocast=autocast,
+                      preview=preview, student=student, teacher=teacher, trainable=trainable,
+                      teacher_params=teacher_params, opt=opt, anchor="anchor" if init and preserve else None,
+                      sharded=sharded, ddp=world > 1 and not sharded)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         (load_full_run if cfg.full else load_run)(find_checkpoint(out, cfg.full), run)
     run.model = wrap_ddp(dit, device) if run.ddp else dit
