@@ -144,51 +144,51 @@ class SampleConfig:
 # dopsd_loss), the on-policy roll-out that scores the student's own states with the teacher, the teacher's EMA, and
 # the SFT baseline. A velocity here is any callable (x [B, ...], sigma [B]) -> u [B, ...]; the families come later.
 #
-# Per roll-out step k, v_s = v_θ(x_k, t_k, f(p)), v_t = sg[v_φ(x_k, t_k, f_mm(p, I))], σ_b the noise level of sample b,
+# Per roll-out step k, u_s = v_θ(x_k, t_k, f(p)), u_t = sg[v_φ(x_k, t_k, f_mm(p, I))], σ_b the noise level of sample b,
 # N = numel (any trailing shape). The sign convention of v does not matter (the roll-out passes u = ε − x0):
 #
-#     L = (1/N) Σ_{b,i} w(σ_b) · (v_s[b,i] − v_t[b,i])²            (one mean over all N elements, no per-sample mean)
-#     w = σ²   for space="x0": both families predict x̂0 = x ± σ·v (Z-Image +, FLUX −), so x̂0_S − x̂0_T = ±σ(v_s − v_t)
+#     L = (1/N) Σ_{b,i} w(σ_b) · (u_s[b,i] − u_t[b,i])²            (one mean over all N elements, no per-sample mean)
+#     w = σ²   for space="x0": both families predict x̂0 = x ± σ·v (Z-Image +, FLUX −), so x̂0_S − x̂0_T = ±σ(u_s − u_t)
 #              and the released code's x0-space MSE is exactly the σ²-weighted velocity MSE (the authors, D-OPSD#6).
 #     w = 1    for space="v": the paper's velocity MSE.
-#     ∂L/∂v_s = 2 · w · (v_s − v_t) / N          ∂L/∂v_t = 0 (stop-gradient)       ∂L/∂σ = 0 (σ is the schedule)
+#     ∂L/∂u_s = 2 · w · (u_s − u_t) / N          ∂L/∂u_t = 0 (stop-gradient)       ∂L/∂σ = 0 (σ is the schedule)
 #
 # dopsd_loss computes exactly this, through a fused path (section "fused loss", after the families) that saves memory
 # traffic; divergence_loss_reference is the same loss line for line, the yardstick of the tests.
 
-def divergence_loss_reference(v_student, v_teacher, sigma, space="x0"):
+def divergence_loss_reference(u_s, u_t, sigma, space="x0"):
     """The loss line for line from the math, eager, in the inputs' dtype (the tests feed float64). NaN for numel 0."""
     assert space in ("x0", "v"), f"space must be 'x0' or 'v', got {space!r}"
     w = sigma**2 if space == "x0" else torch.ones_like(sigma)       # (B,)  w(σ_b)
-    w = w.view(v_student.shape[0], *([1] * (v_student.dim() - 1)))  # (B, 1, ..., 1) broadcasts over C, H, W
-    d = v_student - v_teacher.detach()                              # (B, ...)  sg on the teacher
+    w = w.view(u_s.shape[0], *([1] * (u_s.dim() - 1)))  # (B, 1, ..., 1) broadcasts over C, H, W
+    d = u_s - u_t.detach()                              # (B, ...)  sg on the teacher
     return (w * d**2).mean()                                        # ()  one mean over all N elements
 
-def dopsd_loss(v_student, v_teacher, sigma, space="x0", backend="auto"):
-    """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(v_s − v_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
-    v_student: (B, ...) float, any strides; v_teacher: the same shape; sigma: (B,); all on one device. backend: "auto",
+def dopsd_loss(u_s, u_t, sigma, space="x0", backend="auto"):
+    """D-OPSD per-step loss L = mean_{b,i} w(σ_b)·(u_s − u_t)², w = σ² ("x0") or 1 ("v"), teacher stop-gradient.
+    u_s: (B, ...) float, any strides; u_t: the same shape; sigma: (B,); all on one device. backend: "auto",
     "triton" or "torch". Returns a 0-D fp32 tensor (0 for numel 0). A ValueError names any argument the fused paths
     would misread."""
     shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-    B = v_student.shape[0] if torch.is_tensor(v_student) and v_student.dim() else None
+    B = u_s.shape[0] if torch.is_tensor(u_s) and u_s.dim() else None
     if space not in ("x0", "v"):
         raise ValueError(f"dopsd_loss: space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"dopsd_loss: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if B is None or shape(v_teacher) != shape(v_student):
-        raise ValueError(f"dopsd_loss: v_student {shape(v_student)} and v_teacher {shape(v_teacher)} must be float "
+    if B is None or shape(u_t) != shape(u_s):
+        raise ValueError(f"dopsd_loss: u_s {shape(u_s)} and u_t {shape(u_t)} must be float "
                          "tensors of one shape (B, ...)")
-    if not (v_student.is_floating_point() and v_teacher.is_floating_point()):
+    if not (u_s.is_floating_point() and u_t.is_floating_point()):
         raise ValueError("dopsd_loss: velocities must be float")
     if shape(sigma) != (B,):
         raise ValueError(f"dopsd_loss: sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}")
-    for name, t in (("v_teacher", v_teacher), ("sigma", sigma)):
-        if t.device != v_student.device:
-            raise ValueError(f"dopsd_loss: {name} is on {t.device} but v_student is on {v_student.device}")
+    for name, t in (("u_t", u_t), ("sigma", sigma)):
+        if t.device != u_s.device:
+            raise ValueError(f"dopsd_loss: {name} is on {t.device} but u_s is on {u_s.device}")
     sigma = sigma.detach().float()                                  # (B,) the schedule never gets a gradient
     w = (sigma * sigma if space == "x0" else torch.ones_like(sigma)).contiguous()     # (B,) fp32 w(σ_b)
-    path = _resolve_loss_backend(backend, v_student.device, v_student.dtype)
-    return DivergenceLoss.apply(v_student, v_teacher.detach(), w, path)   # sg: the teacher is only a target
+    path = _resolve_loss_backend(backend, u_s.device, u_s.dtype)
+    return DivergenceLoss.apply(u_s, u_t.detach(), w, path)   # sg: the teacher is only a target
 
 # K student Euler steps from noise; at each visited (detached) state the teacher scores it and the student is pulled
 # onto the teacher's prediction. Because the state is detached, loss_k depends on θ only through the k-th student
@@ -1047,33 +1047,33 @@ def use_adapter(layers, name, trainable=True):
 # --------------------------------------------------------------------------------------------------------------------
 # fused loss: the Triton kernel, its PyTorch twin, one autograd.Function, and the backend dispatch behind dopsd_loss
 # The loss (maths in "the method") is a weighted MSE, so the only thing worth fusing is memory traffic: one pass that
-# reads v_s and v_t and writes what backward needs.
+# reads u_s and u_t and writes what backward needs.
 #
-# In code d = v_s − v_t, w is a [B] fp32 vector, and flat element j of the contiguous tensor is in sample j // (N/B).
-# The fused paths store wd = w·d = (N/2)·∂L/∂v_s in the input dtype and apply 2/N with grad_output in backward: 2·w·d/N
+# In code d = u_s − u_t, w is a [B] fp32 vector, and flat element j of the contiguous tensor is in sample j // (N/B).
+# The fused paths store wd = w·d = (N/2)·∂L/∂u_s in the input dtype and apply 2/N with grad_output in backward: 2·w·d/N
 # in fp16 is below the smallest subnormal (6e-8) once N ≳ 1e6, and a GradScaler multiplies only after the underflow.
 # Memory traffic per element (examples/bench.py counts it op by op): eager autograd makes 18 N-sized reads and writes,
-# 72 B in fp32; the kernel makes 5 (forward: read v_s, v_t, write wd; backward: read wd, write the gradient), 20 B
+# 72 B in fp32; the kernel makes 5 (forward: read u_s, u_t, write wd; backward: read wd, write the gradient), 20 B
 # fp32 or 10 B bf16.
 
-def _divergence_fwd_torch(v_s, v_t, w):
-    """PyTorch forward of the fused op: (loss () fp32, wd = w·d in v_s.dtype). It runs inside
+def _divergence_fwd_torch(u_s, u_t, w):
+    """PyTorch forward of the fused op: (loss () fp32, wd = w·d in u_s.dtype). It runs inside
     autograd.Function.forward, so no graph is built and only wd is kept; torch.compile would fuse it into one loop."""
-    math_dtype = torch.promote_types(v_s.dtype, torch.float32)    # fp32 for bf16/fp16 inputs, float64 stays float64
-    bshape = (v_s.shape[0],) + (1,) * (v_s.dim() - 1)               # (B, 1, ..., 1)
-    d = v_s.to(math_dtype) - v_t                                    # (B, ...) type promotion upcasts v_t in-loop
-    wd = w.to(math_dtype).view(bshape) * d                          # (B, ...) w(σ_b)·d = (N/2)·∂L/∂v_s
-    loss = (torch.dot(wd.view(-1), d.view(-1)) / v_s.numel()).float()   # ()  Σ w·d² / N in fp32, one read of each
-    return loss, wd.to(v_s.dtype)
+    math_dtype = torch.promote_types(u_s.dtype, torch.float32)    # fp32 for bf16/fp16 inputs, float64 stays float64
+    bshape = (u_s.shape[0],) + (1,) * (u_s.dim() - 1)               # (B, 1, ..., 1)
+    d = u_s.to(math_dtype) - u_t                                    # (B, ...) type promotion upcasts u_t in-loop
+    wd = w.to(math_dtype).view(bshape) * d                          # (B, ...) w(σ_b)·d = (N/2)·∂L/∂u_s
+    loss = (torch.dot(wd.view(-1), d.view(-1)) / u_s.numel()).float()   # ()  Σ w·d² / N in fp32, one read of each
+    return loss, wd.to(u_s.dtype)
 
 if HAS_TRITON:  # the kernel only exists when triton imports; defining it under `if` keeps the file importable
 
     @triton.jit
     def _divergence_kernel(
-        vs_ptr,          # *[N] student velocity v_s, contiguous, fp32 / bf16 / fp16
-        vt_ptr,          # *[N] teacher velocity v_t, same layout (its own dtype; upcast on load)
+        vs_ptr,          # *[N] student velocity u_s, contiguous, fp32 / bf16 / fp16
+        vt_ptr,          # *[N] teacher velocity u_t, same layout (its own dtype; upcast on load)
         w_ptr,           # *[B] fp32 per-sample weight w(σ_b)
-        wd_ptr,          # *[N] out: w·(v_s − v_t) in v_s's dtype, = (N/2)·∂L/∂v_s (2/N is applied in backward)
+        wd_ptr,          # *[N] out: w·(u_s − u_t) in u_s's dtype, = (N/2)·∂L/∂u_s (2/N is applied in backward)
         partial_ptr,     # *[n_blocks] out: fp32 Σ_block w·d² (summed by torch afterwards; no atomics)
         N,               # total number of elements; ints are specialised only on ==1 and %16, so few recompiles
         per_sample,      # N // B; the sample of flat element j is b = j // per_sample
@@ -1091,36 +1091,36 @@ if HAS_TRITON:  # the kernel only exists when triton imports; defining it under 
         tl.store(wd_ptr + offs, wd.to(wd_ptr.dtype.element_ty), mask=mask)
         tl.store(partial_ptr + pid, tl.sum(wd * d, axis=0))         # one fp32 partial per block
 
-def _divergence_fwd_triton(v_s, v_t, w, block=1024):
+def _divergence_fwd_triton(u_s, u_t, w, block=1024):
     """Triton forward, same contract. block 1024 × 4 warps = 8 elements a thread: enough bytes in flight for a
     bandwidth-bound op, and ~1000 programs to fill every SM on a 1M-element latent."""
-    N = v_s.numel()
+    N = u_s.numel()
     n_blocks = triton.cdiv(N, block)
-    wd = torch.empty_like(v_s)                                                        # (B, ...)
-    partials = torch.empty(n_blocks, dtype=torch.float32, device=v_s.device)          # (n_blocks,)
+    wd = torch.empty_like(u_s)                                                        # (B, ...)
+    partials = torch.empty(n_blocks, dtype=torch.float32, device=u_s.device)          # (n_blocks,)
     # Triton launches on the *current* CUDA device and stream, so make that the tensors' device (a no-op when it is).
-    with torch.cuda.device(v_s.device) if v_s.is_cuda else contextlib.nullcontext():
-        _divergence_kernel[(n_blocks,)](v_s, v_t, w, wd, partials, N, N // v_s.shape[0], BLOCK=block, num_warps=4)
+    with torch.cuda.device(u_s.device) if u_s.is_cuda else contextlib.nullcontext():
+        _divergence_kernel[(n_blocks,)](u_s, u_t, w, wd, partials, N, N // u_s.shape[0], BLOCK=block, num_warps=4)
     return partials.sum() / N, wd   # two-stage sum: deterministic, unlike an atomic_add into one scalar
 
 class DivergenceLoss(torch.autograd.Function):
     """L and w·d in one forward pass; backward only rescales the stored w·d. Shared by both backends."""
 
     @staticmethod
-    def forward(ctx, v_s, v_t, w, backend):
-        # v_s, v_t: (B, ...) any strides (made contiguous: b = j // (N/B) needs it); w: (B,) fp32
-        v_s, v_t = v_s.contiguous(), v_t.contiguous()
-        ctx.N = v_s.numel()
+    def forward(ctx, u_s, u_t, w, backend):
+        # u_s, u_t: (B, ...) any strides (made contiguous: b = j // (N/B) needs it); w: (B,) fp32
+        u_s, u_t = u_s.contiguous(), u_t.contiguous()
+        ctx.N = u_s.numel()
         if ctx.N == 0:  # mean over zero elements is defined as 0 (not NaN), with an empty gradient; nothing to launch
-            loss, wd = v_s.new_zeros((), dtype=torch.float32), torch.zeros_like(v_s)
+            loss, wd = u_s.new_zeros((), dtype=torch.float32), torch.zeros_like(u_s)
         else:
-            loss, wd = (_divergence_fwd_triton if backend == "triton" else _divergence_fwd_torch)(v_s, v_t, w)
-        ctx.save_for_backward(wd if ctx.needs_input_grad[0] else None)  # keep N·s bytes only if v_s needs grad
+            loss, wd = (_divergence_fwd_triton if backend == "triton" else _divergence_fwd_torch)(u_s, u_t, w)
+        ctx.save_for_backward(wd if ctx.needs_input_grad[0] else None)  # keep N·s bytes only if u_s needs grad
         return loss
 
     @staticmethod
     def backward(ctx, g_loss):
-        # ∂/∂v_s = grad_output · 2·w·d / N: the 2/N joins grad_output here, in fp32 (see the fp16 note above)
+        # ∂/∂u_s = grad_output · 2·w·d / N: the 2/N joins grad_output here, in fp32 (see the fp16 note above)
         return ctx.saved_tensors[0] * (g_loss * (2.0 / max(ctx.N, 1))), None, None, None
 
 LOSS_BACKEND = {}   # backend="auto" per device type, e.g. {"cpu": "torch", "cuda": "triton"}; tests clear it

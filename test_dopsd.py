@@ -138,7 +138,7 @@ def test_one_dopsd_step_moves_the_student_towards_the_teacher_at_the_states_it_v
 
 
 def test_reference_gradient_is_closed_form():
-    """Autograd through the reference gives ∂L/∂v_s = 2·w·(v_s − v_t)/N."""
+    """Autograd through the reference gives ∂L/∂u_s = 2·w·(u_s − u_t)/N."""
     vs, vt, sigma = make_inputs((2, 3, 5), torch.float64)
     _, grad = reference64(vs, vt, sigma)
     expected = 2 * sigma.double().view(2, 1, 1) ** 2 * (vs - vt).detach() / vs.numel()
@@ -957,7 +957,7 @@ def make_inputs(shape, dtype, seed=0, teacher_grad=False):
 
 
 def reference64(vs, vt, sigma, space="x0", grad_scale=1.0):
-    """Loss and ∂L/∂v_s from the reference, in float64, for the same (rounded) inputs."""
+    """Loss and ∂L/∂u_s from the reference, in float64, for the same (rounded) inputs."""
     vs64 = vs.detach().double().requires_grad_(True)
     loss = divergence_loss_reference(vs64, vt.detach().double(), sigma.double(), space)
     (grad_scale * loss).backward()
@@ -965,7 +965,7 @@ def reference64(vs, vt, sigma, space="x0", grad_scale=1.0):
 
 
 def run_loss(vs, vt, sigma, space="x0", backend="torch", grad_scale=1.0):
-    """Loss and ∂L/∂v_s from the dispatcher."""
+    """Loss and ∂L/∂u_s from the dispatcher."""
     vs.grad = None
     loss = dopsd_loss(vs, vt, sigma, space=space, backend=backend)
     (grad_scale * loss).backward()
@@ -1077,7 +1077,7 @@ def test_teacher_gets_no_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_scales_by_grad_output(backend):
-    """(3·L).backward() gives 3 × ∂L/∂v_s (backward only rescales the stored gradient)."""
+    """(3·L).backward() gives 3 × ∂L/∂u_s (backward only rescales the stored gradient)."""
     vs, vt, sigma = make_inputs((2, 1000), torch.float32)
     _, grad = run_loss(vs, vt, sigma, backend=backend, grad_scale=3.0)
     assert_close(grad, 3.0 * reference64(vs, vt, sigma)[1], rtol=1e-5, what="grad", normwise=True)
@@ -1177,8 +1177,8 @@ def test_forced_triton_rejects_float64():
 
 
 def test_shape_mismatch_raises():
-    """v_student and v_teacher of different shapes raise a ValueError showing both shapes."""
-    with pytest.raises(ValueError, match=r"\(2, 3\) and v_teacher \(2, 4\)"):
+    """u_s and u_t of different shapes raise a ValueError showing both shapes."""
+    with pytest.raises(ValueError, match=r"\(2, 3\) and u_t \(2, 4\)"):
         dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2))
 
 
@@ -1202,9 +1202,9 @@ def test_unknown_backend_raises():
 
 
 def test_argument_on_another_device_raises():
-    """A sigma (or teacher) on another device than v_student is a ValueError naming it, not a crash inside a
+    """A sigma (or teacher) on another device than u_s is a ValueError naming it, not a crash inside a
     kernel (the meta device stands in for a GPU here)."""
-    with pytest.raises(ValueError, match="sigma is on meta but v_student is on cpu"):
+    with pytest.raises(ValueError, match="sigma is on meta but u_s is on cpu"):
         dopsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, device="meta"))
 
 

@@ -765,12 +765,12 @@ def bench_loss(device="cpu", shape=(4, 16, 128, 128), dtype=torch.float32, repea
         with _TrafficCounter() as tc:
             loss_fn()
         res[f"{name}_bytes_per_elem"] = (tc.bytes + traffic_bwd) / N
-        if name == "triton":  # a Triton launch is not an aten op: add its reads of v_s, v_t and write of w·d by hand
+        if name == "triton":  # a Triton launch is not an aten op: add its reads of u_s, u_t and write of w·d by hand
             res[f"{name}_bytes_per_elem"] += 3 * s
     res["speedup_torch_vs_naive"] = res["naive_ms"] / res["torch_ms"]
 
     if device.type == "cuda" and HAS_TRITON:
-        # forward kernel alone: reads v_s and v_t, writes w·d (plus 4 bytes per 1024-element block of partials)
+        # forward kernel alone: reads u_s and u_t, writes w·d (plus 4 bytes per 1024-element block of partials)
         wv = (sigma**2).float().contiguous()
         vs_d, vt_d = vs.detach().contiguous(), vt.detach().contiguous()
         moved = N * (2 * s + s)

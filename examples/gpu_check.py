@@ -25,7 +25,7 @@ The rows (each: PASS / FAIL / SKIP, the measured figure, the goal; a FAIL or SKI
                         mode the Triton interpreter.
   loss float64 (auto)   float64 inputs on backend="auto": the kernel computes in fp32, so auto must take the PyTorch
                         path: the gradient at float64 precision (1e-12), the loss an fp32 scalar (1e-6).
-  kernel GB/s fp32      (CUDA) the forward kernel's bandwidth, counting what it must move (reads v_s and v_t, writes
+  kernel GB/s fp32      (CUDA) the forward kernel's bandwidth, counting what it must move (reads u_s and u_t, writes
   kernel GB/s bf16      w·d: 3 accesses per element, as examples/bench.py counts them), against a device-to-device copy
                         moving the same bytes (read + write counted); goal >= 80 % of the copy.
   loss auto backend     what backend="auto" resolves to (triton on CUDA, torch on CPU) and dopsd.triton_probe's verdict
@@ -369,7 +369,7 @@ def check_bandwidth(ctx, dtype):
     dev = ctx.device
     vs = torch.randn(4, n // 4, device=dev, dtype=dtype)
     vt, w = torch.randn_like(vs), torch.rand(4, device=dev)
-    moved = 3 * n * vs.element_size()                     # reads v_s, v_t; writes w·d (+4 bytes per 1024-element block)
+    moved = 3 * n * vs.element_size()                     # reads u_s, u_t; writes w·d (+4 bytes per 1024-element block)
     src = torch.empty(3 * n // 2, device=dev, dtype=dtype)   # a copy reads and writes 1.5 n elements: the same bytes
     dst = torch.empty_like(src)
     kernel = lambda: dopsd._divergence_fwd_triton(vs, vt, w)
