@@ -61,13 +61,10 @@ def knob(default, help, **argparse_kw):
 
 @dataclass
 class TrainConfig:
-    data: list = knob(None, "folder of images (.png .jpg .webp .bmp) with same-name .txt captions, or a "
-                      "metadata.jsonl of {file_name, text} rows (text: one caption, or a list of variants, one drawn "
-                      "per step); repeat the flag for more folders; FOLDER:N counts each image of FOLDER N times an "
-                      "epoch", required=True, action="append")
-    cache_dir: str = knob(None, "folder of the encoders' outputs, reused by every run, --resume and rank on the same "
-                          "data and model (default: .dopsd_cache in the first --data folder, so that it travels with "
-                          "the data and every run on it finds it)")
+    data: list = knob(None, "folder of images with same-name .txt captions or a metadata.jsonl (README: Your data); "
+                      "repeat it for more folders; FOLDER:N: each image N times", required=True, action="append")
+    cache_dir: str = knob(None, "folder of the encoders' outputs, reused by every run and rank on the same data and "
+                          "model (default: .dopsd_cache in the first --data folder, so that it travels with the data)")
     out: str = knob("runs/dopsd", "output folder: LoRA, checkpoint, log, sample grids")
     model: str = knob("Tongyi-MAI/Z-Image-Turbo", "diffusers pipeline, hub id or local folder")
     vlm: str = knob("Qwen/Qwen3-VL-4B-Instruct", "Z-Image teacher's Qwen3-VL, hub id or local folder")
@@ -85,10 +82,8 @@ class TrainConfig:
                                "reference's subject, details, background and composition)")
     rank: int = knob(64, "LoRA rank")
     alpha: float = knob(128.0, "LoRA alpha, scale = alpha/rank")
-    init_lora: str = knob(None, "start the student and the teacher from this LoRA (a dopsd.py --out folder or its "
-                          ".safetensors, or another trainer's diffusers/ComfyUI-style LoRA of the same model) and keep "
-                          "teaching it: one file holds both concepts; --preserve-prompts then pulls onto base + this "
-                          "LoRA; its rank may be at most --rank")
+    init_lora: str = knob(None, "start student and teacher from this LoRA (a --out folder, or a diffusers/ComfyUI LoRA "
+                          "of this model, rank <= --rank); --preserve-prompts then pulls onto base + it")
     full: bool = knob(False, "train every DiT weight instead of a LoRA, an fp32 EMA copy as teacher (memory: "
                       "examples/memory_plan.py)")
     lr: float = knob(None, "AdamW learning rate, constant (default: the authors', Z-Image 1e-4, klein 2e-5)", type=float)
@@ -99,10 +94,8 @@ class TrainConfig:
     device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu, cuda:1")
     precision: str = knob("auto", "auto = bf16 weights + autocast (fp32 LoRA) on cuda/mps, fp32 on CPU",
                           choices=["auto", "fp32", "bf16"])
-    fp8_base: str = knob("auto", "store the frozen DiT in 8 bits (float8 e4m3, each layer upcast for its matmul): "
-                         "about half the base's memory for a small change in its outputs (README: which GPU); the LoRA, "
-                         "its gradients and AdamW stay fp32; auto = on with CUDA only when the base would not fit "
-                         "otherwise; turns gradient checkpointing on; not with --full", choices=["auto", "on", "off"])
+    fp8_base: str = knob("auto", "store the frozen DiT in float8 (half its memory; LoRA, AdamW stay fp32; checkpoints "
+                         "activations); auto = on with CUDA when the base would not fit", choices=["auto", "on", "off"])
     grad_checkpointing: str = knob("auto", "recompute activations in backward: auto = on for cuda/mps, off on CPU",
                                    choices=["auto", "on", "off"])
     dist_timeout: float = knob(60.0, "torchrun: minutes a rank waits for the others (a dead rank, a long --full save)")
@@ -111,9 +104,8 @@ class TrainConfig:
                                "the concept generalises (repeat the flag for more)", action="append")
     sample_prompts: str = knob(None, "a file of such prompts, one a line")
     save_every: int = knob(500, "steps between checkpoints; 0 = only at the end")
-    preserve_prompts: str = knob(None, "a file of prompts without the concept, one a line: a second roll-out a "
-                                 "micro-batch on them pulls the student onto the base model (LoRA off), against "
-                                 "bleeding into them; the logged loss adds --preserve-weight × its loss")
+    preserve_prompts: str = knob(None, "file of prompts without the concept: a second roll-out on them pulls the "
+                                 "student onto the base (or base + --init-lora), so the concept does not bleed there")
     preserve_weight: float = knob(1.0, "weight of the --preserve-prompts roll-out's loss")
     resume: bool = knob(False, "continue from --out's checkpoint (checkpoint.pt; checkpoint/ for --full)")
     loss_backend: str = knob("auto", "fused loss: auto = Triton on CUDA if it launches, else PyTorch",
