@@ -680,14 +680,17 @@ def pipeline_family(model):
                         "base model): D-OPSD keeps few-step sampling; for a base model use ordinary fine-tuning")
     return SUPPORTED_PIPELINES[cls]
 
-def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True):
+def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True, transformer=True):
     """The diffusers pipeline in `dtype`, its DiT in transformer_dtype if given (fp32 for --full); text_encoder=False
-    leaves the (largest) encoder unloaded when the feature cache already holds everything. Call
-    pipeline_family(model) first: it refuses unsupported checkpoints before any weight is read."""
+    leaves the (largest) encoder unloaded when the feature cache already holds everything, transformer=False the DiT
+    (ranks > 0 of a sharded --full run: rank 0 sends them its shards). Call pipeline_family(model) first: it refuses
+    unsupported checkpoints before any weight is read."""
     import diffusers
     base, trained = full_run_parts(model)
     parts = {} if text_encoder else {"text_encoder": None}
-    if trained:                                       # a --full run as --model: its DiT in place of the base's
+    if not transformer:
+        parts["transformer"] = None
+    elif trained:                                     # a --full run as --model: its DiT in place of the base's
         cls = getattr(diffusers, read_json(trained / "config.json")["_class_name"])
         parts["transformer"] = cls.from_pretrained(trained, dtype=transformer_dtype or dtype)
     return diffusers.DiffusionPipeline.from_pretrained(base, dtype={"default": dtype, "transformer": transformer_dtype or dtype},
@@ -1496,10 +1499,10 @@ def attach_roles(dit, family, dopsd, full, rank, alpha, seed, autocast, init=Non
     the model the run started from, for --preserve-prompts to pull onto (fusing it into the base instead would change
     the teacher's base as well, and cannot work on an fp8 base). --full: the DiT itself is the student, and a frozen
     fp32 deep copy the EMA teacher (in bf16 its 1e-4 EMA increments would round away). mesh (--full under torchrun):
-    both are sharded with FSDP2 over it, the lists then hold this rank's shards (DTensors)."""
+    the DiT comes sharded with FSDP2 over it (shard_across_ranks) and the teacher is sharded alike; the lists then
+    hold this rank's shards (DTensors)."""
     if full:
-        if mesh is not None:                         # parameters are replaced by shards: the lists come after this
-            shard_dit(dit.requires_grad_(True), mesh, compute_dtype)
+        if mesh is not None:
             teacher_model = sharded_copy(dit, mesh, compute_dtype) if dopsd else None
         else:
             teacher_model = copy.deepcopy(dit).eval() if dopsd else None
@@ -1558,6 +1561,30 @@ def shard_dit(dit, mesh, compute_dtype):
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     return fully_shard(dit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+
+def shard_across_ranks(dit, device, world, compute_dtype):
+    """Shard the student DiT over every rank (FSDP2) and return the mesh. Only rank 0 loaded its weights (the others
+    hold dit_on_meta's): rank 0 sends them tensor by tensor and each rank keeps its shard, so the host RAM of one
+    node holds one fp32 DiT at start-up, not one per rank (8 ranks: 8 × 23 GiB for Z-Image)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    mesh, on_meta = init_mesh(device, world), next(dit.parameters()).is_meta
+    print(f"sharded: FSDP2 over {world} ranks (the DiT, its EMA teacher, gradients and AdamW: 1/{world} each)")
+    full = {} if on_meta else dit.state_dict()       # rank 0: the loaded weights (references, no copy)
+    shard_dit(dit.requires_grad_(True), mesh, compute_dtype)
+    if on_meta:
+        dit.to_empty(device=device)                  # storage for this rank's shards, filled by the broadcast
+    set_model_state_dict(dit, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return mesh
+
+def dit_on_meta(model):
+    """--model's DiT built from its config on the meta device (no weights, no memory): what ranks > 0 shard."""
+    import diffusers
+    base, trained = full_run_parts(model)
+    name = read_json(trained / "config.json")["_class_name"] if trained else \
+        diffusers.DiffusionPipeline.load_config(base)["transformer"][1]
+    cls = getattr(diffusers, name)
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(trained or base, subfolder=None if trained else "transformer"))
 
 def sharded_copy(dit, mesh, compute_dtype):
     """A frozen copy of the sharded DiT `dit`, sharded alike: built on the meta device (no memory), given storage for
@@ -2133,19 +2160,19 @@ def train_rank(cfg, items, family, rank, world, device):
     if cfg.preserve_prompts and not preserve:
         raise UserError(f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")
     plan, mine = plan_cache(cfg, family, items, extra + preserve, dopsd, dtype, world)
-    pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None, text_encoder=bool(mine))
-    pipe_cls, dit, vae = type(pipe), pipe.transformer, pipe.vae.to(device).requires_grad_(False)
+    sharded = cfg.full and world > 1                 # FSDP2; LoRA runs keep DDP (the adapters are small)
+    pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None, text_encoder=bool(mine),
+                         transformer=rank == 0 or not sharded)
+    dit = pipe.transformer if pipe.transformer is not None else dit_on_meta(cfg.model)    # ranks > 0 of FSDP2
+    pipe_cls, vae = type(pipe), pipe.vae.to(device).requires_grad_(False)
     fill_cache(plan, mine, family, items, pipe, cfg, dopsd, dtype, device, show=rank == 0)
     del pipe                                         # the encoders go: the loop only ever runs the DiT
     free_device(device)
     fp8 = not cfg.full and any_rank(pick_fp8_base(cfg.fp8_base, device, dit, LORA_TARGETS[family], cfg.rank), device)
-    sharded = cfg.full and world > 1                 # FSDP2; LoRA runs keep DDP (the adapters are small)
     if not (fp8 or sharded):                         # the LoRA is drawn where it trains, as it always was; FSDP2
         dit.to(device)                               # moves each block to the device as it shards it
     init = read_lora_file(cfg.init_lora) if cfg.init_lora else None
-    mesh = init_mesh(device, world) if sharded else None
-    if sharded:
-        print(f"sharded: FSDP2 over {world} ranks (the DiT, its EMA teacher, gradients and AdamW: 1/{world} each)")
+    mesh = shard_across_ranks(dit, device, world, dtype) if sharded else None
     student, teacher, trainable, teacher_params = attach_roles(dit.requires_grad_(False), family, dopsd, cfg.full,
                                                                cfg.rank, cfg.alpha, cfg.seed, autocast, init,
                                                                anchor=bool(init and preserve), mesh=mesh,

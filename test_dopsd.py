@@ -1996,6 +1996,17 @@ def test_fsdp_two_ranks_train_like_one_process_with_the_same_global_batch(tiny, 
     assert_same_training(full_checkpoint(fsdp_run[family]), full_checkpoint(one))
 
 
+@pytest.mark.parametrize("family", ["zimage", "klein", "full_run"])
+def test_ranks_above_0_build_the_dit_on_meta_with_the_loaded_dits_names_and_shapes(tiny, fsdp_run, family):
+    """Under FSDP2 only rank 0 loads the DiT; the others build it from --model's config with no memory (also from a
+    --full run's folder as --model), and rank 0's broadcast then fills their shards (the tests above: bit-equal)."""
+    model = str(fsdp_run["zimage"] if family == "full_run" else tiny[family])
+    loaded = dopsd.load_pipeline(model, torch.float32, text_encoder=False).transformer
+    meta = dopsd.dit_on_meta(model)
+    assert type(meta) is type(loaded) and all(p.is_meta for p in meta.parameters())
+    assert {n: p.shape for n, p in meta.named_parameters()} == {n: p.shape for n, p in loaded.named_parameters()}
+
+
 @pytest.fixture(scope="module")
 def fsdp_killed(tiny, fsdp_run, tmp_path_factory):
     """A 2-rank --full run whose rank 1 was killed while writing the step-2 checkpoint (--save-every 1)."""

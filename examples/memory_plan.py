@@ -274,7 +274,7 @@ def format_plan(plan):
         ("peak host RAM", f"{host}; afterwards only the batch being read", plan["host_peak"]),
         ("cache on disk", top, plan["disk"])]
     gpus = (f"per GPU, --full sharded over {N} GPUs with FSDP2: the weights, EMA teacher, gradients and AdamW state "
-            "1/N each; every rank loads the fp32 DiT into host RAM first" if N > 1 else
+            "1/N each; the host-RAM row is rank 0's (the only one that loads the fp32 DiT)" if N > 1 else
             "with torchrun every GPU holds all of the above; the gradients are views into DDP's all-reduce buckets, "
             "no second copy" + ("; --full under torchrun is sharded (--world-size N)" if full else ""))
     head = (f"memory plan from config files: {s['family']}, {s['method']}, "
