@@ -238,7 +238,7 @@ def format_plan(plan):
             "vlm": "the DiT and the whole VLM, loading before its language model is swapped for the text encoder's",
             "lora": "the DiT and its fp32 LoRA, before the cast to fp8"}[max(plan["host"], key=plan["host"].get)]
     rows = [
-        ("- GPU while caching", f"first run only; the DiT waits in CPU RAM", None),
+        ("- GPU while caching", "first run only; the DiT waits in CPU RAM", None),
         ("text encoder", f"{cnt('text_encoder')}, {dt}; freed before the loop", plan["text_encoder"]),
         ("VLM vision tower", f"{cnt('vlm')}, {dt}; its language model is the text encoder's own tensors",
          plan["vlm"]),
@@ -316,9 +316,8 @@ def format_fit(fits, headroom=HEADROOM):
     gib = list(next(iter(fits.values()))["bf16"]["fits"])
     g = lambda b: f"{b / 2**30:.1f}"
     cell = lambda f: " · ".join([f"{f[0]}²" if f[0] else "—", f"r{f[1]}" if f[1] else "—"])
-    lines = [f"| model | base | GiB at 1024², r64: caching / training | "
+    lines = ["| model | base | GiB at 1024², r64: caching / training | "
              + " | ".join(f"{x} GiB" for x in gib) + " |", "|---|---|---|" + "---|" * len(gib)]
-    notes = []
     for name, fit_ in fits.items():
         for prec, row in fit_.items():
             cells = []
