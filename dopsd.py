@@ -236,8 +236,7 @@ def sft_loss(student, x0, noise, sigma, backend="auto"):
 
 # --------------------------------------------------------------------------------------------------------------------
 # errors and argument checks
-# A mistake the user can fix is a UserError: main() prints it as one line, without a traceback. The checks that
-# need no model (an output path, a device name) run before anything loads.
+# The checks that need no model (an output path, a device name) run before anything loads.
 
 class UserError(Exception):
     """A mistake the user can fix. main() prints it as one line and exits with `code`, without a traceback."""
@@ -292,10 +291,9 @@ def check_device(name):
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name}: dopsd.py runs on cpu, cuda or mps; pass one of those, or auto")
     n = torch.cuda.device_count() if dev.type == "cuda" else 0
-    if dev.type == "cuda" and not n:
-        raise UserError(f"--device {name}: no CUDA device is visible; pass --device auto or cpu")
     if dev.type == "cuda" and (dev.index or 0) >= n:
-        raise UserError(f"--device {name}: only {n} CUDA device(s) are visible, cuda:0 to cuda:{n - 1}")
+        raise UserError(f"--device {name}: " + (f"only {n} CUDA device(s) are visible, cuda:0 to cuda:{n - 1}" if n
+                        else "no CUDA device is visible; pass --device auto or cpu"))
     if dev.type == "mps" and not has_mps():
         raise UserError(f"--device {name}: Apple MPS is not available here; pass --device auto or cpu")
 
@@ -304,7 +302,7 @@ def check_device(name):
 # A folder of images with captions -> a checked list of (path, caption), before any model is loaded: a typo costs
 # seconds, not a 20 GB load. Images are cropped into aspect-ratio buckets; one bucket per batch.
 
-IMAGE_EXTS, MIN_SIDE = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}, 64
+IMAGE_EXTS, MIN_SIDE = (".png", ".jpg", ".jpeg", ".webp", ".bmp"), 64
 
 def _names(paths, limit=20):
     names = [Path(p).name for p in paths]
@@ -330,16 +328,13 @@ def parse_data_flag(spec):
 
 def scan_data(specs, caption=None, trigger=None, memo=None):
     """Every --data folder with its repeat count -> [Item], checked as scan_dataset checks one folder."""
-    items = []
-    for spec in specs:
-        folder, repeat = parse_data_flag(spec)
-        items += [it._replace(repeat=repeat) for it in scan_dataset(folder, caption, trigger, memo)]
-    return items
+    return [it._replace(repeat=repeat) for folder, repeat in map(parse_data_flag, specs)
+            for it in scan_dataset(folder, caption, trigger, memo)]
 
 def image_facts(path, memo):
     """(digest, (height, width)) of an image, decoded in full once (a truncated file fails here, not mid-training).
-    memo: {path: [bytes, mtime_ns, ctime_ns, digest, height, width]} of images already decoded, updated in place; an unchanged
-    file is not read again, so a launch on 20,000 cached images costs 20,000 stats, not 20,000 decodes."""
+    memo: {path: [bytes, mtime_ns, ctime_ns, digest, height, width]} of images already decoded, updated in place;
+    an unchanged file is not read again, so a launch on 20,000 cached images costs 20,000 stats, not 20,000 decodes."""
     from PIL import Image
     st, key = path.stat(), str(path.resolve())
     stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]   # ctime: `cp -p` and rsync keep mtime, not ctime
@@ -361,7 +356,7 @@ def read_captions(path, meta):
     cap, txt = meta.get(path.name), path.with_suffix(".txt")
     if cap is None and txt.is_file():
         cap = txt.read_text(encoding="utf-8")
-    return [c.strip() for c in ([cap] if isinstance(cap, str) or cap is None else cap) if c and c.strip()]
+    return [c.strip() for c in ([cap] if isinstance(cap, str) else cap or []) if c.strip()]
 
 def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
     """[Item] for every image in data_dir; raise one UserError naming every bad file and its fix. memo: see
@@ -374,15 +369,19 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
     meta, problems = read_metadata(root / "metadata.jsonl")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise UserError(f"--data {root}: no images (.png .jpg .jpeg .webp .bmp) found; put your training images there")
-    bad, items, bomb_limit = {"unreadable": [], "large": [], "small": [], "uncaptioned": [], "not_utf8": []}, [], 0
+        raise UserError(f"--data {root}: no images ({' '.join(IMAGE_EXTS)}) found; put your training images there")
+    fix = {"unreadable": "unreadable or corrupt image(s) ({names}): re-export or remove them",     # in message order
+           "large": "image(s) larger than PIL's limit of {limit:,} pixels ({which}) ({names}): downscale them",
+           "small": "image(s) smaller than {side} px on a side ({names}): use larger images",
+           "uncaptioned": "image(s) without a caption ({names}): add a same-name .txt file or pass --caption",
+           "not_utf8": "caption file(s) not UTF-8 text ({names}): save each as UTF-8"}
+    bad, items, limit = {kind: [] for kind in fix}, [], 0
     for p in files:
         try:
             digest, size = image_facts(p, memo)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:   # (the warning: if made an error)
             bad["large"].append(p)
-            bomb_limit = max(bomb_limit, Image.MAX_IMAGE_PIXELS * (2 if isinstance(e, Image.DecompressionBombError)
-                                                                   else 1))
+            limit = max(limit, Image.MAX_IMAGE_PIXELS * (2 if isinstance(e, Image.DecompressionBombError) else 1))
             continue
         except Exception:
             bad["unreadable"].append(p)
@@ -399,13 +398,8 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
             items.append(Item(p, tuple(c.replace("[V]", trigger) if trigger else c for c in caps), size, digest))
         else:
             bad["uncaptioned"].append(p)
-    fix = {"unreadable": "unreadable or corrupt image(s) ({names}): re-export or remove them",
-           "small": "image(s) smaller than {side} px on a side ({names}): use larger images",
-           "uncaptioned": "image(s) without a caption ({names}): add a same-name .txt file or pass --caption",
-           "large": "image(s) larger than PIL's limit of {limit:,} pixels ({which}) ({names}): downscale them",
-           "not_utf8": "caption file(s) not UTF-8 text ({names}): save each as UTF-8"}
-    which = ("2 × " if bomb_limit > Image.MAX_IMAGE_PIXELS else "") + "Image.MAX_IMAGE_PIXELS"
-    problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE, limit=bomb_limit, which=which)
+    which = ("2 × " if limit > Image.MAX_IMAGE_PIXELS else "") + "Image.MAX_IMAGE_PIXELS"
+    problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE, limit=limit, which=which)
                  for k, ps in bad.items() if ps]
     if problems:
         raise UserError(f"--data {root}: " + "; ".join(problems))
@@ -431,18 +425,17 @@ def read_metadata(jsonl):
 def warn_shared_captions(root, files, meta):
     """One warning naming images that share one .txt caption (k0.png and k0.jpg both read k0.txt): likely a mistake,
     but not fatal."""
-    shared = {}
+    readers = {}                                                   # .txt file -> the images that read it
     for p in files:
         if p.name not in meta and p.with_suffix(".txt").is_file():
-            shared.setdefault(p.with_suffix(".txt"), []).append(p)
-    shared = [(txt, ps) for txt, ps in shared.items() if len(ps) > 1]
+            readers.setdefault(p.with_suffix(".txt"), []).append(p)
+    shared = [f"{_names(ps)} share the caption {txt.name}" for txt, ps in readers.items() if len(ps) > 1]
     if shared:
-        print(f"warning: --data {root}: " + "; ".join(f"{_names(ps)} share the caption {txt.name}" for txt, ps in
-              shared[:10]) + (f" and {len(shared) - 10} more" if len(shared) > 10 else "") + ": rename one of each, "
-              "or give each its own caption, if they differ")
+        print(f"warning: --data {root}: " + "; ".join(shared[:10]) + (f" and {len(shared) - 10} more" if
+              len(shared) > 10 else "") + ": rename one of each, or give each its own caption, if they differ")
 
 def make_buckets(resolution, multiple=16, ratios=(1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16, 2.0, 0.5)):
-    """Bucket sizes (H, W) of about resolution² pixels, sides multiples of 16 (the VAE's 8× times the DiT's 2×2 patch)."""
+    """Bucket sizes (H, W) of about resolution² pixels, sides multiples of 16 (VAE's 8× times DiT's 2×2 patch)."""
     side = lambda x: max(multiple, round(x / multiple) * multiple)
     return sorted({(side(resolution / math.sqrt(r)), side(resolution * math.sqrt(r))) for r in ratios})   # r = W/H
 
