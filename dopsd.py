@@ -576,8 +576,6 @@ def setup_distributed(device_name, timeout_min=60.0):
     if device_name == "auto" and not cuda and has_mps():
         raise UserError("torchrun on Apple MPS: there is no multi-process backend for mps; run one process (python "
                         "dopsd.py train ...), or pass --device cpu to train on the CPU")
-    if device_name == "cuda" and not cuda:
-        raise UserError("--device cuda: no CUDA device is visible; pass --device cpu")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -634,8 +632,8 @@ def check_vlm_kind(vlm):
     load report and then fail on a missing tensor. A hub id not cached yet passes (from_pretrained fetches it)."""
     from huggingface_hub import try_to_load_from_cache
     config = Path(vlm) / "config.json" if Path(vlm).is_dir() else try_to_load_from_cache(vlm, "config.json")
-    kind = read_json(config).get("model_type") if isinstance(config, (str, Path)) and Path(config).is_file() else None
-    if kind is not None and kind != "qwen3_vl":
+    kind = read_json(config).get("model_type") if isinstance(config, (str, Path)) else None
+    if kind not in (None, "qwen3_vl"):
         raise UserError(f"--vlm {vlm}: a {kind} model; the Z-Image teacher needs a Qwen3-VL of the text encoder's size "
                         "(Qwen/Qwen3-VL-4B-Instruct)")
 
@@ -680,14 +678,14 @@ def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True, trans
     unsupported checkpoints before any weight is read."""
     import diffusers
     base, trained = full_run_parts(model)
+    dtypes = {"default": dtype, "transformer": transformer_dtype or dtype}
     parts = {} if text_encoder else {"text_encoder": None}
     if not transformer:
         parts["transformer"] = None
     elif trained:                                     # a --full run as --model: its DiT in place of the base's
         cls = getattr(diffusers, read_json(trained / "config.json")["_class_name"])
-        parts["transformer"] = cls.from_pretrained(trained, dtype=transformer_dtype or dtype)
-    return diffusers.DiffusionPipeline.from_pretrained(base, dtype={"default": dtype, "transformer": transformer_dtype or dtype},
-                                             **parts)
+        parts["transformer"] = cls.from_pretrained(trained, dtype=dtypes["transformer"])
+    return diffusers.DiffusionPipeline.from_pretrained(base, dtype=dtypes, **parts)
 
 def load_hybrid_vlm(vlm_path, text_encoder, dtype):
     """Qwen3-VL whose language model gets the text encoder's weights: its vision tower now feeds OUR encoder.
@@ -723,31 +721,61 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
     """One LoRA adapter per name, the teacher an exact copy of the student; returns the number of wrapped linears.
     The factors stay fp32 on a bf16 DiT: the EMA adds (1-μ) = 1e-4 of a difference, which bf16 would round away."""
     from peft import LoraConfig
-    expected = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n)]
+    expected = sum(1 for n, m in transformer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n))
     with warnings.catch_warnings():                 # "Already found a peft_config": a second adapter is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for name in names:                          # Gaussian init: A random, B = 0, so every adapter starts as the base
             transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                                target_modules=target_regex), adapter_name=name)
-    lora = {n: p for n, p in transformer.named_parameters() if ".lora_" in n}
-    for p in lora.values():
-        p.data = p.data.float()
-    with torch.no_grad():                           # teacher := copy(student), so the EMA averages the same factors
-        for n, p in lora.items():
-            for other in names[1:] if f".{names[0]}." in n else ():
-                lora[n.replace(f".{names[0]}.", f".{other}.")].copy_(p)
+    layers = lora_layers(transformer)
     # peft casts each LoRA layer's input to the factors' dtype (fp32); under bf16 autocast every LoRA'd linear would
     # then save its own bf16 copy of its input for backward, beside the one the base linear saved. Autocast casts here:
     # peft's cast is off for good (peft.helpers.disable_input_dtype_casting lasts only a `with` block).
-    for layer in lora_layers(transformer):
-        layer.cast_input_dtype_enabled = False
-    wrapped = sum(n.endswith(f"lora_A.{names[0]}.weight") for n in lora)
-    if wrapped != len(expected) or wrapped == 0:
-        raise RuntimeError(f"LoRA wrapped {wrapped} modules but {len(expected)} linears match the target list")
+    with torch.no_grad():
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+            for factors in (layer.lora_A, layer.lora_B):
+                factors.float()
+                for other in names[1:]:             # teacher := copy(student), so the EMA averages the same factors
+                    factors[other].weight.copy_(factors[names[0]].weight)
+    if len(layers) != expected or not layers:
+        raise RuntimeError(f"LoRA wrapped {len(layers)} modules but {expected} linears match the target list")
     transformer.set_adapter(names[0])
-    return wrapped
+    return len(layers)
 
-LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
+def lora_key(key):
+    """(module name without the trainers' prefixes, factor) of a LoRA file's key, in the styles read_lora_file lists;
+    factor: lora_A/B, lora_down/up or alpha, None for a key that is no LoRA factor (the name is then the whole key)."""
+    m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight|(.+)\.alpha", key)
+    name = (m.group(1) or m.group(4)) if m else key
+    for prefix in ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."):
+        name = name.removeprefix(prefix)
+    return name, (m.group(2) or "alpha") if m else None
+
+def check_init_lora(path, family, rank):
+    """The --init-lora file (a run folder's LoRA, or the file itself), checked from its header before any model
+    loads: a safetensors LoRA of this family, of rank at most --rank. Returns the file."""
+    from safetensors import safe_open
+    p = Path(path)
+    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+    if not file.is_file():
+        raise UserError(f"--init-lora {path}: not found; pass a dopsd.py --out folder or a LoRA .safetensors file")
+    trained = weights_family("lora", file, "--init-lora")
+    if trained and trained != family:
+        raise UserError(f"--init-lora {path}: trained for {FAMILIES[trained]['arch']}, but --model is "
+                        f"{FAMILIES[family]['arch']}; continue from a LoRA of this model")
+    with safe_open(str(file), "pt") as f:
+        parsed = {k: lora_key(k) for k in f.keys()}
+        top = max((f.get_slice(k).get_shape()[0] for k, (_, factor) in parsed.items()
+                   if factor in ("lora_A", "lora_down")), default=0)
+    if top > rank:
+        raise UserError(f"--init-lora {path}: its rank is {top}, above --rank {rank}; pass --rank {top} or more")
+    foreign = sorted({n for n, _ in parsed.values() if not re.fullmatch(LORA_TARGETS[family], "x." + n)})
+    if foreign:                                       # (LORA_TARGETS expects a dotted parent before the layer name)
+        raise UserError(f"--init-lora {path}: {len(foreign)} of its modules are not ones dopsd.py trains on this model "
+                        f"(first: {foreign[0]}); pass a LoRA in diffusers or ComfyUI keys for this model")
+    return file
 
 def read_lora_file(path):
     """{module name: (A [r, in], B [out, r] with the file's scale alpha/r folded in)} from a LoRA file in the key
@@ -764,14 +792,11 @@ def read_lora_file(path):
         raise UserError(f"--init-lora {path}: an rsLoRA (scale alpha/√r); convert it to a plain LoRA first")
     parts = {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight|(.+)\.alpha", key)
-        if not m:
+        name, factor = lora_key(key)
+        if factor is None:
             raise UserError(f"--init-lora {path}: key {key} is not a LoRA factor (lora_A/B, lora_down/up, alpha); "
                             "pass a LoRA in diffusers or ComfyUI style")
-        name = m.group(1) or m.group(4)
-        for prefix in LORA_PREFIXES:
-            name = name.removeprefix(prefix)
-        parts.setdefault(name, {})[m.group(2) or "alpha"] = t.float()
+        parts.setdefault(name, {})[factor] = t.float()
     out = {}
     for name, f in parts.items():
         A, B = f.get("lora_A", f.get("lora_down")), f.get("lora_B", f.get("lora_up"))
@@ -782,7 +807,7 @@ def read_lora_file(path):
         out[name] = (A, B * scale)
     return out
 
-def set_lora(transformer, factors, names, scale, flag="--init-lora"):
+def set_lora(transformer, factors, names, scale):
     """Load factors (from read_lora_file) into the adapters `names` (all alike), whose scale is alpha/rank: the
     effective weight B·A·scale becomes the file's. A rank below ours fills the first rows of A and columns of B; the
     rest keep their init (A Gaussian, B zero), so the delta is exact and the spare rank still learns."""
@@ -791,13 +816,13 @@ def set_lora(transformer, factors, names, scale, flag="--init-lora"):
         for name, (A, B) in factors.items():
             layer = modules.get(name)
             if layer is None or not hasattr(layer, "lora_A"):
-                raise UserError(f"{flag}: module {name} of the LoRA is not one this model's LoRA covers; pass a LoRA "
-                                "trained for this model")
-            r, own = A.shape[0], layer.lora_A[names[0]].weight
-            if A.shape[1] != own.shape[1] or B.shape[0] != layer.lora_B[names[0]].weight.shape[0] or r > own.shape[0]:
-                raise UserError(f"{flag}: module {name} has shape {tuple(B.shape)}·{tuple(A.shape)}, this model's "
-                                f"is {tuple(layer.lora_B[names[0]].weight.shape)}·{tuple(own.shape)} (rank at most "
-                                f"--rank); pass a LoRA of this model and a --rank at least its rank")
+                raise UserError(f"--init-lora: module {name} of the LoRA is not one this model's LoRA covers; pass a "
+                                "LoRA trained for this model")
+            r, own_A, own_B = A.shape[0], layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
+            if A.shape[1] != own_A.shape[1] or B.shape[0] != own_B.shape[0] or r > own_A.shape[0]:
+                raise UserError(f"--init-lora: module {name} has shape {tuple(B.shape)}·{tuple(A.shape)}, this "
+                                f"model's is {tuple(own_B.shape)}·{tuple(own_A.shape)} (rank at most --rank); pass a "
+                                "LoRA of this model and a --rank at least its rank")
             for n in names:
                 layer.lora_A[n].weight[:r] = A
                 layer.lora_B[n].weight[:, :r] = B / scale
@@ -2075,33 +2100,6 @@ def train(cfg):
         if rank == 0:
             print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
     return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device)
-
-def check_init_lora(path, family, rank):
-    """The --init-lora file (a run folder's LoRA, or the file itself), checked from its header before any model
-    loads: a safetensors LoRA of this family, of rank at most --rank. Returns the file."""
-    from safetensors import safe_open
-    p = Path(path)
-    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
-    if not file.is_file():
-        raise UserError(f"--init-lora {path}: not found; pass a dopsd.py --out folder or a LoRA .safetensors file")
-    trained = weights_family("lora", file, "--init-lora")
-    if trained and trained != family:
-        raise UserError(f"--init-lora {path}: trained for {FAMILIES[trained]['arch']}, but --model is "
-                        f"{FAMILIES[family]['arch']}; continue from a LoRA of this model")
-    with safe_open(str(file), "pt") as f:
-        keys = list(f.keys())
-        ranks = [f.get_slice(k).get_shape()[0] for k in keys if re.search(r"\.(lora_A|lora_down)\b", k)]
-    if ranks and max(ranks) > rank:
-        raise UserError(f"--init-lora {path}: its rank is {max(ranks)}, above --rank {rank}; pass --rank "
-                        f"{max(ranks)} or more")
-    names = {re.sub(r"\.(lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight$|\.alpha$", "", k) for k in keys}
-    for prefix in LORA_PREFIXES:
-        names = {n.removeprefix(prefix) for n in names}
-    foreign = sorted(n for n in names if not re.fullmatch(LORA_TARGETS[family], "x." + n))
-    if foreign:                                       # (LORA_TARGETS expects a dotted parent before the layer name)
-        raise UserError(f"--init-lora {path}: {len(foreign)} of its modules are not ones dopsd.py trains on this model "
-                        f"(first: {foreign[0]}); pass a LoRA in diffusers or ComfyUI keys for this model")
-    return file
 
 def train_distributed(cfg, items, family, rank, world, device):
     """train_rank on every rank, then a teardown that always ends; only rank 0 prints to stdout. All ranks meet at a
