@@ -162,18 +162,16 @@ def dopsd_loss(u_s, u_t, sigma, space="x0", backend="auto"):
     "triton" or "torch". Returns a 0-D fp32 tensor (0 for numel 0). A ValueError names any argument the fused paths
     would misread."""
     shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-    B = u_s.shape[0] if torch.is_tensor(u_s) and u_s.dim() else None
     if space not in ("x0", "v"):
         raise ValueError(f"dopsd_loss: space must be 'x0' (w = σ²) or 'v' (w = 1), got {space!r}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"dopsd_loss: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if B is None or shape(u_t) != shape(u_s):
-        raise ValueError(f"dopsd_loss: u_s {shape(u_s)} and u_t {shape(u_t)} must be float "
-                         "tensors of one shape (B, ...)")
-    if not (u_s.is_floating_point() and u_t.is_floating_point()):
-        raise ValueError("dopsd_loss: velocities must be float")
-    if shape(sigma) != (B,):
-        raise ValueError(f"dopsd_loss: sigma must be a tensor of shape (B,) = ({B},), got {shape(sigma)}")
+    if not (torch.is_tensor(u_s) and u_s.dim() and shape(u_t) == shape(u_s) and u_s.is_floating_point()
+            and u_t.is_floating_point()):
+        raise ValueError(f"dopsd_loss: velocities must be float tensors of one shape (B, ...), got u_s {shape(u_s)} "
+                         f"and u_t {shape(u_t)}")
+    if shape(sigma) != (len(u_s),):
+        raise ValueError(f"dopsd_loss: sigma must be a tensor of shape (B,) = ({len(u_s)},), got {shape(sigma)}")
     for name, t in (("u_t", u_t), ("sigma", sigma)):
         if t.device != u_s.device:
             raise ValueError(f"dopsd_loss: {name} is on {t.device} but u_s is on {u_s.device}")
@@ -959,7 +957,6 @@ def klein_decode(vae, x):
 # (the scheduler's), so the roll-out in "the method" is family-free:
 #     x0_hat = x - σ·u,      x_next = x + (σ_next - σ)·u.
 
-
 def zimage_sigmas(num_steps, shift=3.0):
     """Z-Image-Turbo's schedule in diffusers 0.42: linspace(1, 1/N, N), shifted by 3, then 0. [N+1], fp32.
     N = 4 gives σ = 1, .9, .75, .5, 0: the D-OPSD training roll-out, and steps 0,2,4,6 of the 8-step deploy schedule."""
@@ -1000,9 +997,8 @@ def klein_velocity(transformer, x, sigma, cond):
     ids = torch.cartesian_prod(ar(1), ar(h), ar(w), ar(1))                   # [h·w, 4] = (T, row, col, L)
     tokens = x.flatten(2).transpose(1, 2)                                      # [B, h·w, 4C]
     if ref is not None:                                                        # ref: [B, 4C, h_r, w_r], any size
-        ref_ids = torch.cartesian_prod(ar(1) + 10, ar(ref.shape[2]), ar(ref.shape[3]), ar(1))   # [h_r·w_r, 4], T = 10
         tokens = torch.cat([tokens, ref.flatten(2).transpose(1, 2)], 1)       # [B, h·w + h_r·w_r, 4C]
-        ids = torch.cat([ids, ref_ids])
+        ids = torch.cat([ids, torch.cartesian_prod(ar(1) + 10, ar(ref.shape[2]), ar(ref.shape[3]), ar(1))])  # T = 10
     txt_ids = torch.cartesian_prod(ar(1), ar(1), ar(1), ar(pe.shape[1]))     # [L, 4] = (0, 0, 0, l)
     t = (sigma * 1000).to(dt) / 1000      # as the pipeline: σ·1000 rounded to the DiT dtype (bf16 on GPU), then /1000
     out = transformer(hidden_states=tokens.to(dt), timestep=t, guidance=None, encoder_hidden_states=pe.to(dt),
@@ -1035,7 +1031,6 @@ def euler_sample(velocity, noise, sigmas):
 # The teacher is the SAME DiT with the "teacher" adapter active and the multimodal context in place of the caption
 # features. It is evaluated on the student's state under no_grad, and never trained: after each optimizer step its
 # weights move a little towards the student's (ema_update). One DiT in memory, two small adapters.
-
 
 def lora_layers(transformer):
     """The peft LoRA layers of a model, listed once so that switching adapters needs no walk over every module."""
@@ -1155,11 +1150,10 @@ def _resolve_loss_backend(backend, device, dtype):
     kernel_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
     if backend == "auto":
         if device.type not in LOSS_BACKEND:
+            use, why = False, f"{device.type} tensor, the Triton kernel needs CUDA"
             if not HAS_TRITON:
-                use, why = False, "triton not installed"
-            elif device.type != "cuda":
-                use, why = False, f"{device.type} tensor, the Triton kernel needs CUDA"
-            else:
+                why = "triton not installed"
+            elif device.type == "cuda":
                 use, why = triton_probe(device)        # a test launch: triton may import and still not run
             LOSS_BACKEND[device.type] = "triton" if use else "torch"
             print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
