@@ -1332,15 +1332,13 @@ def all_entries(plan):
 def missing_entries(plan):
     """all_entries() not on disk or not valid, each once. A file that exists but is invalid is named in a warning
     and re-encoded."""
-    seen, out = set(), []
+    out = {}
     for p, k, job in all_entries(plan):
-        if p in seen or entry_ok(p, k):
-            continue
-        if p.exists():
-            print(f"warning: cache entry {p} is truncated or corrupt (a crash or a full disk?): re-encoding it")
-        seen.add(p)
-        out.append((p, k, job))
-    return out
+        if p not in out and not entry_ok(p, k):
+            if p.exists():
+                print(f"warning: cache entry {p} is truncated or corrupt (a crash or a full disk?): re-encoding it")
+            out[p] = (p, k, job)
+    return list(out.values())
 
 def write_entry(path, key, tensors):
     """One entry, written beside its final name and renamed into place: readers see the old file or the whole new
@@ -1372,11 +1370,9 @@ def entry_conds(family, e):
     """An entry's tensors -> (student conditioning, teacher conditioning or SFT's clean latents, or None), in the
     forms the family's velocity and collate() take."""
     s = e["s"] if family == "zimage" else (e["s"], None)
-    if "x0" in e:
-        return s, e["x0"]
-    if "t" not in e:
-        return s, None
-    return s, e["t"] if family == "zimage" else (e["t"], e["ref"])
+    if "t" in e:
+        return s, e["t"] if family == "zimage" else (e["t"], e["ref"])
+    return s, e.get("x0")                             # SFT's clean latents, or None for a prompt's entry
 
 def read_json(path):
     """A JSON file's object, or {} when it is missing or unreadable (it is only ever a memo)."""
@@ -1483,13 +1479,10 @@ def encode_missing(family, enc, todo, items, buckets, show=True):
     warn_long("caption", its, prompt_tokens(enc.tokenizer, [c for _, c in its], family == "zimage"), limit,
               "the encoder's ")
     with tqdm(total=len(todo), desc="caching features", unit="entry", dynamic_ncols=True, disable=not show) as bar:
-        for group in groups.values():
-            for b in range(0, len(group), ENCODE_BATCH):
-                chunk = group[b:b + ENCODE_BATCH]
-                for (p, k, _), tensors in zip(chunk, encode_batch(family, enc, [j for _, _, j in chunk], items,
-                                                                  buckets)):
-                    write_entry(p, k, tensors)
-                bar.update(len(chunk))
+        for chunk in [g[b:b + ENCODE_BATCH] for g in groups.values() for b in range(0, len(g), ENCODE_BATCH)]:
+            for (p, k, _), tensors in zip(chunk, encode_batch(family, enc, [j for _, _, j in chunk], items, buckets)):
+                write_entry(p, k, tensors)
+            bar.update(len(chunk))
 
 def attach_roles(dit, family, dopsd, full, rank, alpha, seed, autocast, init=None, anchor=False, mesh=None,
                  compute_dtype=torch.float32):
@@ -1502,11 +1495,9 @@ def attach_roles(dit, family, dopsd, full, rank, alpha, seed, autocast, init=Non
     the DiT comes sharded with FSDP2 over it (shard_across_ranks) and the teacher is sharded alike; the lists then
     hold this rank's shards (DTensors)."""
     if full:
-        if mesh is not None:
-            teacher_model = sharded_copy(dit, mesh, compute_dtype) if dopsd else None
-        else:
-            teacher_model = copy.deepcopy(dit).eval() if dopsd else None
-        layers = None                                # no LoRA layers: use_adapter does nothing
+        teacher_model, layers = None, None           # no LoRA layers: use_adapter does nothing
+        if dopsd:
+            teacher_model = copy.deepcopy(dit).eval() if mesh is None else sharded_copy(dit, mesh, compute_dtype)
         trainable = list(dit.requires_grad_(True).parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
     else:
@@ -1595,10 +1586,8 @@ def sharded_copy(dit, mesh, compute_dtype):
         twin = dit_class.from_config(dit.config).requires_grad_(False).eval()
     shard_dit(twin, mesh, compute_dtype).to_empty(device=mesh.device_type)
     with torch.no_grad():                            # in place: FSDP gathers from the shards' own storage
-        for t, s in zip(twin.parameters(), dit.parameters(), strict=True):
-            t.to_local().copy_(s.to_local())
-        for t, s in zip(twin.buffers(), dit.buffers(), strict=True):
-            t.copy_(s)
+        for t, s in zip([*twin.parameters(), *twin.buffers()], [*dit.parameters(), *dit.buffers()], strict=True):
+            local_shard(t).copy_(local_shard(s))
     return twin
 
 def local_shard(t):
