@@ -1198,8 +1198,8 @@ def collate(conds):
 
 def read_prompts(flags, file, trigger=None):
     """Prompts from repeated flags, then the lines of a file (blank lines skipped), [V] replaced as in captions."""
-    prompts = [p.strip() for p in [*(flags or []), *(Path(file).read_text(encoding="utf-8").splitlines() if file
-                                                     else [])]]
+    lines = Path(file).read_text(encoding="utf-8").splitlines() if file else []
+    prompts = [p.strip() for p in [*(flags or []), *lines]]
     return [p.replace("[V]", trigger) if trigger else p for p in prompts if p]
 
 def check_ranges(cfg):
@@ -1242,6 +1242,8 @@ def check_args(cfg):
     for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
         if f and not Path(f).is_file():
             raise UserError(f"{flag} {f}: file not found; pass a text file with one prompt a line")
+        if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
+            raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
     if cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"):
         raise UserError("--preserve-prompts pulls a LoRA student onto the base model: it needs --method dopsd without "
                         "--full")
@@ -1256,9 +1258,6 @@ def check_args(cfg):
     if cfg.fp8_base == "on" and cfg.grad_checkpointing == "off":
         raise UserError("--fp8-base on with --grad-checkpointing off: without checkpointing each linear keeps its "
                         "upcast weight for backward and the saving is gone; drop --grad-checkpointing off")
-    for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
-        if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
-            raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
     if cfg.resume:
         check_resume(ckpt or other, cfg)             # the other kind: says which flag differs
         if not ckpt:                                 # a --full checkpoint.pt of dopsd.py before checkpoint/ folders
