@@ -1210,8 +1210,8 @@ def collate(conds):
 
 def read_prompts(flags, file, trigger=None):
     """Prompts from repeated flags, then the lines of a file (blank lines skipped), [V] replaced as in captions."""
-    prompts = [p.strip() for p in [*(flags or []), *(Path(file).read_text(encoding="utf-8").splitlines() if file
-                                                     else [])]]
+    lines = Path(file).read_text(encoding="utf-8").splitlines() if file else []
+    prompts = [p.strip() for p in [*(flags or []), *lines]]
     return [p.replace("[V]", trigger) if trigger else p for p in prompts if p]
 
 def check_ranges(cfg):
@@ -1254,6 +1254,8 @@ def check_args(cfg):
     for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
         if f and not Path(f).is_file():
             raise UserError(f"{flag} {f}: file not found; pass a text file with one prompt a line")
+        if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
+            raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
     if cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"):
         raise UserError("--preserve-prompts pulls a LoRA student onto the base model: it needs --method dopsd without "
                         "--full")
@@ -1268,9 +1270,6 @@ def check_args(cfg):
     if cfg.fp8_base == "on" and cfg.grad_checkpointing == "off":
         raise UserError("--fp8-base on with --grad-checkpointing off: without checkpointing each linear keeps its "
                         "upcast weight for backward and the saving is gone; drop --grad-checkpointing off")
-    for flag, f in (("--sample-prompts", cfg.sample_prompts), ("--preserve-prompts", cfg.preserve_prompts)):
-        if f and not read_text_file(f, flag).strip() and flag == "--preserve-prompts":    # (no held-out columns: fine)
-            raise UserError(f"{flag} {f}: no prompts in it; write one prompt a line")
     if cfg.resume:
         check_resume(ckpt or other, cfg)             # the other kind: says which flag differs
         if not ckpt:                                 # a --full checkpoint.pt of dopsd.py before checkpoint/ folders
@@ -1344,15 +1343,13 @@ def all_entries(plan):
 def missing_entries(plan):
     """all_entries() not on disk or not valid, each once. A file that exists but is invalid is named in a warning
     and re-encoded."""
-    seen, out = set(), []
+    out = {}
     for p, k, job in all_entries(plan):
-        if p in seen or entry_ok(p, k):
-            continue
-        if p.exists():
-            print(f"warning: cache entry {p} is truncated or corrupt (a crash or a full disk?): re-encoding it")
-        seen.add(p)
-        out.append((p, k, job))
-    return out
+        if p not in out and not entry_ok(p, k):
+            if p.exists():
+                print(f"warning: cache entry {p} is truncated or corrupt (a crash or a full disk?): re-encoding it")
+            out[p] = (p, k, job)
+    return list(out.values())
 
 def write_entry(path, key, tensors):
     """One entry, written beside its final name and renamed into place: readers see the old file or the whole new
@@ -1384,11 +1381,9 @@ def entry_conds(family, e):
     """An entry's tensors -> (student conditioning, teacher conditioning or SFT's clean latents, or None), in the
     forms the family's velocity and collate() take."""
     s = e["s"] if family == "zimage" else (e["s"], None)
-    if "x0" in e:
-        return s, e["x0"]
-    if "t" not in e:
-        return s, None
-    return s, e["t"] if family == "zimage" else (e["t"], e["ref"])
+    if "t" in e:
+        return s, e["t"] if family == "zimage" else (e["t"], e["ref"])
+    return s, e.get("x0")                             # SFT's clean latents, or None for a prompt's entry
 
 def read_json(path):
     """A JSON file's object, or {} when it is missing or unreadable (it is only ever a memo)."""
@@ -1495,13 +1490,10 @@ def encode_missing(family, enc, todo, items, buckets, show=True):
     warn_long("caption", its, prompt_tokens(enc.tokenizer, [c for _, c in its], family == "zimage"), limit,
               "the encoder's ")
     with tqdm(total=len(todo), desc="caching features", unit="entry", dynamic_ncols=True, disable=not show) as bar:
-        for group in groups.values():
-            for b in range(0, len(group), ENCODE_BATCH):
-                chunk = group[b:b + ENCODE_BATCH]
-                for (p, k, _), tensors in zip(chunk, encode_batch(family, enc, [j for _, _, j in chunk], items,
-                                                                  buckets)):
-                    write_entry(p, k, tensors)
-                bar.update(len(chunk))
+        for chunk in [g[b:b + ENCODE_BATCH] for g in groups.values() for b in range(0, len(g), ENCODE_BATCH)]:
+            for (p, k, _), tensors in zip(chunk, encode_batch(family, enc, [j for _, _, j in chunk], items, buckets)):
+                write_entry(p, k, tensors)
+            bar.update(len(chunk))
 
 def attach_roles(dit, family, dopsd, full, rank, alpha, seed, autocast, init=None, anchor=False, mesh=None,
                  compute_dtype=torch.float32):
@@ -1514,11 +1506,9 @@ def attach_roles(dit, family, dopsd, full, rank, alpha, seed, autocast, init=Non
     the DiT comes sharded with FSDP2 over it (shard_across_ranks) and the teacher is sharded alike; the lists then
     hold this rank's shards (DTensors)."""
     if full:
-        if mesh is not None:
-            teacher_model = sharded_copy(dit, mesh, compute_dtype) if dopsd else None
-        else:
-            teacher_model = copy.deepcopy(dit).eval() if dopsd else None
-        layers = None                                # no LoRA layers: use_adapter does nothing
+        teacher_model, layers = None, None           # no LoRA layers: use_adapter does nothing
+        if dopsd:
+            teacher_model = copy.deepcopy(dit).eval() if mesh is None else sharded_copy(dit, mesh, compute_dtype)
         trainable = list(dit.requires_grad_(True).parameters())
         teacher_params = list(teacher_model.parameters()) if dopsd else []
     else:
@@ -1607,10 +1597,8 @@ def sharded_copy(dit, mesh, compute_dtype):
         twin = dit_class.from_config(dit.config).requires_grad_(False).eval()
     shard_dit(twin, mesh, compute_dtype).to_empty(device=mesh.device_type)
     with torch.no_grad():                            # in place: FSDP gathers from the shards' own storage
-        for t, s in zip(twin.parameters(), dit.parameters(), strict=True):
-            t.to_local().copy_(s.to_local())
-        for t, s in zip(twin.buffers(), dit.buffers(), strict=True):
-            t.copy_(s)
+        for t, s in zip([*twin.parameters(), *twin.buffers()], [*dit.parameters(), *dit.buffers()], strict=True):
+            local_shard(t).copy_(local_shard(s))
     return twin
 
 def local_shard(t):
