@@ -1771,19 +1771,36 @@ def checkpoint_failed(run, path, e, kept):
         "then continue with --resume" if kept else "no checkpoint had been saved yet: free space and train again"))
 
 def save_full_run(run):
-    """--full: checkpoint/ (torch.distributed.checkpoint: each rank writes its own shards) and transformer/ (gathered
-    one tensor at a time); every rank takes part in both. Each is written beside its previous version and swapped in,
-    so a crash or a killed rank mid-save leaves the previous one loadable. Non-finite weights are never written."""
-    ckpt = Path(run.out) / "checkpoint"
+    """--full: checkpoint/ (torch.distributed.checkpoint: each rank writes its own shards into checkpoint.tmp/, then
+    rank 0 adds meta.json, and the folder is complete once it is there) and transformer/ (gathered one tensor at a
+    time); every rank takes part in both. Each is written beside its previous version and swapped in, so a crash or a
+    killed rank mid-save leaves the previous one loadable. Non-finite weights are never written."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    ckpt, tmp, failed = run.out / "checkpoint", run.out / "checkpoint.tmp", None
     finite = torch.tensor(float(all(bool(torch.isfinite(local_shard(p)).all()) for p in run.trainable)),
                           device=run.device)         # this rank's shards; then all ranks' (MIN)
     if run.world > 1:
-        import torch.distributed as dist
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
         return
-    raise_on_every_rank(write_full_checkpoint(run, ckpt), run)
+    if run.rank == 0:                                # torch's writer expects an empty folder (it overwrites in place)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if run.world > 1:
+        dist.barrier()
+    try:
+        with warnings.catch_warnings():              # one process: torch warns that it saves without a group
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+            dcp.save(full_state(run), checkpoint_id=str(tmp))   # returns on every rank once all shards are written
+        if run.rank == 0:
+            write_json(tmp / "meta.json", {"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
+                                           "world_size": run.world})
+            swap_in(tmp, ckpt)
+    except (OSError, CheckpointException) as e:
+        failed = checkpoint_failed(run, ckpt, e, kept=(ckpt / "meta.json").is_file())
+    raise_on_every_rank(failed, run)
     run.saved_step = run.step
     failed = export_dit(run.dit, run.out / "transformer", run.rank)
     raise_on_every_rank(failed and WriteFailed(
@@ -1801,29 +1818,6 @@ def full_state(run):
     if run.teacher_params:
         state["teacher"] = {n: p.detach() for n, p in zip(names, run.teacher_params, strict=True)}
     return state
-
-def write_full_checkpoint(run, path):
-    """Every rank writes its shards into a fresh path.tmp/; rank 0 then adds meta.json (step, config: the folder is
-    complete once it is there) and swaps the folder in. Returns None or the WriteFailed to raise on every rank."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    tmp = path.with_name(path.name + ".tmp")
-    if run.rank == 0:                                # torch's writer expects an empty folder (it overwrites in place)
-        shutil.rmtree(tmp, ignore_errors=True)
-    if run.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-    try:
-        with warnings.catch_warnings():              # one process: torch warns that it saves without a group
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            dcp.save(full_state(run), checkpoint_id=str(tmp))   # returns on every rank once all shards are written
-        if run.rank == 0:
-            write_json(tmp / "meta.json", {"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
-                                           "world_size": run.world})
-            swap_in(tmp, path)
-    except (OSError, CheckpointException) as e:
-        return checkpoint_failed(run, path, e, kept=(path / "meta.json").is_file())
-    return None
 
 def swap_in(new, path):
     """Replace the folder `path` by `new`: the old one goes aside first and is deleted last. A crash between the two
