@@ -1670,6 +1670,10 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         raise
 
+def atomic_torch_save(obj, path):
+    """torch.save(obj, path), atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
 def sample_grid(run):
     """The base, student and (D-OPSD) teacher rows on the fixed noise -> samples/step_NNNNNN.png, and the loss curve so
     far -> loss.png, by rank 0. The teacher has an image only for the training columns. A sharded DiT needs every rank
@@ -1751,7 +1755,7 @@ def write_run(run):
              "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
              "teacher": [p.detach().cpu() for p in run.teacher_params]}
     try:
-        atomic_write(ckpt, lambda f: torch.save(state, f))
+        atomic_torch_save(state, ckpt)
     except OSError as e:
         return checkpoint_failed(run, ckpt, e, kept=ckpt.is_file())
     run.saved_step = run.step
