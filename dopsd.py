@@ -1651,16 +1651,28 @@ def save_grid(rows, captions, path, label_width=112):
     save_image(grid, path)
 
 def save_image(im, path):
-    """Save a PIL image in the format its extension names (PNG if none), written beside and renamed into place: a
-    failed write (a full disk) leaves the previous file and no partial one."""
+    """Save a PIL image in the format its extension names (PNG if none), atomically (atomic_write)."""
     from PIL import Image
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    atomic_write(path, lambda f: im.save(f, format=fmt))
+
+def atomic_write(path, write):
+    """write(f) into path.tmp, flush it to disk, then rename it onto path: a crash mid-write leaves the previous file
+    intact, and a failed write (a full disk) leaves no partial file behind."""
     tmp = Path(str(path) + ".tmp")
     try:
-        im.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+def atomic_torch_save(obj, path):
+    """torch.save(obj, path), atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 def sample_grid(run):
     """The base, student and (D-OPSD) teacher rows on the fixed noise -> samples/step_NNNNNN.png, and the loss curve so
@@ -1700,20 +1712,6 @@ def save_loss_curve(log_path, png_path, size=(480, 200), margin=30):
     draw.text((4, H - m + 6), f"min {lo:.4g}   steps {s0} to {s1}", fill="gray")
     save_image(im, png_path)
 
-def atomic_torch_save(obj, path):
-    """Write to a temporary file, flush to disk, then rename: a crash mid-write leaves the previous file intact, and
-    a failed write (a full disk) leaves no partial file behind."""
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 def io_reason(e):
     """'No space left on device' from an OSError, or from safetensors' SafetensorError, which wraps the OS error."""
     m = re.search(r"I/O error: (.*?) \(os error", str(e))
@@ -1729,13 +1727,7 @@ def save_run(run):
         raise RuntimeError("ranks hold different weights: distributed training went out of sync")
     if run.rank == 0 and run.world > 1:
         print(f"ranks in sync: {run.world} ranks hold identical student and teacher weights")
-    failed = None
-    if run.rank == 0:
-        try:
-            write_run(run)
-        except WriteFailed as e:
-            failed = e
-    raise_on_every_rank(failed, run)
+    raise_on_every_rank(write_run(run) if run.rank == 0 else None, run)
 
 def raise_on_every_rank(failed, run):
     """Raise `failed` (a WriteFailed or None) on every rank if any rank failed: the others wait for the write and must
@@ -1751,49 +1743,68 @@ def raise_on_every_rank(failed, run):
         raise failed
 
 def write_run(run):
-    """Rank 0's part of save_run: the files, each written beside its old version and swapped in."""
+    """Rank 0's part of save_run: the files, each written beside its old version and swapped in. Returns None or the
+    WriteFailed to raise on every rank."""
     from safetensors import SafetensorError
-    out, dit, ckpt = run.out, run.dit, run.out / "checkpoint.pt"
+    ckpt, lora = run.out / "checkpoint.pt", run.out / "pytorch_lora_weights.safetensors"
     if not all(torch.isfinite(p).all() for p in run.trainable):
         print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
-        return
+        return None
     # A write that fails (a full disk) leaves the previous file in place and no partial one: one line, exit 1.
+    state = {"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite, "world_size": run.world,
+             "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
+             "teacher": [p.detach().cpu() for p in run.teacher_params]}
     try:
-        atomic_torch_save({"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
-                           "world_size": run.world,
-                           "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
-                           "teacher": [p.detach().cpu() for p in run.teacher_params]}, ckpt)
+        atomic_torch_save(state, ckpt)
     except OSError as e:
-        saved = run.saved_step
-        raise WriteFailed(f"could not write {ckpt} at step {run.step} ({io_reason(e)}); " + (
-            f"the previous checkpoint{f' (step {saved})' if saved else ''} there is intact: free space, then "
-            "continue with --resume" if ckpt.is_file() else "no checkpoint had been saved yet: free space and train "
-            "again")) from None
+        return checkpoint_failed(run, ckpt, e, kept=ckpt.is_file())
     run.saved_step = run.step
-    deliverable = out / "pytorch_lora_weights.safetensors"
     try:
-        save_lora(dit, run.pipe_cls, "student", LORA_TARGETS[run.family], deliverable,
+        save_lora(run.dit, run.pipe_cls, "student", LORA_TARGETS[run.family], lora,
                   lora_card(run.cfg, run.family, run.step))
     except (OSError, SafetensorError) as e:
-        raise WriteFailed(f"could not write {deliverable} at step {run.step} ({io_reason(e)}); {ckpt} (step "
-                          f"{run.step}) is written" + (f" and the previous {deliverable.name} is intact" if
-                          deliverable.exists() else "") + f": free space, then run again with --resume to write "
-                          f"{deliverable.name}") from None
+        return WriteFailed(f"could not write {lora} at step {run.step} ({io_reason(e)}); {ckpt} (step {run.step}) is "
+                           "written" + (f" and the previous {lora.name} is intact" if lora.exists() else "") +
+                           f": free space, then run again with --resume to write {lora.name}")
+    return None
+
+def checkpoint_failed(run, path, e, kept):
+    """The WriteFailed for a checkpoint that could not be written (OSError e); kept: the previous one is still there."""
+    return WriteFailed(f"could not write {path} at step {run.step} ({io_reason(e)}); " + (
+        f"the previous checkpoint{f' (step {run.saved_step})' if run.saved_step else ''} there is intact: free space, "
+        "then continue with --resume" if kept else "no checkpoint had been saved yet: free space and train again"))
 
 def save_full_run(run):
-    """--full: checkpoint/ (torch.distributed.checkpoint: each rank writes its own shards) and transformer/ (gathered
-    one tensor at a time); every rank takes part in both. Each is written beside its previous version and swapped in,
-    so a crash or a killed rank mid-save leaves the previous one loadable. Non-finite weights are never written."""
-    ckpt = Path(run.out) / "checkpoint"
+    """--full: checkpoint/ (torch.distributed.checkpoint: each rank writes its own shards into checkpoint.tmp/, then
+    rank 0 adds meta.json, and the folder is complete once it is there) and transformer/ (gathered one tensor at a
+    time); every rank takes part in both. Each is written beside its previous version and swapped in, so a crash or a
+    killed rank mid-save leaves the previous one loadable. Non-finite weights are never written."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    ckpt, tmp, failed = run.out / "checkpoint", run.out / "checkpoint.tmp", None
     finite = torch.tensor(float(all(bool(torch.isfinite(local_shard(p)).all()) for p in run.trainable)),
                           device=run.device)         # this rank's shards; then all ranks' (MIN)
     if run.world > 1:
-        import torch.distributed as dist
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         print("error: weights are not finite; nothing saved, the previous checkpoint is kept", file=sys.stderr)
         return
-    raise_on_every_rank(write_full_checkpoint(run, ckpt), run)
+    if run.rank == 0:                                # torch's writer expects an empty folder (it overwrites in place)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if run.world > 1:
+        dist.barrier()
+    try:
+        with warnings.catch_warnings():              # one process: torch warns that it saves without a group
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+            dcp.save(full_state(run), checkpoint_id=str(tmp))   # returns on every rank once all shards are written
+        if run.rank == 0:
+            write_json(tmp / "meta.json", {"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
+                                           "world_size": run.world})
+            swap_in(tmp, ckpt)
+    except (OSError, CheckpointException) as e:
+        failed = checkpoint_failed(run, ckpt, e, kept=(ckpt / "meta.json").is_file())
+    raise_on_every_rank(failed, run)
     run.saved_step = run.step
     failed = export_dit(run.dit, run.out / "transformer", run.rank)
     raise_on_every_rank(failed and WriteFailed(
@@ -1812,33 +1823,6 @@ def full_state(run):
         state["teacher"] = {n: p.detach() for n, p in zip(names, run.teacher_params, strict=True)}
     return state
 
-def write_full_checkpoint(run, path):
-    """Every rank writes its shards into a fresh path.tmp/; rank 0 then adds meta.json (step, config: the folder is
-    complete once it is there) and swaps the folder in. Returns None or the WriteFailed to raise on every rank."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    tmp = path.with_name(path.name + ".tmp")
-    if run.rank == 0:                                # torch's writer expects an empty folder (it overwrites in place)
-        shutil.rmtree(tmp, ignore_errors=True)
-    if run.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-    try:
-        with warnings.catch_warnings():              # one process: torch warns that it saves without a group
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            dcp.save(full_state(run), checkpoint_id=str(tmp))   # returns on every rank once all shards are written
-        if run.rank == 0:
-            write_json(tmp / "meta.json", {"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite,
-                                           "world_size": run.world})
-            swap_in(tmp, path)
-    except (OSError, CheckpointException) as e:
-        saved = run.saved_step
-        return WriteFailed(f"could not write {path} at step {run.step} ({io_reason(e)}); " + (
-            f"the previous checkpoint{f' (step {saved})' if saved else ''} there is intact: free space, then "
-            "continue with --resume" if (path / "meta.json").is_file() else "no checkpoint had been saved yet: free "
-            "space and train again"))
-    return None
-
 def swap_in(new, path):
     """Replace the folder `path` by `new`: the old one goes aside first and is deleted last. A crash between the two
     renames leaves path.old/ complete (find_checkpoint looks there)."""
@@ -1850,19 +1834,20 @@ def swap_in(new, path):
     shutil.rmtree(old, ignore_errors=True)
 
 def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
-    """The DiT in save_pretrained's format (config.json; safetensors files of at most file_bytes, with diffusers'
-    names and index), written by rank 0 into folder.tmp and swapped in. Sharded, each tensor is gathered in turn (a
-    collective: every rank calls this) and the other ranks drop it at once: none holds more than one full tensor
-    beside its shards, rank 0 at most one file's worth. Returns None, or the OSError that stopped rank 0's writing."""
+    """The DiT in save_pretrained's format (config.json, with the DiT's own class name: a sharded module's class is
+    FSDP<Name>; safetensors files of at most file_bytes, with diffusers' names and index), written by rank 0 into
+    folder.tmp and swapped in. Sharded, each tensor is gathered in turn (a collective: every rank calls this) and the
+    other ranks drop it at once: none holds more than one full tensor beside its shards, rank 0 at most one file's
+    worth. Returns None, or the OSError that stopped rank 0's writing."""
     from safetensors.torch import save_file
-    state, files = dit.state_dict(), [[]]            # FSDP2: DTensors (its state_dict hook reshards first)
-    size = 0
-    for k, v in state.items():                       # the file layout, from the global shapes
-        if files[-1] and size + v.numel() * v.element_size() > file_bytes:
-            files.append([])
-            size = 0
+    state = dit.state_dict()                         # FSDP2: DTensors (its state_dict hook reshards first)
+    nbytes = {k: v.numel() * v.element_size() for k, v in state.items()}   # the file layout, from the global shapes
+    files, size = [[]], 0
+    for k in state:
+        if files[-1] and size + nbytes[k] > file_bytes:
+            files, size = files + [[]], 0
         files[-1].append(k)
-        size += v.numel() * v.element_size()
+        size += nbytes[k]
     names = ["diffusion_pytorch_model.safetensors"] if len(files) == 1 else [
         f"diffusion_pytorch_model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
     tmp, failed = folder.with_name(folder.name + ".tmp"), None
@@ -1881,29 +1866,21 @@ def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
             except OSError as e:
                 failed = e
         del part
-    if rank == 0:
-        failed = failed or finish_export(dit, tmp, folder, dict(zip(names, files)), state)
-        if failed:                                   # the previous transformer/ stays as it was
-            shutil.rmtree(tmp, ignore_errors=True)
-    return failed
-
-def finish_export(dit, tmp, folder, files, state):
-    """config.json (with the DiT's own class name: a sharded module's class is FSDP<Name>) and, for several files,
-    diffusers' index; then the folder is swapped in. Returns None or the OSError."""
-    try:
-        config = json.loads(dit.to_json_string())
-        config["_class_name"] = next(c for c in type(dit).__mro__ if c.__name__ in DIT_FAMILY).__name__
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if len(files) > 1:
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": {k: f for f, ks in files.items() for k in ks}},
-                indent=2))
-        swap_in(tmp, folder)
-    except OSError as e:
+    if rank == 0 and not failed:
+        try:
+            config = json.loads(dit.to_json_string())
+            config["_class_name"] = next(c for c in type(dit).__mro__ if c.__name__ in DIT_FAMILY).__name__
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if len(files) > 1:
+                index = {"metadata": {"total_size": sum(nbytes.values())},
+                         "weight_map": {k: n for n, ks in zip(names, files) for k in ks}}
+                (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            swap_in(tmp, folder)
+        except OSError as e:
+            failed = e
+    if failed:                                       # rank 0: the previous folder stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
-        return e
-    return None
+    return failed
 
 def save_lora(transformer, pipe_cls, adapter, target_regex, path, card):
     """One adapter as a diffusers LoRA file that every loader applies at its trained strength. diffusers scales B·A by
@@ -1933,7 +1910,8 @@ def lora_card(cfg, family, step):
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{fam['arch']}/lora",
             "modelspec.implementation": "diffusers", "modelspec.title": Path(cfg.out).name,
             "modelspec.description": f"{cfg.method} LoRA for {base}, {step} steps (dopsd.py)",
-            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}", "modelspec.trigger_phrase": cfg.trigger or "[V]",
+            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+            "modelspec.trigger_phrase": cfg.trigger or "[V]",
             "modelspec.usage_hint": f"{fam['deploy']} steps, no CFG; strength 1.0 = as trained",
             "dopsd.base_model": base, "dopsd.deploy_steps": str(fam["deploy"]),
             "dopsd.trained_rank_alpha": f"{cfg.rank}/{cfg.alpha:g} (folded into lora_B; lora_alpha = rank here)"}
@@ -1941,7 +1919,8 @@ def lora_card(cfg, family, step):
 def check_resume(path, cfg, ckpt=None):
     """Refuse a --resume whose setup differs from the checkpoint's. check_args calls it before anything loads, with
     mmap=True: that reads the pickled dict and maps the tensors without reading them. Another number of ranks is
-    fine when the global batch (--batch-size × ranks) is the same: the run then sees the batches it would have."""
+    fine when the global batch (--batch-size × ranks) is the same: the run then sees the batches it would have.
+    Returns the checkpoint's dict (checkpoint/: its meta.json)."""
     try:
         if Path(path).is_dir():                      # a --full run's checkpoint/ folder
             ckpt = json.loads((Path(path) / "meta.json").read_text())
@@ -1951,10 +1930,9 @@ def check_resume(path, cfg, ckpt=None):
     except Exception as e:                           # torch.load raises one of several types on a damaged file
         raise UserError(f"--resume: cannot read {path} ({type(e).__name__}); it is damaged or not a dopsd.py "
                         "checkpoint: train into a new --out") from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if was_world and was["batch_size"] * was_world != cfg.batch_size * world:
-        fix = f"--batch-size {was['batch_size'] * was_world // world}" if was["batch_size"] * was_world % world == 0 \
-            else f"{was_world} ranks"
+    world, was_global = int(os.environ.get("WORLD_SIZE", "1")), was["batch_size"] * (was_world or 1)
+    if was_world and was_global != cfg.batch_size * world:
+        fix = f"--batch-size {was_global // world}" if was_global % world == 0 else f"{was_world} ranks"
         raise UserError(f"--resume: the global batch was --batch-size {was['batch_size']} × {was_world} rank(s) in "
                         f"{path}, now {cfg.batch_size} × {world}; pass {fix} for the same global batch")
     for k in ("model", "method", "rank", "alpha", "full", "grad_accum", "seed", "rollout_steps") + (
@@ -1962,6 +1940,7 @@ def check_resume(path, cfg, ckpt=None):
         if was[k] != getattr(cfg, k):
             raise UserError(f"--resume: --{k.replace('_', '-')} was {was[k]!r} in {path}, now {getattr(cfg, k)!r}; "
                             "use the same value")
+    return ckpt
 
 def find_checkpoint(out, full):
     """The run's checkpoint in `out`, or None: checkpoint.pt for LoRA runs (one small file from rank 0); for --full
@@ -1972,37 +1951,33 @@ def find_checkpoint(out, full):
     return next((p for p in (Path(out) / "checkpoint", Path(out) / "checkpoint.old") if (p / "meta.json").is_file()),
                 None)
 
-def load_full_run(path, run):
-    """--full: restore the student, the EMA teacher, AdamW and the step counters from the checkpoint/ folder, whatever
-    number of ranks wrote it: each rank reads the parts of the saved shards that overlap its own."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    check_resume(path, run.cfg)
-    meta, state = json.loads((path / "meta.json").read_text()), full_state(run)
-    with warnings.catch_warnings():                  # one process: torch warns that it loads without a group
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(state, checkpoint_id=str(path))
-    set_optimizer_state_dict(run.dit, run.opt, state["optimizer"])
-    for group in run.opt.param_groups:               # --lr (logged) wins over the saved one
-        group["lr"] = run.cfg.lr
-    run.step, run.nonfinite = meta["step"], meta["nonfinite"]
-    print(f"resumed from {path} at step {run.step} (written by {meta['world_size']} rank(s))")
-
 def load_run(path, run):
-    """Restore weights, optimizer and step counters from checkpoint.pt into `run`, refusing a changed setup."""
-    ckpt, cfg = torch.load(path, map_location="cpu", weights_only=True), run.cfg
-    check_resume(path, cfg, ckpt)
-    if ckpt["config"].get("init_lora") != cfg.init_lora:   # what --preserve-prompts pulls onto: not in the checkpoint
-        raise UserError(f"--resume: --init-lora was {ckpt['config'].get('init_lora')!r} in {path}, now "
-                        f"{cfg.init_lora!r}; use the same LoRA")
-    with torch.no_grad():
-        for p, v in zip(run.trainable + run.teacher_params, ckpt["student"] + ckpt["teacher"]):
-            p.copy_(v)
-    run.opt.load_state_dict(ckpt["optimizer"])
-    for group in run.opt.param_groups:               # load_state_dict restores the old lr: --lr (logged) wins
+    """Restore the student, the EMA teacher, AdamW and the step counters into `run`, refusing a changed setup: from
+    checkpoint.pt, or (--full) from the checkpoint/ folder whatever number of ranks wrote it: each rank reads the parts
+    of the saved shards that overlap its own."""
+    cfg = run.cfg
+    saved = check_resume(path, cfg, None if cfg.full else torch.load(path, map_location="cpu", weights_only=True))
+    if cfg.full:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        state = full_state(run)
+        with warnings.catch_warnings():              # one process: torch warns that it loads without a group
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(state, checkpoint_id=str(path))
+        set_optimizer_state_dict(run.dit, run.opt, state["optimizer"])
+    else:
+        was = saved["config"].get("init_lora")       # what --preserve-prompts pulls onto: not in the checkpoint
+        if was != cfg.init_lora:
+            raise UserError(f"--resume: --init-lora was {was!r} in {path}, now {cfg.init_lora!r}; use the same LoRA")
+        with torch.no_grad():
+            for p, v in zip(run.trainable + run.teacher_params, saved["student"] + saved["teacher"]):
+                p.copy_(v)
+        run.opt.load_state_dict(saved["optimizer"])
+    for group in run.opt.param_groups:               # both restore the old lr: --lr (logged) wins
         group["lr"] = cfg.lr
-    run.step, run.nonfinite = ckpt["step"], ckpt["nonfinite"]
-    print(f"resumed from {path} at step {run.step}")
+    run.step, run.nonfinite = saved["step"], saved["nonfinite"]
+    print(f"resumed from {path} at step {run.step}"
+          + (f" (written by {saved['world_size']} rank(s))" if cfg.full else ""))
 
 # --------------------------------------------------------------------------------------------------------------------
 # the training run
@@ -2165,7 +2140,7 @@ def train_rank(cfg, items, family, rank, world, device):
                       teacher_params=teacher_params, opt=opt, anchor="anchor" if init and preserve else None,
                       sharded=sharded, ddp=world > 1 and not sharded)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
-        (load_full_run if cfg.full else load_run)(find_checkpoint(out, cfg.full), run)
+        load_run(find_checkpoint(out, cfg.full), run)
     run.model = wrap_ddp(dit, device) if run.ddp else dit
     return train_loop(run)
 
