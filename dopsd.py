@@ -1996,7 +1996,6 @@ class TrainingRun:
     cache: object                    # loop_cache(): the feature cache's entry paths and the epoch order
     dit: torch.nn.Module             # the DiT (sharded under FSDP2), holding both roles
     model: torch.nn.Module           # what the student runs: the DiT, or its DDP wrapper
-    cell: int                        # pixels per latent cell
     pipe_cls: type                   # the diffusers pipeline class (a LoRA file's key prefix)
     vae: torch.nn.Module
     autocast: object                 # a context manager factory: bf16 autocast on an accelerator
@@ -2064,7 +2063,6 @@ def train_distributed(cfg, items, family, rank, world, device):
     order could leave a rank blocked for good in ~ProcessGroupGloo's thread join after rank 0 had exited. A rank that
     loses its peers (one died, or the collective timeout passed) says so in one line and exits 1."""
     import torch.distributed as dist
-    code = 1
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null) if rank else contextlib.nullcontext():
             code = train_rank(cfg, items, family, rank, world, device)
@@ -2104,9 +2102,7 @@ def train_rank(cfg, items, family, rank, world, device):
     if rank == 0:
         write_config(cfg, family, world)
     extra = read_prompts(cfg.sample_prompt, cfg.sample_prompts, cfg.trigger)         # the grids' held-out columns
-    preserve = read_prompts(None, cfg.preserve_prompts, cfg.trigger)
-    if cfg.preserve_prompts and not preserve:
-        raise UserError(f"--preserve-prompts {cfg.preserve_prompts}: no prompts in it")
+    preserve = read_prompts(None, cfg.preserve_prompts, cfg.trigger)        # check_args refused an empty file
     plan, mine = plan_cache(cfg, family, items, extra + preserve, dopsd, dtype, world)
     sharded = cfg.full and world > 1                 # FSDP2; LoRA runs keep DDP (the adapters are small)
     pipe = load_pipeline(cfg.model, dtype, torch.float32 if cfg.full else None, text_encoder=bool(mine),
@@ -2121,10 +2117,9 @@ def train_rank(cfg, items, family, rank, world, device):
         dit.to(device)                               # moves each block to the device as it shards it
     init = read_lora_file(cfg.init_lora) if cfg.init_lora else None
     mesh = shard_across_ranks(dit, device, world, dtype) if sharded else None
-    student, teacher, trainable, teacher_params = attach_roles(dit.requires_grad_(False), family, dopsd, cfg.full,
-                                                               cfg.rank, cfg.alpha, cfg.seed, autocast, init,
-                                                               anchor=bool(init and preserve), mesh=mesh,
-                                                               compute_dtype=dtype)
+    student, teacher, trainable, teacher_params = attach_roles(
+        dit.requires_grad_(False), family, dopsd, cfg.full, cfg.rank, cfg.alpha, cfg.seed, autocast, init,
+        anchor=bool(init and preserve), mesh=mesh, compute_dtype=dtype)
     if fp8:                                          # after the adapters: they stay fp32 (see store_base_in_fp8)
         store_base_in_fp8(dit, dtype)
         dit.to(device)
@@ -2135,10 +2130,9 @@ def train_rank(cfg, items, family, rank, world, device):
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                             fused=device.type == "cuda")
     run = TrainingRun(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cache=cache, dit=dit,
-                      model=dit, cell=latent_cell(family, vae), pipe_cls=pipe_cls, vae=vae, autocast=autocast,
-                      preview=preview, student=student, teacher=teacher, trainable=trainable,
-                      teacher_params=teacher_params, opt=opt, anchor="anchor" if init and preserve else None,
-                      sharded=sharded, ddp=world > 1 and not sharded)
+                      model=dit, pipe_cls=pipe_cls, vae=vae, autocast=autocast, preview=preview, student=student,
+                      teacher=teacher, trainable=trainable, teacher_params=teacher_params, opt=opt,
+                      anchor="anchor" if init and preserve else None, sharded=sharded, ddp=world > 1 and not sharded)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         load_run(find_checkpoint(out, cfg.full), run)
     run.model = wrap_ddp(dit, device) if run.ddp else dit
@@ -2164,10 +2158,6 @@ def batch_entries(cache, positions, mine, seed, micro, device):
         variants = [int(torch.randint(len(cache["files"][i]), (1,), generator=g)) for i in idx]
     return [entry_conds(cache["family"], read_entry(cache["files"][i][v], device))
             for i, v in list(zip(idx, variants))[mine]]
-
-def prompt_conds(cache, picks, device):
-    """Student conditioning of the --preserve-prompts numbered in picks, read from disk."""
-    return [entry_conds(cache["family"], read_entry(cache["preserve"][i], device))[0] for i in picks]
 
 def make_preview(cfg, family, items, extra, plan, dit, vae, device, autocast, draw_base):
     """What every sample grid draws: the same noise and prompts each time (up to 4 training captions, then the
@@ -2195,7 +2185,7 @@ def my_share_of_the_batch(run, micro):
     one would. g has drawn the noise; the caller draws the rest of the micro-batch's randomness from it."""
     cfg, cache = run.cfg, run.cache
     pos = batch_for_step(cache["bucket_of"], cfg.batch_size * run.world, cfg.seed, micro)   # epoch positions
-    h, w = cache["bucket_of"][pos[0]][0] // run.cell, cache["bucket_of"][pos[0]][1] // run.cell
+    h, w = (side // latent_cell(run.family, run.vae) for side in cache["bucket_of"][pos[0]])   # in latent cells
     g = torch.Generator().manual_seed((cfg.seed << 32) + micro)
     mine = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
     noise = torch.randn(len(pos), run.dit.config.in_channels, h, w, generator=g)[mine].to(run.device)  # [b, C, h, w]
@@ -2228,7 +2218,7 @@ def micro_step(run, micro):
         if cache["preserve"]:
             pick = torch.randint(len(cache["preserve"]), (len(noise) * run.world,), generator=g)[mine].tolist()
             noise_p = torch.randn(len(noise) * run.world, *noise.shape[1:], generator=g)[mine].to(run.device)
-            cond_p = collate(prompt_conds(cache, pick, run.device))
+            cond_p = collate([entry_conds(run.family, read_entry(cache["preserve"][i], run.device))[0] for i in pick])
             loss = loss + cfg.preserve_weight * dopsd_rollout(
                 lambda x, s: student_x(x, s, cond_p), lambda x, s: run.teacher(x, s, cond_p, adapter=run.anchor),
                 noise_p, sigmas, cfg.loss_space, cfg.preserve_weight / cfg.grad_accum, backend=cfg.loss_backend,
@@ -2326,9 +2316,9 @@ def sync_loss_and_stop(loss, stop, world, device):
 
 def log_step(log, bar, run, loss, gnorm, seconds, skipped):
     """One line of log.jsonl, and the progress bar's numbers."""
-    log.write(json.dumps({"step": run.step, "loss": loss, "lr": run.cfg.lr, "grad_norm": gnorm, "sec": round(
-        seconds, 4), "skipped": skipped, **({"trained_states": run.trained_states} if run.trained_states else {})}) + "\n")
-    log.flush()
+    print(json.dumps({"step": run.step, "loss": loss, "lr": run.cfg.lr, "grad_norm": gnorm, "sec": round(seconds, 4),
+                      "skipped": skipped, **({"trained_states": run.trained_states} if run.trained_states else {})}),
+          file=log, flush=True)
     bar.set_postfix(loss=f"{loss:.4g}", s_per_step=f"{seconds:.2f}", skipped=run.nonfinite)
     bar.update(1)
 
@@ -2385,7 +2375,6 @@ def weights_family(kind, path, flag="--lora"):
 def check_image_name(path, flag="--out"):
     """Refuse an image file name PIL cannot write (x.xyz, no extension, a format PIL only reads) by writing a 16×16
     image in memory -- before sampling, not after it, when the images would be lost."""
-    import io
     from PIL import Image
     ext = Path(path).suffix.lower()
     fmt = Image.registered_extensions().get(ext)
@@ -2419,7 +2408,7 @@ def load_weights(pipe, weights, scale=1.0):
                         "written: pass a LoRA trained on this --model") from None
     return f"LoRA, scale {scale:g}"
 
-def check_sample_args(prompts, out, lora, lora_scale, compare, steps, seed, height, width, device):
+def check_sample_args(out, lora, lora_scale, compare, steps, seed, height, width, device):
     """Everything the arguments and files can tell, before any weight is read. Returns lora_source(lora) or None."""
     if height % 16 or width % 16 or min(height, width) < 16:
         raise UserError(f"--height/--width must be multiples of 16 (got {height}×{width})")
@@ -2441,7 +2430,7 @@ def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=N
     """Render each prompt (a string or a list) with the deploy settings (or `steps`) and the trained weights if given.
     One prompt: the image; several, or compare=True (the base model above the LoRA, same noise): one grid."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    source = check_sample_args(prompts, out, lora, lora_scale, compare, steps, seed, height, width, device)
+    source = check_sample_args(out, lora, lora_scale, compare, steps, seed, height, width, device)
     family = pipeline_family(model)
     trained = weights_family(*source) if lora else None
     if trained and trained != family:
