@@ -292,7 +292,7 @@ def check_device(name):
     if dev.type == "cuda" and (dev.index or 0) >= n:
         raise UserError(f"--device {name}: " + (f"only {n} CUDA device(s) are visible, cuda:0 to cuda:{n - 1}" if n
                         else "no CUDA device is visible; pass --device auto or cpu"))
-    if dev.type == "mps" and not has_mps():
+    if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: Apple MPS is not available here; pass --device auto or cpu")
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ def scan_dataset(data_dir, caption=None, trigger=None, memo=None):
             items.append(Item(p, tuple(c.replace("[V]", trigger) if trigger else c for c in caps), size, digest))
         else:
             bad["uncaptioned"].append(p)
-    which = ("2 × " if limit > Image.MAX_IMAGE_PIXELS else "") + "Image.MAX_IMAGE_PIXELS"
+    which = ("2 × " if limit > (Image.MAX_IMAGE_PIXELS or limit) else "") + "Image.MAX_IMAGE_PIXELS"
     problems += [f"{len(ps)} " + fix[k].format(names=_names(ps), side=MIN_SIDE, limit=limit, which=which)
                  for k, ps in bad.items() if ps]
     if problems:
@@ -491,9 +491,6 @@ def batch_for_step(bucket_of, batch_size, seed, index):
 
 SUPPORTED_PIPELINES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "klein"}
 
-def has_mps():
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-
 def pick_device(name="auto"):
     """The torch.device to run on, printed with the reason. An explicit cuda:N also becomes the *current* device:
     Triton launches on the current device, not the tensors' (triton/runtime/jit.py)."""
@@ -501,7 +498,7 @@ def pick_device(name="auto"):
         dev, why = torch.device(name), "--device"
     elif torch.cuda.is_available():
         dev, why = torch.device("cuda"), f"CUDA found ({torch.cuda.get_device_name()})"
-    elif has_mps():
+    elif torch.backends.mps.is_available():
         dev, why = torch.device("mps"), "Apple MPS found, no CUDA"
     else:
         dev, why = torch.device("cpu"), "no CUDA or MPS found"
@@ -571,7 +568,7 @@ def setup_distributed(device_name, timeout_min=60.0):
     if device_name not in ("auto", "cuda", "cpu"):
         raise UserError(f"--device {device_name} under torchrun: each rank takes cuda:LOCAL_RANK; pass --device cuda "
                         "(choose the GPUs with CUDA_VISIBLE_DEVICES) or --device cpu")
-    if device_name == "auto" and not cuda and has_mps():
+    if device_name == "auto" and not cuda and torch.backends.mps.is_available():
         raise UserError("torchrun on Apple MPS: there is no multi-process backend for mps; run one process (python "
                         "dopsd.py train ...), or pass --device cpu to train on the CPU")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
@@ -592,11 +589,6 @@ def any_rank(flag, device):
     vote = torch.tensor(float(flag), device=device)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX)
     return bool(vote > 0)
-
-def init_mesh(device, world):
-    """The 1-D device mesh FSDP2 shards over: every rank of the job, on its own device."""
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh(device.type, (world,))
 
 def ranks_agree(tensors):
     """True when every rank holds the same values: per-tensor float64 sums and abs-sums compared across ranks."""
@@ -1569,7 +1561,9 @@ def shard_across_ranks(dit, device, world, compute_dtype):
     hold dit_on_meta's): rank 0 sends them tensor by tensor and each rank keeps its shard, so the host RAM of one
     node holds one fp32 DiT at start-up, not one per rank (8 ranks: 8 × 23 GiB for Z-Image)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    mesh, on_meta = init_mesh(device, world), next(dit.parameters()).is_meta
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world,))   # 1-D: every rank of the job, on its own device
+    on_meta = next(dit.parameters()).is_meta
     print(f"sharded: FSDP2 over {world} ranks (the DiT, its EMA teacher, gradients and AdamW: 1/{world} each)")
     full = {} if on_meta else dit.state_dict()       # rank 0: the loaded weights (references, no copy)
     shard_dit(dit.requires_grad_(True), mesh, compute_dtype)
