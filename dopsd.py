@@ -1151,16 +1151,15 @@ def _resolve_loss_backend(backend, device, dtype):
             print(f"dopsd_loss: backend={LOSS_BACKEND[device.type]} on {device.type} ({why})")
         return LOSS_BACKEND[device.type] if kernel_dtype else "torch"
     if backend == "triton":
-        # Off CUDA the kernel can only run in the interpreter, which @triton.jit picks at *decoration* time: a variable
-        # set after import leaves a compiled kernel that dies with "0 active drivers ([])".
-        interpreted = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(
-            _divergence_kernel, triton.runtime.jit.JITFunction)
-        for bad, why in ((not HAS_TRITON, "triton is not installed; pip install triton"),
-                         (device.type != "cuda" and not interpreted, f"it needs a CUDA tensor, got {device.type} (set "
-                          "TRITON_INTERPRET=1 before triton is imported to run it on CPU)"),
-                         (not kernel_dtype, f"the kernel supports float32/bfloat16/float16, got {dtype}")):
-            if bad:
-                raise RuntimeError(f"dopsd_loss: backend='triton' but {why}; or use backend='torch'")
+        # Off CUDA the kernel can only run in triton's interpreter, which @triton.jit picks at *decoration* time: a
+        # compiled kernel (TRITON_INTERPRET=1 unset, or set after import) dies there with "0 active drivers ([])".
+        compiled = HAS_TRITON and isinstance(_divergence_kernel, triton.runtime.jit.JITFunction)
+        why = ("triton is not installed; pip install triton" if not HAS_TRITON else
+               f"it needs a CUDA tensor, got {device.type} (set TRITON_INTERPRET=1 before triton is imported to run it "
+               "on CPU)" if device.type != "cuda" and compiled else
+               f"the kernel supports float32/bfloat16/float16, got {dtype}" if not kernel_dtype else None)
+        if why:
+            raise RuntimeError(f"dopsd_loss: backend='triton' but {why}; or use backend='torch'")
     return backend
 
 # --------------------------------------------------------------------------------------------------------------------
