@@ -464,6 +464,13 @@ def test_metadata_jsonl_captions_are_read(tiny):
     assert {it.path.name: it.captions for it in items} == {r["file_name"]: (r["text"],) for r in rows}
 
 
+def test_data_scans_with_pils_size_limit_switched_off(tiny, monkeypatch):
+    """Image.MAX_IMAGE_PIXELS = None (PIL's documented way to lift its size limit) scans a folder as usual."""
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert len(dopsd.scan_dataset(tiny["data"])) == len(list(tiny["data"].glob("*.txt")))
+
+
 def test_every_image_mode_becomes_rgb_without_clipping(tiny):
     """RGBA, P, L, CMYK, 16-bit... all load as 8-bit RGB; 16-bit grey keeps its tones instead of saturating."""
     for path, *_ in dopsd.scan_dataset(tiny["data"]):
