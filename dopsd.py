@@ -1228,7 +1228,8 @@ def check_ranges(cfg):
         raise UserError(f"--loss-steps must be from 1 to --rollout-steps {cfg.rollout_steps} (got {cfg.loss_steps})")
 
 def check_args(cfg):
-    """Refuse impossible values, and a --resume that does not match --out, before anything is loaded."""
+    """Refuse impossible values, and a --resume that does not match --out, before anything is loaded. Returns cfg; on
+    --resume with --fp8-base auto, the choice the run made (auto depends on free memory: another card would flip it)."""
     ckpt = find_checkpoint(cfg.out, cfg.full)
     other = find_checkpoint(cfg.out, not cfg.full)   # a LoRA run's file, or a --full run's folder
     check_out_path(cfg.out, "--out", folder=True)
@@ -1262,10 +1263,14 @@ def check_args(cfg):
         raise UserError("--fp8-base on with --grad-checkpointing off: without checkpointing each linear keeps its "
                         "upcast weight for backward and the saving is gone; drop --grad-checkpointing off")
     if cfg.resume:
-        check_resume(ckpt or other, cfg)             # the other kind: says which flag differs
+        saved = check_resume(ckpt or other, cfg)     # the other kind: says which flag differs
         if not ckpt:                                 # a --full checkpoint.pt of dopsd.py before checkpoint/ folders
             raise UserError(f"--resume: {other} was written by an older dopsd.py; train into a new --out with "
                             f"--model {other.parent} if it holds transformer/")
+        if cfg.fp8_base == "auto" and saved.get("fp8_base") is not None:
+            cfg = replace(cfg, fp8_base="on" if saved["fp8_base"] else "off")
+            print(f"--fp8-base auto: {cfg.fp8_base}, as the run being resumed chose (its frozen base stays as it was)")
+    return cfg
 
 # --------------------------------------------------------------------------------------------------------------------
 # feature cache
@@ -1675,7 +1680,7 @@ def sample_grid(run):
         return
     p = run.preview
     row = lambda v, conds: draw_row(v, conds, p, FAMILIES[run.family]["decode"], run.vae, run.autocast)
-    rows = [("base", p.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c), p.cond_s))]
+    rows = [(p.start_label, p.base), ("student", row(lambda x, s, c: run.student(run.model, x, s, c), p.cond_s))]
     if run.cfg.method == "dopsd":
         rows.append(("teacher+image", row(run.teacher, p.cond_t)))
     if run.rank > 0:
@@ -1746,7 +1751,8 @@ def write_run(run):
     # A write that fails (a full disk) leaves the previous file in place and no partial one: one line, exit 1.
     state = {"step": run.step, "config": asdict(run.cfg), "nonfinite": run.nonfinite, "world_size": run.world,
              "student": [p.detach().cpu() for p in run.trainable], "optimizer": run.opt.state_dict(),
-             "teacher": [p.detach().cpu() for p in run.teacher_params]}
+             "teacher": [p.detach().cpu() for p in run.teacher_params], "fp8_base": run.fp8,
+             "init_lora_sha256": run.init_sha}          # the start model, which --resume checks (check_same_start)
     try:
         atomic_torch_save(state, ckpt)
     except OSError as e:
@@ -1933,7 +1939,31 @@ def check_resume(path, cfg, ckpt=None):
         if was[k] != getattr(cfg, k):
             raise UserError(f"--resume: --{k.replace('_', '-')} was {was[k]!r} in {path}, now {getattr(cfg, k)!r}; "
                             "use the same value")
+    check_same_start(path, ckpt, cfg)
     return ckpt
+
+def file_sha256(path):
+    """The sha256 of a file's bytes, or None when there is no such file."""
+    if not (path and Path(path).is_file()):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+def check_same_start(path, ckpt, cfg):
+    """Refuse a --resume whose start model differs from the run's: an --init-lora with other content (the anchor
+    --preserve-prompts pulls onto is rebuilt from that file, and a retrained runs/a has the same path), or an explicit
+    --fp8-base other than the base the run trained on. Checkpoints before the sha256 was recorded compare the path."""
+    was, sha, fp8 = ckpt["config"].get("init_lora"), ckpt.get("init_lora_sha256"), ckpt.get("fp8_base")
+    now = cfg.init_lora and Path(cfg.init_lora)
+    now = now / "pytorch_lora_weights.safetensors" if now and now.is_dir() else now    # (a --out folder: its LoRA)
+    now_sha = file_sha256(now)
+    if (now_sha != sha) if sha else (was != (str(now) if now else None)):
+        said = f"now {cfg.init_lora}" + (f" (sha256 {now_sha[:12]})" if now_sha else "") if now else "now none"
+        raise UserError(f"--resume: the run in {path} started from --init-lora {was}" + (f" (sha256 {sha[:12]})" if sha
+                        else "") + f", {said}; pass the LoRA file it started from, unchanged")
+    if fp8 is not None and cfg.fp8_base != "auto" and (cfg.fp8_base == "on") != fp8:
+        raise UserError(f"--resume: the run in {path} trained on a {'float8' if fp8 else 'bf16/fp32'} base, now "
+                        f"--fp8-base {cfg.fp8_base}; pass --fp8-base {'on' if fp8 else 'off'} or leave it at auto")
 
 def find_checkpoint(out, full):
     """The run's checkpoint in `out`, or None: checkpoint.pt for LoRA runs (one small file from rank 0); for --full
@@ -1959,9 +1989,6 @@ def load_run(path, run):
             dcp.load(state, checkpoint_id=str(path))
         set_optimizer_state_dict(run.dit, run.opt, state["optimizer"])
     else:
-        was = saved["config"].get("init_lora")       # what --preserve-prompts pulls onto: not in the checkpoint
-        if was != cfg.init_lora:
-            raise UserError(f"--resume: --init-lora was {was!r} in {path}, now {cfg.init_lora!r}; use the same LoRA")
         with torch.no_grad():
             for p, v in zip(run.trainable + run.teacher_params, saved["student"] + saved["teacher"]):
                 p.copy_(v)
@@ -1999,6 +2026,8 @@ class TrainingRun:
     teacher_params: list             # the EMA teacher's, in the same order
     opt: torch.optim.Optimizer
     anchor: str = None               # the adapter --preserve-prompts pulls onto (None: the bare base)
+    init_sha: str = None             # sha256 of the --init-lora file the run started from
+    fp8: bool = False                # the frozen base is stored in float8 (the --fp8-base choice, kept on --resume)
     sharded: bool = False            # --full under torchrun: FSDP2
     ddp: bool = False                # a LoRA run under torchrun: DDP
     step: int = 0                    # optimizer steps done (a checkpoint saves it, --resume restores it)
@@ -2027,7 +2056,7 @@ class CtrlC:
 
 def train(cfg):
     """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
-    check_args(cfg)
+    cfg = check_args(cfg)
     cache_dir = Path(cfg.cache_dir or Path(parse_data_flag(cfg.data[0])[0]) / ".dopsd_cache")
     memo = read_json(cache_dir / "images.json")      # images decoded by an earlier launch: not decoded again
     items = scan_data(cfg.data, cfg.caption, cfg.trigger, memo)      # bad data stops us before any model is loaded
@@ -2039,7 +2068,8 @@ def train(cfg):
     cfg = replace(cfg, cache_dir=str(cache_dir))
     family = pipeline_family(cfg.model)
     if cfg.init_lora:
-        cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, cfg.rank)))
+        # resolved now: config.json and the checkpoint name the file, whatever folder a later --resume starts in
+        cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, cfg.rank).resolve()))
     if family == "zimage" and cfg.method == "dopsd":
         check_reachable(cfg.vlm, "--vlm", "config.json")
         check_vlm_kind(cfg.vlm)
@@ -2125,7 +2155,8 @@ def train_rank(cfg, items, family, rank, world, device):
     run = TrainingRun(cfg=cfg, family=family, rank=rank, world=world, device=device, out=out, cache=cache, dit=dit,
                       model=dit, pipe_cls=pipe_cls, vae=vae, autocast=autocast, preview=preview, student=student,
                       teacher=teacher, trainable=trainable, teacher_params=teacher_params, opt=opt,
-                      anchor="anchor" if init and preserve else None, sharded=sharded, ddp=world > 1 and not sharded)
+                      anchor="anchor" if init and preserve else None, sharded=sharded, ddp=world > 1 and not sharded,
+                      init_sha=file_sha256(cfg.init_lora), fp8=fp8)
     if cfg.resume:                                   # before DDP: a refused resume must not leave a wrapper behind
         load_run(find_checkpoint(out, cfg.full), run)
     run.model = wrap_ddp(dit, device) if run.ddp else dit
@@ -2154,7 +2185,8 @@ def batch_entries(cache, positions, mine, seed, micro, device):
 
 def make_preview(cfg, family, items, extra, plan, dit, vae, device, autocast, draw_base):
     """What every sample grid draws: the same noise and prompts each time (up to 4 training captions, then the
-    held-out prompts), and (draw_base: rank 0) the base model's row, drawn once with every adapter off."""
+    held-out prompts), and (draw_base: rank 0) the row of the model the run starts from, drawn once: the base with
+    every adapter off, or with --init-lora the student before its first step (base + that LoRA, labelled "start")."""
     fam, cols, n = FAMILIES[family], range(min(4, len(items))), cfg.resolution // latent_cell(family, vae)
     shown = [entry_conds(family, read_entry(plan["items"][i][0][0], device)) for i in cols]
     preview = SimpleNamespace(
@@ -2164,8 +2196,8 @@ def make_preview(cfg, family, items, extra, plan, dit, vae, device, autocast, dr
                                         for p in extra],
         noise=[torch.randn(1, dit.config.in_channels, n, n, generator=torch.Generator().manual_seed(cfg.seed + j))
                for j in range(len(cols) + len(extra))])
-    layers = lora_layers(dit)
-    use_adapter(layers, None)                        # every adapter off (and frozen): the base model
+    layers, preview.start_label = lora_layers(dit), "start (init)" if cfg.init_lora else "base"
+    use_adapter(layers, "student" if cfg.init_lora else None)    # None: every adapter off (and frozen), the base
     preview.base = draw_row(lambda x, s, c: fam["velocity"](dit, x, s, c), preview.cond_s, preview, fam["decode"],
                             vae, autocast) if draw_base else None
     use_adapter(layers, "student")                   # trainable again before DDP or the optimizer look at it

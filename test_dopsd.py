@@ -1664,6 +1664,74 @@ def test_the_first_preserve_loss_is_exactly_zero_when_the_student_starts_at_the_
     assert len(losses) == 2 and losses[0] > 0 and losses[1] == 0.0
 
 
+@pytest.fixture(scope="session")
+def strong_init(trained, tmp_path_factory):
+    """The `trained` run's LoRA with lora_B × 30: an --init-lora whose change of the tiny model's images is plain."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    src, path = trained / "pytorch_lora_weights.safetensors", tmp_path_factory.mktemp("init") / "pytorch_lora_weights.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    save_file({k: v * 30 if ".lora_B." in k else v for k, v in lora_weights(trained).items()}, path, metadata=meta)
+    return path
+
+
+def test_with_init_lora_the_grids_first_row_is_the_start_model(tiny, strong_init, tmp_path, monkeypatch):
+    """With --init-lora the grid's first row is the model the run starts from, base + that LoRA, labelled "start":
+    its first cell is `sample --lora` of the init LoRA on the same caption and seed (±1 grey level), not the base."""
+    import numpy as np
+    grids = []
+    monkeypatch.setattr(dopsd, "save_grid", lambda rows, captions, path: grids.append((rows, captions)))
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "1", "--init-lora", str(strong_init))) == 0
+    (label, images), caption = grids[0][0][0], grids[0][1][0]
+    assert label.startswith("start")
+    first = np.asarray(images[0]).astype(np.float64)
+    assert np.abs(first - our_image(tiny, "zimage", strong_init, tmp_path / "s.png", prompt=caption, seed=0)).max() <= 1
+    assert np.abs(first - our_image(tiny, "zimage", None, tmp_path / "b.png", prompt=caption, seed=0)).max() > 10
+
+
+def test_the_preserve_rollout_pulls_onto_the_start_model_while_the_teacher_moves(tiny, strong_init, tmp_path,
+                                                                                 monkeypatch):
+    """--preserve-prompts' target stays the model the run started from (base + --init-lora): with --ema-decay 0 the
+    EMA teacher becomes the student after step 1, yet the preserve roll-out's target velocity at a fixed state is the
+    same at step 2 as at step 1."""
+    targets, real = [], dopsd.dopsd_rollout
+
+    def rollout(student, teacher, noise, sigmas, *a, **k):
+        x = torch.randn(1, noise.shape[1], 8, 8, generator=torch.Generator().manual_seed(0))    # a fixed state
+        with torch.no_grad():
+            targets.append(teacher(x, sigmas[:1].expand(len(x))))
+        return real(student, teacher, noise, sigmas, *a, **k)
+    monkeypatch.setattr(dopsd, "dopsd_rollout", rollout)
+    (tmp_path / "keep.txt").write_text("a green square\n")
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "2", "--ema-decay", "0", "--init-lora",
+                                 str(strong_init), "--preserve-prompts", str(tmp_path / "keep.txt"))) == 0
+    main, keep = targets[0::2], targets[1::2]                  # per step: the main roll-out, then the preserve one
+    assert len(keep) == 2 and torch.equal(keep[0], keep[1])
+    ck = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(t, s) for t, s in zip(ck["teacher"], ck["student"]))       # μ = 0: teacher = student,
+    start = lora_weights(strong_init.parent)
+    assert any(not torch.equal(v, start[k]) for k, v in lora_weights(tmp_path / "o").items())   # which has moved
+
+
+def test_every_optimizer_step_takes_the_gradient_clipped_to_norm_1(tiny, tmp_path):
+    """The student's gradient is clipped to norm 1 before AdamW steps; log.jsonl records the norm before clipping."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    seen = []
+
+    def hook(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "2", "--loss-space", "v")) == 0
+    finally:
+        handle.remove()
+    logged = [json.loads(l)["grad_norm"] for l in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert min(logged) > 2 and len(seen) == 2                  # the raw gradient is well over the cap here
+    assert all(abs(n - 1.0) < 1e-4 for n in seen), seen
+
+
 def test_the_sft_baseline_trains_klein_on_its_vae_latents(tiny, tmp_path):
     """--method sft runs on klein too (its normalised VAE latents as targets) and writes a LoRA."""
     assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "2", "--method", "sft", model="klein")) == 0
@@ -1742,6 +1810,56 @@ def test_a_continued_run_resumes_bit_exactly(tiny, trained, tmp_path):
     (tmp_path / "keep.txt").write_text("a green square\n")
     resumed_equals_straight(tiny, tmp_path, 1, 2, "--init-lora", str(trained), "--preserve-prompts",
                             str(tmp_path / "keep.txt"))
+
+
+def test_resume_refuses_an_init_lora_file_whose_content_changed(tiny, trained, strong_init, tmp_path, capsys):
+    """--resume checks the --init-lora file by content: the same path holding other weights (the LoRA was retrained
+    since) is refused in one line naming both sha256s, before any model loads."""
+    init = tmp_path / "init.safetensors"
+    shutil.copy(strong_init, init)
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "1", "--init-lora", str(init))) == 0
+    shutil.copy(trained / "pytorch_lora_weights.safetensors", init)                     # retrained in place
+    capsys.readouterr()
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "2", "--resume", "--init-lora", str(init))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init-lora" in err and err.count("sha256") == 2, err
+
+
+def test_resume_accepts_the_same_init_lora_at_another_path(tiny, strong_init, tmp_path):
+    """The start is the file's content, not its path: the same LoRA copied elsewhere resumes."""
+    shutil.copy(strong_init, tmp_path / "moved.safetensors")
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "1", "--init-lora", str(strong_init))) == 0
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "2", "--resume", "--init-lora",
+                                 str(tmp_path / "moved.safetensors"))) == 0
+
+
+def test_a_relative_init_lora_is_resolved_when_the_run_starts(tiny, strong_init, tmp_path, monkeypatch):
+    """--init-lora init.safetensors, relative to the folder the run starts in, is recorded as an absolute path."""
+    (tmp_path / "w").mkdir()
+    shutil.copy(strong_init, tmp_path / "w" / "init.safetensors")
+    monkeypatch.chdir(tmp_path / "w")
+    assert dopsd.main(train_args(tiny, tmp_path / "o", "--max-steps", "1", "--init-lora", "init.safetensors")) == 0
+    recorded = json.loads((tmp_path / "o" / "config.json").read_text())["init_lora"]
+    assert Path(recorded).is_absolute() and Path(recorded) == tmp_path / "w" / "init.safetensors"
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_resume_keeps_the_fp8_base_the_run_chose_and_refuses_another(tiny, tmp_path, capsys):
+    """--fp8-base is decided once: a --resume with auto (on a card where auto would decide otherwise: here a CPU,
+    where auto is off) keeps the float8 base, so 1 step + resume equals 2 straight steps; an explicit
+    --fp8-base off is one line, before any model loads."""
+    flags = ("--precision", "bf16", "--fp8-base", "on")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert dopsd.main(train_args(tiny, a, "--max-steps", "2", *flags)) == 0
+    assert dopsd.main(train_args(tiny, b, "--max-steps", "1", *flags)) == 0
+    capsys.readouterr()
+    assert dopsd.main(train_args(tiny, b, "--max-steps", "2", "--resume", "--precision", "bf16", "--fp8-base",
+                                 "off")) == 2
+    assert "--fp8-base on" in capsys.readouterr().err
+    assert dopsd.main(train_args(tiny, b, "--max-steps", "2", "--resume", "--precision", "bf16")) == 0
+    assert "base weights: float8" in capsys.readouterr().out
+    wa, wb = lora_weights(a), lora_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_resume_trains_at_the_learning_rate_it_is_given(tiny, tmp_path):
