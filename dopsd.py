@@ -318,10 +318,12 @@ class Item(NamedTuple):
 def parse_data_flag(spec):
     """'FOLDER' or 'FOLDER:N' -> (folder, N): each image of FOLDER counts N times per epoch."""
     head, _, n = spec.rpartition(":")
-    if head and n.isdigit() and not Path(spec).is_dir():        # (a folder really named 'x:3' is taken as it is)
-        if int(n) < 1:
-            raise UserError(f"--data {spec}: the repeat count must be at least 1")
+    if not head or Path(spec).is_dir():              # (a folder really named 'x:3' is taken as it is)
+        return spec, 1
+    if n.isdecimal() and int(n) >= 1:
         return head, int(n)
+    if n.isdecimal() or Path(head).is_dir():         # else 'no:such:folder' is a folder the scan will not find
+        raise UserError(f"--data {spec}: the repeat count after ':' must be a whole number of at least 1 (got '{n}')")
     return spec, 1
 
 def scan_data(specs, caption=None, trigger=None, memo=None):

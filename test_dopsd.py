@@ -217,7 +217,11 @@ BAD_INPUTS = [
     ("data-caption-not-utf8", "train", {"--data": "{caption_not_utf8}"}, 2, "not UTF-8 text (k0.txt): save each as"),
     ("data-jsonl-not-utf8", "train", {"--data": "{jsonl_not_utf8}"}, 2, "metadata.jsonl: not UTF-8 text (byte 0xff"),
     ("data-jsonl-bad-row", "train", {"--data": "{jsonl_bad_row}"}, 2, "line 1 is not a JSON object"),
-    ("data-repeat-0", "train", {"--data": "{nope}:0"}, 2, "the repeat count must be at least 1"),
+    ("data-repeat-0", "train", {"--data": "{nope}:0"}, 2, "must be a whole number of at least 1 (got '0')"),
+    ("data-repeat-negative", "train", {"--data": "{data}:-2"}, 2,
+     "data:-2: the repeat count after ':' must be a whole number of at least 1 (got '-2')"),
+    ("data-repeat-not-a-number", "train", {"--data": "{data}:abc"}, 2, "a whole number of at least 1 (got 'abc')"),
+    ("data-repeat-fraction", "train", {"--data": "{data}:1.5"}, 2, "must be a whole number of at least 1 (got '1.5')"),
     ("cache-dir-under-a-file", "train", {"--cache-dir": "{file}/cache"}, 2, "/cache: cannot write there"),
     # train: every number's range
     ("resolution-not-16", "train", {"--resolution": "100"}, 2, "--resolution must be a multiple of 16"),
@@ -415,6 +419,12 @@ def test_the_bad_input_table_covers_both_commands_and_every_number():
     covered = {k for _, _, changes, _, _ in BAD_INPUTS for k in changes}
     assert len(BAD_INPUTS) >= 40 and {r[1] for r in BAD_INPUTS} == {"train", "sample"}
     assert numeric <= covered, f"numeric flags without a row: {sorted(numeric - covered)}"
+
+
+def test_a_folder_named_with_a_colon_and_a_number_is_taken_as_it_is(tiny, tmp_path):
+    """--data x:3, where a folder is really named 'x:3', scans that folder once an epoch rather than x three times."""
+    folder = shutil.copytree(tiny["small"], tmp_path / "x:3")
+    assert dopsd.parse_data_flag(str(folder)) == (str(folder), 1) and len(dopsd.scan_data([str(folder)])) == 2
 
 
 def test_images_sharing_a_caption_file_are_named_in_a_warning(tmp_path, capsys):
