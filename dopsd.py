@@ -1276,7 +1276,7 @@ def check_args(cfg):
 # edited caption or image re-encodes that entry alone; another model or setting never matches an old entry. Training
 # reads the entries of each batch by memory map, so neither device memory nor host RAM grows with the dataset.
 
-CACHE_VERSION = 1
+CACHE_VERSION = 1             # bumped when what an entry holds changes; a new way to name the same files is not that
 ENCODE_BATCH = 4              # captions per encoder call while caching: every layer's [4, 512, D] states are kept
 
 def model_folder(repo, pipeline=True):
@@ -1290,17 +1290,40 @@ def model_folder(repo, pipeline=True):
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(repo))
 
+def file_identity(f, samples=64, chunk=4096):
+    """A name for one file's content that no copy, move or new download changes, read cheaply. In a hub snapshot a
+    file is a link to blobs/<its sha256 (LFS) or git sha1>, the hub's own hash of every byte: nothing is read. Else a
+    file under 1 MiB is hashed whole, a larger one by its size, its safetensors header (each tensor's name, dtype,
+    shape and offsets) and 64 evenly spaced 4 KiB samples of the bytes after it, the first and last included. The
+    samples because a header names a layout, which two fine-tunes of one model share byte for byte, while a retrain or
+    a merge rewrites most bytes of every tensor it touches. A .bin or .gguf (no header read) gets size and samples.
+    256 KiB a file: hashing an 8 GB encoder whole at every launch would take longer than loading it."""
+    link = Path(os.readlink(f)) if f.is_symlink() else None
+    if link is not None and link.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", link.name):
+        return link.name                             # (one hop: blobs/<etag> may link on into a shared xet store)
+    size = f.stat().st_size
+    if size < 1 << 20:
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+    h = hashlib.sha256(str(size).encode())
+    with open(f, "rb") as fh:
+        head = min(8 + int.from_bytes(fh.read(8), "little"), size, 1 << 27) if f.suffix == ".safetensors" else 0
+        fh.seek(0)
+        h.update(fh.read(head))
+        for i in range(samples):
+            fh.seek(head + i * max(size - head - chunk, 0) // (samples - 1))
+            h.update(fh.read(chunk))
+    return h.hexdigest()
+
 def files_identity(folder, subfolders=("",)):
-    """A short hash naming the files below folder/subfolders: small files (configs, tokenizers) by content, weight
-    files by size and mtime (hashing 8 GB at every launch would cost more than it protects against)."""
+    """A short hash naming the files below folder/subfolders by their paths relative to folder and their contents
+    (file_identity): neither where the folder lies nor any mtime enters it, so a copied, moved or re-downloaded model
+    finds the entries its original wrote."""
     h = hashlib.sha256()
     for sub in subfolders:
         top = Path(folder) / sub
         files = [top] if top.is_file() else top.rglob("*")    # (a folder's own .cache: hub download metadata)
         for f in sorted(p for p in files if p.is_file() and ".cache" not in p.relative_to(folder).parts):
-            st = f.stat()
-            h.update(f"{f.relative_to(folder)}\0".encode())
-            h.update(f.read_bytes() if st.st_size < 1 << 20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(f"{f.relative_to(folder).as_posix()}\0{file_identity(f)}\0".encode())
     return h.hexdigest()[:16]
 
 def cache_plan(cache_dir, family, items, prompts, dopsd, encoders, vlm, suffix, dtype, buckets):

@@ -14,6 +14,7 @@ The tiny models are built once per session by examples/make_tiny.py and loaded b
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -1336,6 +1337,99 @@ def test_the_encoders_identity_names_their_files_even_inside_a_hub_cache(tmp_pat
         (folder / ".cache" / "download.lock").write_text(name)
         assert dopsd.files_identity(folder, ("text_encoder",)) == ids[-1]
     assert ids[0] != ids[1]
+
+
+def planned(tiny, data, cache, capsys, model=None, resolution=64):
+    """plan_cache of an SFT run on the tiny Z-Image, no model loaded: (plan, the start-up line it prints)."""
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(dopsd.TrainConfig(), data=[str(data)], model=str(model or tiny["zimage"]),
+                              cache_dir=str(cache), resolution=resolution, method="sft")
+    capsys.readouterr()
+    plan, _ = dopsd.plan_cache(cfg, "zimage", dopsd.scan_data(cfg.data), [], False, torch.float32, 1)
+    return plan, capsys.readouterr().out.strip()
+
+
+def fill(plan):
+    """Write every entry of the plan as the encoders would (the key is what makes an entry valid)."""
+    for path, key, _ in dopsd.all_entries(plan):
+        dopsd.write_entry(path, key, {"s": torch.zeros(1)})
+
+
+def big_model(tiny, folder):
+    """A copy of the tiny Z-Image whose text encoder file is over 1 MiB, as real ones are (never loaded here)."""
+    from safetensors.torch import save_file
+    shutil.copytree(tiny["zimage"], folder)
+    save_file({"w": torch.randn(300_000)}, folder / "text_encoder" / "model.safetensors")
+    return folder
+
+
+def new_mtimes(folder):
+    """Move every mtime below folder an hour on, as a copy or a download made later would have it."""
+    for f in Path(folder).rglob("*"):
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 3600 * 10**9), follow_symlinks=False)
+
+
+def hub_download(model, root):
+    """The model as huggingface_hub lays a download out: snapshots/REV/PATH are relative links to blobs/SHA256."""
+    snap = root / "models--tiny" / "snapshots" / "0123abc"
+    for f in sorted(p for p in Path(model).rglob("*") if p.is_file()):
+        blob = root / "models--tiny" / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(f.read_bytes())
+        link = snap / f.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+def test_a_copied_model_finds_every_cache_entry(tiny, tmp_path, capsys):
+    """A cp -r of the model (every mtime new, its weight file too large to hash whole) finds every entry that the
+    original wrote: the key names the files by content, not by where they lie or when they were written."""
+    a = big_model(tiny, tmp_path / "a")
+    fill(planned(tiny, tiny["small"], tmp_path / "cache", capsys, model=a)[0])
+    b = shutil.copytree(a, tmp_path / "b")
+    new_mtimes(b)
+    line = planned(tiny, tiny["small"], tmp_path / "cache", capsys, model=b)[1]
+    assert "2 of 2 entries found, 0 to encode" in line, line
+
+
+def test_the_data_folder_moved_with_its_cache_to_another_machine_finds_every_entry(tiny, tmp_path, capsys):
+    """The data folder and its .dopsd_cache, moved to another folder beside another download of the same hub files
+    (another machine), find every entry: the cache travels with the data."""
+    data = copy_data(tiny["small"], tmp_path / "here")
+    model = big_model(tiny, tmp_path / "model")
+    fill(planned(tiny, data, data / ".dopsd_cache", capsys, model=hub_download(model, tmp_path / "hub1"))[0])
+    moved = shutil.move(data, tmp_path / "there")
+    snapshot = hub_download(model, tmp_path / "hub2")
+    new_mtimes(snapshot.parent.parent / "blobs")
+    line = planned(tiny, moved, Path(moved) / ".dopsd_cache", capsys, model=snapshot)[1]
+    assert "2 of 2 entries found, 0 to encode" in line, line
+
+
+def test_a_hub_snapshot_file_is_named_by_its_blob_without_being_read(tmp_path):
+    """In a hub snapshot a file's identity is its blob's name (the hub's sha256 of its bytes, or git sha1), one link
+    away: the bytes are not hashed, also when the blob links on into the hub's shared store."""
+    sha = "ab" * 32
+    store = tmp_path / "blobs" / "ab" / ("cd" * 32)
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"weights")
+    (tmp_path / "blobs" / sha).symlink_to(Path("ab") / store.name)
+    (tmp_path / "snapshots" / "rev").mkdir(parents=True)
+    link = tmp_path / "snapshots" / "rev" / "model.safetensors"
+    link.symlink_to(Path("..") / ".." / "blobs" / sha)
+    assert dopsd.file_identity(link) == sha          # not the sha256 of b"weights": the name was taken, not the bytes
+
+
+def test_weights_with_one_header_but_other_values_are_told_apart(tmp_path):
+    """Two large weight files with the same tensor names, dtypes and shapes (two fine-tunes of one model) get different
+    identities: the header names a layout, so samples of the bytes enter the identity too."""
+    from safetensors.torch import save_file
+    w = torch.zeros(300_000)
+    save_file({"w": w}, tmp_path / "a.safetensors")
+    w[150_000:160_000] = 1.0                         # 40 KB changed in the middle of 1.2 MB
+    save_file({"w": w}, tmp_path / "b.safetensors")
+    assert dopsd.file_identity(tmp_path / "a.safetensors") != dopsd.file_identity(tmp_path / "b.safetensors")
 
 
 def test_an_unchanged_image_is_not_decoded_again(tiny, tmp_path, monkeypatch):
