@@ -1425,6 +1425,14 @@ def check_writable(folder, flag):
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); pass a writable "
                         f"folder with {flag}") from None
 
+def cache_footprint(cache_dir, plan):
+    """(bytes in the cache folder, its entry files the plan does not name): a stat per file, so that a cache grown
+    by other models, settings or dopsd versions is seen at every launch, not when the disk fills."""
+    planned = {p.name for p, _, _ in all_entries(plan)}
+    files = [f for f in Path(cache_dir).iterdir() if f.is_file()]
+    unused = sum(f.suffix == ".safetensors" and f.name not in planned for f in files)
+    return sum(f.stat().st_size for f in files), unused
+
 def plan_cache(cfg, family, items, prompts, dopsd, dtype, world):
     """(plan, this rank's share of the missing entries). Ranks on one node split the missing entries by local rank; on
     several nodes each node encodes its share for itself, which is right for a node-local --cache-dir and only
@@ -1437,7 +1445,11 @@ def plan_cache(cfg, family, items, prompts, dopsd, dtype, world):
     todo = missing_entries(plan)
     local, local_world = (0, 1) if world == 1 else (int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
     total = sum(map(len, plan["items"])) + len(plan["prompts"])
-    print(f"feature cache {cfg.cache_dir}: {total - len(todo)} of {total} entries found, {len(todo)} to encode")
+    size, unused = cache_footprint(cfg.cache_dir, plan)
+    print(f"feature cache {cfg.cache_dir}: {total - len(todo)} of {total} entries found, {len(todo)} to encode; "
+          + (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + " on disk"
+          + (f", {unused} entries not used by this run (other models or settings: delete the folder to clear them)"
+             if unused else ""))
     # Each rank takes a fixed share of ALL the planned entries and encodes what of it is missing: ranks that scanned
     # the folder at different moments (one already writing) still leave no entry to nobody.
     share = {p for i, (p, _, _) in enumerate(all_entries(plan)) if i % local_world == local}

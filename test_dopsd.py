@@ -1432,6 +1432,17 @@ def test_weights_with_one_header_but_other_values_are_told_apart(tmp_path):
     assert dopsd.file_identity(tmp_path / "a.safetensors") != dopsd.file_identity(tmp_path / "b.safetensors")
 
 
+def test_the_cache_line_gives_the_folders_size_and_the_entries_this_run_does_not_use(tiny, tmp_path, capsys):
+    """The start-up line says how much the cache folder holds on disk and how many of its entries this run does not
+    use (other models or settings), and how to clear them."""
+    (tmp_path / "cache").mkdir()
+    for name in ("old1", "old2", "old3"):                # 3 entries of another model, 1 MiB each
+        (tmp_path / "cache" / f"{name}.safetensors").write_bytes(bytes(2**20))
+    line = planned(tiny, tiny["small"], tmp_path / "cache", capsys)[1]
+    assert line.endswith("0 of 2 entries found, 2 to encode; 3.0 MiB on disk, 3 entries not used by this run "
+                         "(other models or settings: delete the folder to clear them)"), line
+
+
 def test_an_unchanged_image_is_not_decoded_again(tiny, tmp_path, monkeypatch):
     """The scan remembers the images it decoded in the cache folder: a second launch reads none of their bytes."""
     memo = {}
