@@ -1443,6 +1443,15 @@ def test_the_cache_line_gives_the_folders_size_and_the_entries_this_run_does_not
                          "(other models or settings: delete the folder to clear them)"), line
 
 
+def test_a_run_at_another_resolution_encodes_every_image_entry_again(tiny, tmp_path, capsys):
+    """An image's entries are keyed by its bucket: at another --resolution every one is encoded again, since SFT's
+    latents and klein's reference latents would fit any size and, reused, train on the wrong crop."""
+    fill(planned(tiny, tiny["small"], tmp_path / "cache", capsys, resolution=64)[0])
+    plan, line = planned(tiny, tiny["small"], tmp_path / "cache", capsys, resolution=96)
+    missing = {p for p, _, _ in dopsd.missing_entries(plan)}
+    assert all(p in missing for es in plan["items"] for p, _ in es), line
+
+
 def test_an_unchanged_image_is_not_decoded_again(tiny, tmp_path, monkeypatch):
     """The scan remembers the images it decoded in the cache folder: a second launch reads none of their bytes."""
     memo = {}
