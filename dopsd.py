@@ -318,10 +318,12 @@ class Item(NamedTuple):
 def parse_data_flag(spec):
     """'FOLDER' or 'FOLDER:N' -> (folder, N): each image of FOLDER counts N times per epoch."""
     head, _, n = spec.rpartition(":")
-    if head and n.isdigit() and not Path(spec).is_dir():        # (a folder really named 'x:3' is taken as it is)
-        if int(n) < 1:
-            raise UserError(f"--data {spec}: the repeat count must be at least 1")
+    if not head or Path(spec).is_dir():              # (a folder really named 'x:3' is taken as it is)
+        return spec, 1
+    if n.isdecimal() and int(n) >= 1:
         return head, int(n)
+    if n.isdecimal() or Path(head).is_dir():         # else 'no:such:folder' is a folder the scan will not find
+        raise UserError(f"--data {spec}: the repeat count after ':' must be a whole number of at least 1 (got '{n}')")
     return spec, 1
 
 def scan_data(specs, caption=None, trigger=None, memo=None):
@@ -1279,7 +1281,7 @@ def check_args(cfg):
 # edited caption or image re-encodes that entry alone; another model or setting never matches an old entry. Training
 # reads the entries of each batch by memory map, so neither device memory nor host RAM grows with the dataset.
 
-CACHE_VERSION = 1
+CACHE_VERSION = 1             # bumped when what an entry holds changes; a new way to name the same files is not that
 ENCODE_BATCH = 4              # captions per encoder call while caching: every layer's [4, 512, D] states are kept
 
 def model_folder(repo, pipeline=True):
@@ -1293,17 +1295,40 @@ def model_folder(repo, pipeline=True):
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(repo))
 
+def file_identity(f, samples=64, chunk=4096):
+    """A name for one file's content that no copy, move or new download changes, read cheaply. In a hub snapshot a
+    file is a link to blobs/<its sha256 (LFS) or git sha1>, the hub's own hash of every byte: nothing is read. Else a
+    file under 1 MiB is hashed whole, a larger one by its size, its safetensors header (each tensor's name, dtype,
+    shape and offsets) and 64 evenly spaced 4 KiB samples of the bytes after it, the first and last included. The
+    samples because a header names a layout, which two fine-tunes of one model share byte for byte, while a retrain or
+    a merge rewrites most bytes of every tensor it touches. A .bin or .gguf (no header read) gets size and samples.
+    256 KiB a file: hashing an 8 GB encoder whole at every launch would take longer than loading it."""
+    link = Path(os.readlink(f)) if f.is_symlink() else None
+    if link is not None and link.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", link.name):
+        return link.name                             # (one hop: blobs/<etag> may link on into a shared xet store)
+    size = f.stat().st_size
+    if size < 1 << 20:
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+    h = hashlib.sha256(str(size).encode())
+    with open(f, "rb") as fh:
+        head = min(8 + int.from_bytes(fh.read(8), "little"), size, 1 << 27) if f.suffix == ".safetensors" else 0
+        fh.seek(0)
+        h.update(fh.read(head))
+        for i in range(samples):
+            fh.seek(head + i * max(size - head - chunk, 0) // (samples - 1))
+            h.update(fh.read(chunk))
+    return h.hexdigest()
+
 def files_identity(folder, subfolders=("",)):
-    """A short hash naming the files below folder/subfolders: small files (configs, tokenizers) by content, weight
-    files by size and mtime (hashing 8 GB at every launch would cost more than it protects against)."""
+    """A short hash naming the files below folder/subfolders by their paths relative to folder and their contents
+    (file_identity): neither where the folder lies nor any mtime enters it, so a copied, moved or re-downloaded model
+    finds the entries its original wrote."""
     h = hashlib.sha256()
     for sub in subfolders:
         top = Path(folder) / sub
         files = [top] if top.is_file() else top.rglob("*")    # (a folder's own .cache: hub download metadata)
         for f in sorted(p for p in files if p.is_file() and ".cache" not in p.relative_to(folder).parts):
-            st = f.stat()
-            h.update(f"{f.relative_to(folder)}\0".encode())
-            h.update(f.read_bytes() if st.st_size < 1 << 20 else f"{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(f"{f.relative_to(folder).as_posix()}\0{file_identity(f)}\0".encode())
     return h.hexdigest()[:16]
 
 def cache_plan(cache_dir, family, items, prompts, dopsd, encoders, vlm, suffix, dtype, buckets):
@@ -1405,6 +1430,14 @@ def check_writable(folder, flag):
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror or type(e).__name__}); pass a writable "
                         f"folder with {flag}") from None
 
+def cache_footprint(cache_dir, plan):
+    """(bytes in the cache folder, its entry files the plan does not name): a stat per file, so that a cache grown
+    by other models, settings or dopsd versions is seen at every launch, not when the disk fills."""
+    planned = {p.name for p, _, _ in all_entries(plan)}
+    files = [f for f in Path(cache_dir).iterdir() if f.is_file()]
+    unused = sum(f.suffix == ".safetensors" and f.name not in planned for f in files)
+    return sum(f.stat().st_size for f in files), unused
+
 def plan_cache(cfg, family, items, prompts, dopsd, dtype, world):
     """(plan, this rank's share of the missing entries). Ranks on one node split the missing entries by local rank; on
     several nodes each node encodes its share for itself, which is right for a node-local --cache-dir and only
@@ -1417,7 +1450,11 @@ def plan_cache(cfg, family, items, prompts, dopsd, dtype, world):
     todo = missing_entries(plan)
     local, local_world = (0, 1) if world == 1 else (int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
     total = sum(map(len, plan["items"])) + len(plan["prompts"])
-    print(f"feature cache {cfg.cache_dir}: {total - len(todo)} of {total} entries found, {len(todo)} to encode")
+    size, unused = cache_footprint(cfg.cache_dir, plan)
+    print(f"feature cache {cfg.cache_dir}: {total - len(todo)} of {total} entries found, {len(todo)} to encode; "
+          + (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + " on disk"
+          + (f", {unused} entries not used by this run (other models or settings: delete the folder to clear them)"
+             if unused else ""))
     # Each rank takes a fixed share of ALL the planned entries and encodes what of it is missing: ranks that scanned
     # the folder at different moments (one already writing) still leave no entry to nobody.
     share = {p for i, (p, _, _) in enumerate(all_entries(plan)) if i % local_world == local}

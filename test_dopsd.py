@@ -14,6 +14,7 @@ The tiny models are built once per session by examples/make_tiny.py and loaded b
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -217,7 +218,11 @@ BAD_INPUTS = [
     ("data-caption-not-utf8", "train", {"--data": "{caption_not_utf8}"}, 2, "not UTF-8 text (k0.txt): save each as"),
     ("data-jsonl-not-utf8", "train", {"--data": "{jsonl_not_utf8}"}, 2, "metadata.jsonl: not UTF-8 text (byte 0xff"),
     ("data-jsonl-bad-row", "train", {"--data": "{jsonl_bad_row}"}, 2, "line 1 is not a JSON object"),
-    ("data-repeat-0", "train", {"--data": "{nope}:0"}, 2, "the repeat count must be at least 1"),
+    ("data-repeat-0", "train", {"--data": "{nope}:0"}, 2, "must be a whole number of at least 1 (got '0')"),
+    ("data-repeat-negative", "train", {"--data": "{data}:-2"}, 2,
+     "data:-2: the repeat count after ':' must be a whole number of at least 1 (got '-2')"),
+    ("data-repeat-not-a-number", "train", {"--data": "{data}:abc"}, 2, "a whole number of at least 1 (got 'abc')"),
+    ("data-repeat-fraction", "train", {"--data": "{data}:1.5"}, 2, "must be a whole number of at least 1 (got '1.5')"),
     ("cache-dir-under-a-file", "train", {"--cache-dir": "{file}/cache"}, 2, "/cache: cannot write there"),
     # train: every number's range
     ("resolution-not-16", "train", {"--resolution": "100"}, 2, "--resolution must be a multiple of 16"),
@@ -415,6 +420,12 @@ def test_the_bad_input_table_covers_both_commands_and_every_number():
     covered = {k for _, _, changes, _, _ in BAD_INPUTS for k in changes}
     assert len(BAD_INPUTS) >= 40 and {r[1] for r in BAD_INPUTS} == {"train", "sample"}
     assert numeric <= covered, f"numeric flags without a row: {sorted(numeric - covered)}"
+
+
+def test_a_folder_named_with_a_colon_and_a_number_is_taken_as_it_is(tiny, tmp_path):
+    """--data x:3, where a folder is really named 'x:3', scans that folder once an epoch rather than x three times."""
+    folder = shutil.copytree(tiny["small"], tmp_path / "x:3")
+    assert dopsd.parse_data_flag(str(folder)) == (str(folder), 1) and len(dopsd.scan_data([str(folder)])) == 2
 
 
 def test_images_sharing_a_caption_file_are_named_in_a_warning(tmp_path, capsys):
@@ -1326,6 +1337,119 @@ def test_the_encoders_identity_names_their_files_even_inside_a_hub_cache(tmp_pat
         (folder / ".cache" / "download.lock").write_text(name)
         assert dopsd.files_identity(folder, ("text_encoder",)) == ids[-1]
     assert ids[0] != ids[1]
+
+
+def planned(tiny, data, cache, capsys, model=None, resolution=64):
+    """plan_cache of an SFT run on the tiny Z-Image, no model loaded: (plan, the start-up line it prints)."""
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(dopsd.TrainConfig(), data=[str(data)], model=str(model or tiny["zimage"]),
+                              cache_dir=str(cache), resolution=resolution, method="sft")
+    capsys.readouterr()
+    plan, _ = dopsd.plan_cache(cfg, "zimage", dopsd.scan_data(cfg.data), [], False, torch.float32, 1)
+    return plan, capsys.readouterr().out.strip()
+
+
+def fill(plan):
+    """Write every entry of the plan as the encoders would (the key is what makes an entry valid)."""
+    for path, key, _ in dopsd.all_entries(plan):
+        dopsd.write_entry(path, key, {"s": torch.zeros(1)})
+
+
+def big_model(tiny, folder):
+    """A copy of the tiny Z-Image whose text encoder file is over 1 MiB, as real ones are (never loaded here)."""
+    from safetensors.torch import save_file
+    shutil.copytree(tiny["zimage"], folder)
+    save_file({"w": torch.randn(300_000)}, folder / "text_encoder" / "model.safetensors")
+    return folder
+
+
+def new_mtimes(folder):
+    """Move every mtime below folder an hour on, as a copy or a download made later would have it."""
+    for f in Path(folder).rglob("*"):
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 3600 * 10**9), follow_symlinks=False)
+
+
+def hub_download(model, root):
+    """The model as huggingface_hub lays a download out: snapshots/REV/PATH are relative links to blobs/SHA256."""
+    snap = root / "models--tiny" / "snapshots" / "0123abc"
+    for f in sorted(p for p in Path(model).rglob("*") if p.is_file()):
+        blob = root / "models--tiny" / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(f.read_bytes())
+        link = snap / f.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+def test_a_copied_model_finds_every_cache_entry(tiny, tmp_path, capsys):
+    """A cp -r of the model (every mtime new, its weight file too large to hash whole) finds every entry that the
+    original wrote: the key names the files by content, not by where they lie or when they were written."""
+    a = big_model(tiny, tmp_path / "a")
+    fill(planned(tiny, tiny["small"], tmp_path / "cache", capsys, model=a)[0])
+    b = shutil.copytree(a, tmp_path / "b")
+    new_mtimes(b)
+    line = planned(tiny, tiny["small"], tmp_path / "cache", capsys, model=b)[1]
+    assert "2 of 2 entries found, 0 to encode" in line, line
+
+
+def test_the_data_folder_moved_with_its_cache_to_another_machine_finds_every_entry(tiny, tmp_path, capsys):
+    """The data folder and its .dopsd_cache, moved to another folder beside another download of the same hub files
+    (another machine), find every entry: the cache travels with the data."""
+    data = copy_data(tiny["small"], tmp_path / "here")
+    model = big_model(tiny, tmp_path / "model")
+    fill(planned(tiny, data, data / ".dopsd_cache", capsys, model=hub_download(model, tmp_path / "hub1"))[0])
+    moved = shutil.move(data, tmp_path / "there")
+    snapshot = hub_download(model, tmp_path / "hub2")
+    new_mtimes(snapshot.parent.parent / "blobs")
+    line = planned(tiny, moved, Path(moved) / ".dopsd_cache", capsys, model=snapshot)[1]
+    assert "2 of 2 entries found, 0 to encode" in line, line
+
+
+def test_a_hub_snapshot_file_is_named_by_its_blob_without_being_read(tmp_path):
+    """In a hub snapshot a file's identity is its blob's name (the hub's sha256 of its bytes, or git sha1), one link
+    away: the bytes are not hashed, also when the blob links on into the hub's shared store."""
+    sha = "ab" * 32
+    store = tmp_path / "blobs" / "ab" / ("cd" * 32)
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"weights")
+    (tmp_path / "blobs" / sha).symlink_to(Path("ab") / store.name)
+    (tmp_path / "snapshots" / "rev").mkdir(parents=True)
+    link = tmp_path / "snapshots" / "rev" / "model.safetensors"
+    link.symlink_to(Path("..") / ".." / "blobs" / sha)
+    assert dopsd.file_identity(link) == sha          # not the sha256 of b"weights": the name was taken, not the bytes
+
+
+def test_weights_with_one_header_but_other_values_are_told_apart(tmp_path):
+    """Two large weight files with the same tensor names, dtypes and shapes (two fine-tunes of one model) get different
+    identities: the header names a layout, so samples of the bytes enter the identity too."""
+    from safetensors.torch import save_file
+    w = torch.zeros(300_000)
+    save_file({"w": w}, tmp_path / "a.safetensors")
+    w[150_000:160_000] = 1.0                         # 40 KB changed in the middle of 1.2 MB
+    save_file({"w": w}, tmp_path / "b.safetensors")
+    assert dopsd.file_identity(tmp_path / "a.safetensors") != dopsd.file_identity(tmp_path / "b.safetensors")
+
+
+def test_the_cache_line_gives_the_folders_size_and_the_entries_this_run_does_not_use(tiny, tmp_path, capsys):
+    """The start-up line says how much the cache folder holds on disk and how many of its entries this run does not
+    use (other models or settings), and how to clear them."""
+    (tmp_path / "cache").mkdir()
+    for name in ("old1", "old2", "old3"):                # 3 entries of another model, 1 MiB each
+        (tmp_path / "cache" / f"{name}.safetensors").write_bytes(bytes(2**20))
+    line = planned(tiny, tiny["small"], tmp_path / "cache", capsys)[1]
+    assert line.endswith("0 of 2 entries found, 2 to encode; 3.0 MiB on disk, 3 entries not used by this run "
+                         "(other models or settings: delete the folder to clear them)"), line
+
+
+def test_a_run_at_another_resolution_encodes_every_image_entry_again(tiny, tmp_path, capsys):
+    """An image's entries are keyed by its bucket: at another --resolution every one is encoded again, since SFT's
+    latents and klein's reference latents would fit any size and, reused, train on the wrong crop."""
+    fill(planned(tiny, tiny["small"], tmp_path / "cache", capsys, resolution=64)[0])
+    plan, line = planned(tiny, tiny["small"], tmp_path / "cache", capsys, resolution=96)
+    missing = {p for p, _, _ in dopsd.missing_entries(plan)}
+    assert all(p in missing for es in plan["items"] for p, _ in es), line
 
 
 def test_an_unchanged_image_is_not_decoded_again(tiny, tmp_path, monkeypatch):
