@@ -1582,20 +1582,32 @@ def attach_roles(dit, family, dopsd, full, rank, alpha, seed, autocast, init=Non
 
 def shard_dit(dit, mesh, compute_dtype):
     """FSDP2 over `mesh`, in place: each repeated transformer block is one unit, the root (embedders, final layer)
-    one more, so beside its shards a rank holds at most one block's gathered weights (and the root's). Dtypes: the
-    shards stay fp32 (AdamW and the EMA update them in place; in bf16 a 1e-4 EMA step would round away); the gathered
-    copy is `compute_dtype` (bf16 on GPU: what autocast casts each weight to anyway, at half the all-gather); gradients
-    are reduce-scattered in fp32 (a bf16 mean over 8 ranks would drop the low bits of every gradient).
-    cast_forward_inputs=False: autocast chooses the activations' dtypes as in a one-GPU run (the policy's cast would
-    turn Z-Image's fp32 timestep into bf16). The root reshards after every forward too: left gathered after a no_grad
-    forward (the teacher, a grid), it would keep stale copies that miss the next optimizer or EMA step."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                              reduce_dtype=torch.float32, cast_forward_inputs=False)
+    one more, so beside its shards a rank holds at most one block's gathered weights (and the root's). The shards stay
+    fp32 (AdamW and the EMA update them in place; in bf16 a 1e-4 EMA step would round away), gradients are
+    reduce-scattered in fp32 (a bf16 mean over 8 ranks would drop their low bits), and the gathered copies are what
+    one process computes with under autocast: in bf16, each linear's weight and bias in bf16 (autocast's cast for
+    F.linear), all else in fp32 (norm weights, pad tokens; gathered in bf16, diffusers' RMSNorm drops its input to
+    bf16, and Z-Image's velocity moved by 0.8 %). cast_forward_inputs=False: autocast picks the activations' dtypes
+    as in one process (the policy's cast would turn Z-Image's fp32 timestep into bf16). Every unit reshards after its
+    forward, the root too: left gathered after a no_grad forward (the teacher, a grid), it would keep stale copies
+    that miss the next optimizer or EMA step."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    policy = lambda dt: MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    # One policy per unit, so in bf16 a unit's linears are a nested unit of their own. Its cost (Z-Image-Turbo's
+    # config): one more all-gather and reduce-scatter per block, of 61 KiB beside the linears' 345 MiB. Gathering all
+    # in fp32 for autocast to cast would double the all-gather bytes and the gathered block (690 MiB + 345 MiB of
+    # casts), and autocast's weight cache would keep the bf16 cast of every trainable weight until the velocity call
+    # returns: the whole DiT (11.5 GiB) on every rank, whatever N.
     blocks = [m for m in dit.modules() if type(m).__name__ in dit._repeated_blocks]   # before sharding renames them
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    return fully_shard(dit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    for unit in blocks + [dit]:                      # bottom-up: a unit takes the parameters no inner unit took
+        linears = [m for m in unit.modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, FSDPModule)]
+        if compute_dtype != torch.float32 and linears:
+            fully_shard(linears, mesh=mesh, mp_policy=policy(compute_dtype))      # one all-gather for all of them
+        fully_shard(unit, mesh=mesh, mp_policy=policy(None), reshard_after_forward=True)
+    # Z-Image's final linear returns a view, and FSDP2 warns that an in-place op on it would skip its backward
+    # all-gather; nothing writes to it (the 2-rank tests compare the gradients)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    return dit
 
 def shard_across_ranks(dit, device, world, compute_dtype):
     """Shard the student DiT over every rank (FSDP2) and return the mesh. Only rank 0 loaded its weights (the others

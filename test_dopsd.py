@@ -2223,6 +2223,29 @@ def assert_same_training(a, b):
         assert_close(s["exp_avg"], b["optimizer"]["state"][k]["exp_avg"], rtol=1e-4, normwise=True, what=k)
 
 
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_a_sharded_dit_gathers_linears_in_bf16_and_norms_and_pad_tokens_in_fp32(tiny, family):
+    """Sharded for bf16, the DiT's gathered weights are what one process computes with under autocast: each linear's
+    weight and bias in bf16, every other parameter (norm weights, pad tokens) in fp32 (a 1-rank gloo group)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    dit = tiny_dit(tiny, family)
+    linear = {f"{n}.{k}" for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear) for k, _ in
+              m.named_parameters()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        dopsd.shard_dit(dit, init_device_mesh("cpu", (1,)), torch.bfloat16)
+        for m in dit.modules():
+            if isinstance(m, FSDPModule):
+                m.unshard()                          # what a forward gathers: the parameters become those copies
+        gathered = {n: p.dtype for n, p in dit.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    wrong = {n: dt for n, dt in gathered.items() if dt != (torch.bfloat16 if n in linear else torch.float32)}
+    assert not wrong and set(gathered) - linear, f"gathered in the wrong dtype: {wrong}"
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tiny, tmp_path_factory):
     """{family: --out of 2 CPU ranks × batch 1, --full D-OPSD, 3 steps} (a fresh cache per family, split by rank)."""
@@ -2245,6 +2268,22 @@ def test_fsdp_two_ranks_train_like_one_process_with_the_same_global_batch(tiny, 
     shards = [p.stat().st_size for p in sorted((fsdp_run[family] / "checkpoint").glob("*.distcp"))]
     assert len(shards) == 2 and max(shards) < 0.6 * sum(shards)
     assert_same_training(full_checkpoint(fsdp_run[family]), full_checkpoint(one))
+
+
+def test_fsdp_two_ranks_under_bf16_autocast_take_the_first_step_of_one_process(tiny, tmp_path):
+    """Under --precision bf16 too, 2 sharded ranks × batch 1 take the first step of one process × batch 2: the same
+    loss (the forwards of the student and its EMA teacher) and gradient norm (the backward)."""
+    args = lambda out, batch: full_args(tiny, tmp_path / out, "zimage", "--precision", "bf16", "--max-steps", "1",
+                                        "--batch-size", batch, "--cache-dir", str(tmp_path / "cache"))
+    code, out, err = run_bounded(torchrun(2, *args("two", "1")), 180)
+    assert code == 0, err[-3000:]
+    assert dopsd.main(["train", *args("one", "2")]) == 0
+    two, one = (json.loads((tmp_path / o / "log.jsonl").read_text()) for o in ("two", "one"))
+    # rtol 1e-5: measured 7e-8 (loss) and 4e-7 (gradient norm) with the one-process dtypes, 2.8e-4 and 4.0e-4 with
+    # norms and pad tokens gathered in bf16, so 20x on either side. Later steps drift apart in bf16 either way: each
+    # rank rounds its own gradient to bf16 (2e-3 per element), and AdamW turns that into up to 2·lr near zero.
+    for k in ("loss", "grad_norm"):
+        assert_close(torch.tensor(two[k]), torch.tensor(one[k]), rtol=1e-5, what=k)
 
 
 @pytest.mark.parametrize("family", ["zimage", "klein", "full_run"])
