@@ -787,9 +787,9 @@ def lora_name_map(modules):
                 groups.setdefault(m.expand(theirs), []).append(("qkv".index(m.groupdict().get("p") or "q"), n))
     out = {}
     for name, parts in groups.items():
-        start, out[name.replace(".", "_")] = 0, []
-        for _, n in sorted(parts):
-            out[name.replace(".", "_")].append((n, start, start + modules[n]))
+        start, rows = 0, out.setdefault(name.replace(".", "_"), [])
+        for _, n in sorted(parts):                   # (order in q|k|v, module)
+            rows.append((n, start, start + modules[n]))
             start += modules[n]
     return out
 
