@@ -709,12 +709,16 @@ LORA_TARGETS = {
              r"|to_qkv_mlp_proj)$|.*single_transformer_blocks\.\d+\.attn\.to_out$",   # (fused qkv+mlp in single blocks)
 }
 
+def lora_linears(transformer, target_regex):
+    """{name: linear} of the linears a LoRA on target_regex wraps."""
+    return {n: m for n, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n)}
+
 def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", "teacher")):
     """One LoRA adapter per name, the teacher an exact copy of the student; returns the number of wrapped linears.
     The factors stay fp32 on a bf16 DiT: the EMA adds (1-μ) = 1e-4 of a difference, which bf16 would round away."""
     from peft import LoraConfig
-    expected = sum(1 for n, m in transformer.named_modules()
-                   if isinstance(m, torch.nn.Linear) and re.fullmatch(target_regex, n))
+    expected = len(lora_linears(transformer, target_regex))
     with warnings.catch_warnings():                 # "Already found a peft_config": a second adapter is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for name in names:                          # Gaussian init: A random, B = 0, so every adapter starts as the base
@@ -736,18 +740,65 @@ def add_lora_adapters(transformer, target_regex, rank, alpha, names=("student", 
     transformer.set_adapter(names[0])
     return len(layers)
 
+# The names ComfyUI and BFL give the modules our LoRA covers, where they differ from diffusers' (ComfyUI's own maps,
+# comfy.utils z_image_to_diffusers / flux_to_diffusers; see comfyui-lora.md). A (?P<p>) module is one third of a fused
+# linear whose rows are q's, then k's, then v's; klein's single-block linear1 / linear2 ARE our to_qkv_mlp_proj /
+# to_out. Z-Image's feed_forward.w1-3 keep their names. diffusers' own converters
+# (lora_conversion_utils._convert_non_diffusers_z_image / _flux2 / _kohya_flux2) are not called: they need the tensors
+# (this check reads the header only), leave ComfyUI's fused Z-Image attention.qkv unsplit, refuse BFL files that carry
+# .alpha, and drop kohya names they do not know with a log line instead of an error.
+THEIR_NAMES = {r"(.+\.attention)\.to_(?P<p>[qkv])": r"\1.qkv", r"(.+\.attention)\.to_out\.0": r"\1.out",
+               r"transformer_blocks\.(\d+)\.attn\.to_(?P<p>[qkv])": r"double_blocks.\1.img_attn.qkv",
+               r"transformer_blocks\.(\d+)\.attn\.add_(?P<p>[qkv])_proj": r"double_blocks.\1.txt_attn.qkv",
+               r"transformer_blocks\.(\d+)\.attn\.to_out\.0": r"double_blocks.\1.img_attn.proj",
+               r"transformer_blocks\.(\d+)\.attn\.to_add_out": r"double_blocks.\1.txt_attn.proj",
+               r"transformer_blocks\.(\d+)\.ff\.linear_in": r"double_blocks.\1.img_mlp.0",
+               r"transformer_blocks\.(\d+)\.ff\.linear_out": r"double_blocks.\1.img_mlp.2",
+               r"transformer_blocks\.(\d+)\.ff_context\.linear_in": r"double_blocks.\1.txt_mlp.0",
+               r"transformer_blocks\.(\d+)\.ff_context\.linear_out": r"double_blocks.\1.txt_mlp.2",
+               r"single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj": r"single_blocks.\1.linear1",
+               r"single_transformer_blocks\.(\d+)\.attn\.to_out": r"single_blocks.\1.linear2"}
+# Adapters saved under LoRA-like names that hold no B·A to start from (a fragment of their keys: what they are)
+NOT_LORA = {".lokr_": "a LyCORIS LoKr", ".hada_": "a LyCORIS LoHa", "dora_scale": "a DoRA",
+            "lora_magnitude_vector": "a DoRA"}
+
 def lora_key(key):
     """(module name without the trainers' prefixes, factor) of a LoRA file's key, in the styles read_lora_file lists;
     factor: lora_A/B, lora_down/up or alpha, None for a key that is no LoRA factor (the name is then the whole key)."""
     m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora_down|lora_up)(\.[^.]+)?\.weight|(.+)\.alpha", key)
     name = (m.group(1) or m.group(4)) if m else key
-    for prefix in ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer."):
+    for prefix in ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
+                   "lora_transformer_", "lycoris_"):     # kohya / musubi, OneTrainer, ComfyUI's lycoris_ alias
         name = name.removeprefix(prefix)
     return name, (m.group(2) or "alpha") if m else None
 
-def check_init_lora(path, family, rank):
+def not_a_lora(path, key):
+    """The UserError for a key that is no LoRA factor, naming the adapter when its keys tell."""
+    what = next((f"{kind}, not a LoRA" for frag, kind in NOT_LORA.items() if frag in key),
+                f"key {key} is no LoRA factor (lora_A/B, lora_down/up, alpha)")
+    return UserError(f"--init-lora {path}: {what}; pass a plain LoRA (diffusers, ComfyUI/BFL or kohya/musubi names)")
+
+def lora_name_map(modules):
+    """{a module name as LoRA files write it, with kohya's underscores for dots: [(module, first row, end row of the
+    file's B)]} for modules {name: out_features}, the linears our LoRA covers: each under its diffusers name (all of
+    B) and under ComfyUI's / BFL's name, where a fused q|k|v's B stacks q's rows, then k's, then v's (one A for all)."""
+    groups = {n: [(0, n)] for n in modules}
+    for n in modules:
+        for rx, theirs in THEIR_NAMES.items():
+            if m := re.fullmatch(rx, n):
+                groups.setdefault(m.expand(theirs), []).append(("qkv".index(m.groupdict().get("p") or "q"), n))
+    out = {}
+    for name, parts in groups.items():
+        start, rows = 0, out.setdefault(name.replace(".", "_"), [])
+        for _, n in sorted(parts):                   # (order in q|k|v, module)
+            rows.append((n, start, start + modules[n]))
+            start += modules[n]
+    return out
+
+def check_init_lora(path, family, rank, model):
     """The --init-lora file (a run folder's LoRA, or the file itself), checked from its header before any model
-    loads: a safetensors LoRA of this family, of rank at most --rank. Returns the file."""
+    loads: a safetensors LoRA of this family, of rank at most --rank, whose modules are ones our LoRA covers on --model
+    (its DiT built on the meta device) in any naming lora_name_map knows. Returns the file."""
     from safetensors import safe_open
     p = Path(path)
     file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
@@ -761,18 +812,24 @@ def check_init_lora(path, family, rank):
         parsed = {k: lora_key(k) for k in f.keys()}
         top = max((f.get_slice(k).get_shape()[0] for k, (_, factor) in parsed.items()
                    if factor in ("lora_A", "lora_down")), default=0)
+    if odd := next((k for k, (_, factor) in parsed.items() if factor is None), None):
+        raise not_a_lora(path, odd)
     if top > rank:
         raise UserError(f"--init-lora {path}: its rank is {top}, above --rank {rank}; pass --rank {top} or more")
-    foreign = sorted({n for n, _ in parsed.values() if not re.fullmatch(LORA_TARGETS[family], "x." + n)})
-    if foreign:                                       # (LORA_TARGETS expects a dotted parent before the layer name)
-        raise UserError(f"--init-lora {path}: {len(foreign)} of its modules are not ones dopsd.py trains on this model "
-                        f"(first: {foreign[0]}); pass a LoRA in diffusers or ComfyUI keys for this model")
+    ours = lora_linears(dit_on_meta(model), LORA_TARGETS[family])
+    known = lora_name_map({n: m.out_features for n, m in ours.items()})
+    foreign = sorted({n for n, _ in parsed.values() if n.replace(".", "_") not in known})
+    if foreign:                                       # (kohya's names are the only ones without dots)
+        raise UserError(f"--init-lora {path}: a {'diffusers/ComfyUI' if '.' in foreign[0] else 'kohya/musubi'} LoRA "
+                        f"with {len(foreign)} module(s) this model does not have or dopsd.py does not train (first: "
+                        f"{foreign[0]}); pass a LoRA of this model")
     return file
 
 def read_lora_file(path):
-    """{module name: (A [r, in], B [out, r] with the file's scale alpha/r folded in)} from a LoRA file in the key
-    styles trainers write: diffusers and peft (transformer.M.lora_A.weight; ours), ComfyUI / musubi / ai-toolkit
-    (diffusion_model.M...), lora_down / lora_up with a per-module .alpha. The scale: a module's .alpha tensor, else
+    """{module name as the file writes it (see lora_key): (A [r, in], B [out, r] with the file's scale alpha/r folded
+    in)} from a LoRA file in the key styles trainers write: diffusers and peft (transformer.M.lora_A.weight; ours),
+    ComfyUI / ai-toolkit (diffusion_model.M... with ComfyUI's or BFL's names, see THEIR_NAMES), kohya / musubi
+    (lora_unet_M with _ for .), lora_down / lora_up with a per-module .alpha. The scale: a module's .alpha tensor, else
     diffusers' adapter metadata (lora_alpha / r), else 1 (alpha = r, as diffusers reads a file that says nothing)."""
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
@@ -786,8 +843,7 @@ def read_lora_file(path):
     for key, t in tensors.items():
         name, factor = lora_key(key)
         if factor is None:
-            raise UserError(f"--init-lora {path}: key {key} is not a LoRA factor (lora_A/B, lora_down/up, alpha); "
-                            "pass a LoRA in diffusers or ComfyUI style")
+            raise not_a_lora(path, key)
         parts.setdefault(name, {})[factor] = t.float()
     out = {}
     for name, f in parts.items():
@@ -801,23 +857,27 @@ def read_lora_file(path):
 
 def set_lora(transformer, factors, names, scale):
     """Load factors (from read_lora_file) into the adapters `names` (all alike), whose scale is alpha/rank: the
-    effective weight B·A·scale becomes the file's. A rank below ours fills the first rows of A and columns of B; the
-    rest keep their init (A Gaussian, B zero), so the delta is exact and the spare rank still learns."""
-    modules = dict(transformer.named_modules())
+    effective weight B·A·scale of each module becomes the file's (a fused q|k|v's: its rows of B, the shared A). A rank
+    below ours fills the first rows of A and columns of B; the rest keep their init (A Gaussian, B zero), so the delta
+    is exact and the spare rank still learns."""
+    modules = {n: m for n, m in transformer.named_modules() if hasattr(m, "lora_A")}
+    known = lora_name_map({n: m.out_features for n, m in modules.items()})
     with torch.no_grad():
         for name, (A, B) in factors.items():
-            layer = modules.get(name)
-            if layer is None or not hasattr(layer, "lora_A"):
+            targets = known.get(name.replace(".", "_"))
+            if targets is None:
                 raise UserError(f"--init-lora: module {name} of the LoRA is not one this model's LoRA covers; pass a "
                                 "LoRA trained for this model")
-            r, own_A, own_B = A.shape[0], layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
-            if A.shape[1] != own_A.shape[1] or B.shape[0] != own_B.shape[0] or r > own_A.shape[0]:
+            r, own_A, rows = A.shape[0], modules[targets[0][0]].lora_A[names[0]].weight, targets[-1][2]
+            if A.shape[1] != own_A.shape[1] or B.shape[0] != rows or r > own_A.shape[0]:
                 raise UserError(f"--init-lora: module {name} has shape {tuple(B.shape)}·{tuple(A.shape)}, this "
-                                f"model's is {tuple(own_B.shape)}·{tuple(own_A.shape)} (rank at most --rank); pass a "
-                                "LoRA of this model and a --rank at least its rank")
-            for n in names:
-                layer.lora_A[n].weight[:r] = A
-                layer.lora_B[n].weight[:, :r] = B / scale
+                                f"model's is ({rows}, {own_A.shape[0]})·{tuple(own_A.shape)} (rank at most --rank); "
+                                "pass a LoRA of this model and a --rank at least its rank")
+            for module, start, end in targets:           # a fused q|k|v: each its rows of B [3·out, r], A shared
+                layer = modules[module]
+                for n in names:
+                    layer.lora_A[n].weight[:r] = A
+                    layer.lora_B[n].weight[:, :r] = B[start:end] / scale
 
 def adapter_params(transformer, name):
     """{parameter name without the adapter name: tensor} for one adapter, in a stable order."""
@@ -2118,7 +2178,7 @@ def train(cfg):
     family = pipeline_family(cfg.model)
     if cfg.init_lora:
         # resolved now: config.json and the checkpoint name the file, whatever folder a later --resume starts in
-        cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, cfg.rank).resolve()))
+        cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, cfg.rank, cfg.model).resolve()))
     if family == "zimage" and cfg.method == "dopsd":
         check_reachable(cfg.vlm, "--vlm", "config.json")
         check_vlm_kind(cfg.vlm)

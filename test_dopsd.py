@@ -270,6 +270,9 @@ BAD_INPUTS = [
     ("init-lora-other-family", "train", {"--init-lora": "{klein_lora}"}, 2, "trained for flux-2-klein, but --model"),
     ("init-lora-rank-above-rank", "train", {"--init-lora": "{zimage_lora}", "--rank": "2"}, 2,
      "its rank is 4, above --rank 2"),
+    ("init-lora-musubi-module-not-in-model", "train", {"--init-lora": "{musubi_stray_lora}"}, 2,
+     "a kohya/musubi LoRA with 1 module(s) this model does not have or dopsd.py does not train (first: layers_7_"),
+    ("init-lora-lokr", "train", {"--init-lora": "{lokr_lora}"}, 2, "a LyCORIS LoKr, not a LoRA"),
     ("init-lora-with-full", "train", {"--init-lora": "{zimage_lora}", "--full": True}, 2, "to continue a --full run"),
     ("fp8-base-with-full", "train", {"--fp8-base": "on", "--full": True}, 2, "--fp8-base on with --full"),
     ("fp8-base-without-checkpointing", "train", {"--fp8-base": "on", "--grad-checkpointing": "off"}, 2,
@@ -369,7 +372,11 @@ def bad_files(tiny, tmp_path_factory):
                        ("zimage_lora", lora(["transformer.x.lora_A.weight"], **{
                            "modelspec.architecture": "z-image-turbo/lora"})),
                        ("alien_lora", lora(["transformer.no_such_module.lora_A.weight",
-                                            "transformer.no_such_module.lora_B.weight"]))):
+                                            "transformer.no_such_module.lora_B.weight"])),
+                       ("musubi_stray_lora", lora([f"lora_unet_layers_{i}_attention_to_q.lora_{f}.weight"
+                                                   for i in (0, 7) for f in ("down", "up")])),   # the tiny has 2 layers
+                       ("lokr_lora", lora(["lora_unet_layers_0_attention_to_q.lokr_w1",
+                                           "lora_unet_layers_0_attention_to_q.lokr_w2"]))):
         save_file(spec["tensors"], root / f"{name}.safetensors", metadata=spec["metadata"])
         f[name] = str(root / f"{name}.safetensors")
     for name, data in (("run", None), ("damaged_run", b"not a checkpoint")):  # an existing run: rank 4, tiny zimage
@@ -1769,6 +1776,82 @@ def test_init_lora_with_no_new_step_holds_the_input_loras_effective_weights(tiny
     save_file(comfy, tmp_path / "comfy.safetensors")
     other = effective(dopsd.read_lora_file(tmp_path / "comfy.safetensors"))
     assert all(torch.allclose(other[k], want[k], rtol=1e-6, atol=0) for k in want)
+
+
+# Other trainers' names for the modules our LoRA covers, per block (comfyui-lora.md §3): {theirs: the diffusers modules
+# it covers}; several = one fused linear whose B stacks their rows in that order, under one A.
+COMFY_ZIMAGE = {"attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+                "attention.out": ("attention.to_out.0",),
+                **{f"feed_forward.w{j}": (f"feed_forward.w{j}",) for j in (1, 2, 3)}}
+BFL_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+              "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
+              "img_mlp.0": ("ff.linear_in",), "img_mlp.2": ("ff.linear_out",),
+              "txt_mlp.0": ("ff_context.linear_in",), "txt_mlp.2": ("ff_context.linear_out",)}
+BFL_SINGLE = {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}
+# A file's key style: (prefix, what stands for a dot, down factor, up factor)
+KEY_STYLES = {"kohya": ("lora_unet_", "_", "lora_down", "lora_up"),
+              "comfy": ("diffusion_model.", ".", "lora_A", "lora_B")}
+
+
+def their_layout(dit, family, names):
+    """{module name in the file: the tiny DiT's modules it covers}: names "diffusers" (each module its own), or
+    ComfyUI's (Z-Image) / BFL's (klein) names of the tiny models' blocks."""
+    if names == "diffusers":
+        return {n: (n,) for n, m in dit.named_modules()
+                if isinstance(m, torch.nn.Linear) and re.fullmatch(dopsd.LORA_TARGETS[family], n)}
+    if family == "zimage":
+        return {f"{b}.{k}": tuple(f"{b}.{m}" for m in v) for b in ("layers.0", "layers.1", "noise_refiner.0",
+                                                                  "context_refiner.0") for k, v in COMFY_ZIMAGE.items()}
+    return {**{f"double_blocks.{i}.{k}": tuple(f"transformer_blocks.{i}.{m}" for m in v)
+               for i in (0, 1) for k, v in BFL_DOUBLE.items()},
+            **{f"single_blocks.{i}.{k}": tuple(f"single_transformer_blocks.{i}.{m}" for m in v)
+               for i in (0, 1) for k, v in BFL_SINGLE.items()}}
+
+
+def write_their_lora(path, dit, layout, style, alpha, rank=4):
+    """A rank-4 LoRA file of random factors in that layout and KEY_STYLES style (.alpha tensors if alpha). Returns the
+    delta it means, {diffusers module: B·A·alpha/r}, a fused B's row slice for each of q, k, v."""
+    from safetensors.torch import save_file
+    prefix, dot, down, up = KEY_STYLES[style]
+    mods, g, tensors, want = dict(dit.named_modules()), torch.Generator().manual_seed(0), {}, {}
+    for name, covers in layout.items():
+        key, outs = prefix + name.replace(".", dot), [mods[m].out_features for m in covers]
+        A, B = torch.randn(rank, mods[covers[0]].in_features, generator=g), torch.randn(sum(outs), rank, generator=g)
+        tensors[f"{key}.{down}.weight"], tensors[f"{key}.{up}.weight"] = A, B
+        if alpha:
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+        for m, rows in zip(covers, B.split(outs)):
+            want[m] = rows.double() @ A.double() * ((alpha or rank) / rank)
+    save_file(tensors, path)
+    return want
+
+
+# (id, family, module names, key style, alpha): musubi-tuner's own files (kohya names: Z-Image's diffusers modules,
+# klein's BFL ones), ComfyUI's fused Z-Image attention, ai-toolkit's BFL klein file (no alpha), OneTrainer-like kohya
+# names of klein's diffusers modules
+THEIR_LORAS = [("musubi-zimage", "zimage", "diffusers", "kohya", 8.0),
+               ("musubi-klein", "klein", "theirs", "kohya", 2.0),
+               ("comfy-fused-qkv-zimage", "zimage", "theirs", "comfy", 16.0),
+               ("bfl-klein", "klein", "theirs", "comfy", None),
+               ("kohya-diffusers-klein", "klein", "diffusers", "kohya", 4.0)]
+
+
+@pytest.mark.parametrize("case", THEIR_LORAS, ids=[c[0] for c in THEIR_LORAS])
+def test_init_lora_reads_other_trainers_names_into_the_files_effective_weights(tiny, tmp_path, case):
+    """--init-lora reads kohya/musubi, ComfyUI and BFL names (the family check too): every adapter holds the file's
+    B·A·alpha/r, and the three modules of a fused q|k|v each their row slice of B under the shared A."""
+    _, family, names, style, alpha = case
+    dit = tiny_dit(tiny, family).requires_grad_(False)
+    want = write_their_lora(tmp_path / "l.safetensors", dit, their_layout(dit, family, names), style, alpha)
+    assert dopsd.weights_family("lora", tmp_path / "l.safetensors") == family      # what sample --lora checks
+    file = dopsd.check_init_lora(tmp_path / "l.safetensors", family, 8, tiny[family])
+    dopsd.attach_roles(dit, family, False, False, 8, 24.0, 0, contextlib.nullcontext, dopsd.read_lora_file(file))
+    got = {n: m.lora_B["student"].weight.double() @ m.lora_A["student"].weight.double() * (24.0 / 8)
+           for n, m in dit.named_modules() if hasattr(m, "lora_A")}
+    assert got.keys() == want.keys() and len(want) == 28
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, normwise=True, what=k)
 
 
 def test_the_first_preserve_loss_is_exactly_zero_when_the_student_starts_at_the_anchor(tiny, trained, tmp_path,
