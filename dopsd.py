@@ -1796,7 +1796,7 @@ def save_full_run(run):
                                            "world_size": run.world})
             swap_in(tmp, ckpt)
     except (OSError, CheckpointException) as e:
-        failed = checkpoint_failed(run, ckpt, e, kept=(ckpt / "meta.json").is_file())
+        failed = checkpoint_failed(run, ckpt, e, kept=find_checkpoint(run.out, True) is not None)
     raise_on_every_rank(failed, run)
     run.saved_step = run.step
     failed = export_dit(run.dit, run.out / "transformer", run.rank)
@@ -1817,14 +1817,26 @@ def full_state(run):
     return state
 
 def swap_in(new, path):
-    """Replace the folder `path` by `new`: the old one goes aside first and is deleted last. A crash between the two
-    renames leaves path.old/ complete (find_checkpoint looks there)."""
+    """Replace the folder `path` by the complete folder `new`, so that a kill at any point leaves a complete one where
+    find_checkpoint looks: path/ if it exists, else path.old/. path/ only ever appears by this rename of a complete
+    folder, so it is complete whenever it exists; path.old/ is cleared and refilled only while path/ exists, and with
+    path/ missing (a save that died between the renames) it is the only complete one, kept until `new` is path/."""
     old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
+        remove_folder(old)                           # a leftover (path/ is complete): nothing reads it
         os.replace(path, old)
     os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_folder(old)
+
+def remove_folder(folder):
+    """Delete `folder` so that no reader ever sees it half-deleted (meta.json left beside a few of ~100 GB of shards):
+    it is renamed to folder.del/ (one atomic step, and nothing reads .del), then deleted; the next call clears what a
+    kill mid-deletion left there."""
+    trash = folder.with_name(folder.name + ".del")
+    shutil.rmtree(trash, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
     """The DiT in save_pretrained's format (config.json, with the DiT's own class name: a sharded module's class is
@@ -1938,7 +1950,9 @@ def check_resume(path, cfg, ckpt=None):
 def find_checkpoint(out, full):
     """The run's checkpoint in `out`, or None: checkpoint.pt for LoRA runs (one small file from rank 0); for --full
     the folder checkpoint/ of torch.distributed.checkpoint shards (~16 bytes a parameter in all, every rank writing its
-    own), or checkpoint.old/ when a save died between its two renames (swap_in)."""
+    own), or checkpoint.old/ when a save died between its two renames (swap_in keeps one of the two complete). Never
+    checkpoint.tmp/, even complete (meta.json is written last): every save starts by emptying it for torch's writer,
+    so a run resumed from there would delete its only checkpoint at its first save."""
     if not full:
         return Path(out) / "checkpoint.pt" if (Path(out) / "checkpoint.pt").is_file() else None
     return next((p for p in (Path(out) / "checkpoint", Path(out) / "checkpoint.old") if (p / "meta.json").is_file()),

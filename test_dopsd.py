@@ -1822,6 +1822,100 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_files(tiny, tmp_path
         assert lora.read_bytes() == kept[lora.name] and "--resume" in line
 
 
+class Killed(BaseException):
+    """The process killed at that point: nothing catches it, and nothing after it runs."""
+
+
+def kill_at(monkeypatch, out, n):
+    """From now on, the n-th rename or deletion of a folder out/checkpoint* (0-based) raises Killed: a
+    rename before it happens (it is atomic), a deletion after removing every file but meta.json (killed part-way
+    through ~100 GB of shards). Returns the list of (operation, folder name) done so far, to count them."""
+    real_replace, real_rmtree, done = os.replace, shutil.rmtree, []
+
+    def counts(op, path):
+        if Path(path).parent != Path(out) or not Path(path).name.startswith("checkpoint"):
+            return False
+        done.append((op, Path(path).name))
+        return len(done) - 1 == n
+
+    def replace(src, dst):
+        if counts("rename", src):
+            raise Killed
+        real_replace(src, dst)
+
+    def rmtree(path, *a, **k):
+        if counts("delete", path):
+            for f in Path(path).rglob("*"):
+                if f.is_file() and f.name != "meta.json":
+                    f.unlink()
+            raise Killed
+        real_rmtree(path, *a, **k)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    return done
+
+
+def folder_bytes(folder):
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("start", [("checkpoint",), ("checkpoint.old",), ("checkpoint", "checkpoint.old")])
+def test_a_swap_killed_at_any_step_leaves_a_complete_checkpoint_that_the_next_save_replaces(tmp_path, monkeypatch,
+                                                                                            start):
+    """Whatever a save left (checkpoint/, or only checkpoint.old/ after a kill between the renames, or both), a kill
+    at any rename or deletion of swap_in leaves find_checkpoint a complete folder of the step before or the new one,
+    and the next save swaps in cleanly."""
+    def shards(folder, step):                        # meta.json last, as save_full_run writes it
+        folder.mkdir()
+        for i in range(3):
+            (folder / f"__{i}_0.distcp").write_bytes(bytes([step, i]) * 1000)
+        (folder / "meta.json").write_text(json.dumps({"step": step}))
+        return folder_bytes(folder)
+    complete, through = {}, False
+    for n in range(20):                              # killed at its n-th step, until a swap runs through
+        out = tmp_path / str(n)
+        out.mkdir()
+        for i, name in enumerate(start):             # the first is the newest
+            complete[len(start) - i] = shards(out / name, len(start) - i)
+        complete[3] = shards(out / "checkpoint.tmp", 3)
+        with monkeypatch.context() as m, contextlib.suppress(Killed):
+            done = kill_at(m, out, n)
+            dopsd.swap_in(out / "checkpoint.tmp", out / "checkpoint")
+            through = True
+        found = dopsd.find_checkpoint(out, True)
+        assert found is not None, f"killed at {done[-1:]}: no checkpoint"
+        step = json.loads((found / "meta.json").read_text())["step"]
+        assert step in (len(start), 3) and folder_bytes(found) == complete[step], f"killed at {done[-1:]}: {found}"
+        shutil.rmtree(out / "checkpoint.tmp", ignore_errors=True)      # the next save, not killed
+        after = shards(out / "checkpoint.tmp", 4)
+        dopsd.swap_in(out / "checkpoint.tmp", out / "checkpoint")
+        assert [p.name for p in out.iterdir()] == ["checkpoint"] and folder_bytes(out / "checkpoint") == after
+        if through:
+            break
+    assert through and n >= 2
+
+
+def test_a_full_save_killed_anywhere_after_a_kill_between_its_renames_leaves_a_checkpoint_that_resume_loads(
+        tiny, tmp_path, monkeypatch, capsys):
+    """A --full run whose save died between the renames has only checkpoint.old/; its next save, killed at any
+    deletion or rename of its checkpoint (the deletion of checkpoint.old/ included), leaves one that --resume loads."""
+    first = tmp_path / "first"
+    assert dopsd.main(train_args(tiny, first, "--full", "--max-steps", "1")) == 0
+    os.replace(first / "checkpoint", first / "checkpoint.old")
+    for n in range(20):                              # killed at the n-th step of the step-2 save, until it runs through
+        out = tmp_path / str(n)
+        shutil.copytree(first, out)
+        with monkeypatch.context() as m:
+            done = kill_at(m, out, n)
+            with contextlib.suppress(Killed):
+                assert dopsd.main(train_args(tiny, out, "--full", "--max-steps", "2", "--resume")) == 0
+                break
+        capsys.readouterr()
+        assert dopsd.main(train_args(tiny, out, "--full", "--max-steps", "2", "--resume")) == 0, done
+        assert "resumed from" in capsys.readouterr().out
+    assert n >= 3 and any(op == "delete" and name.startswith("checkpoint.old") for op, name in done)
+
+
 def test_backward_runs_outside_autocast(tiny, tmp_path, monkeypatch):
     """With bf16 autocast on, the roll-out (and so every backward in it) starts outside any autocast region: autocast
     wraps each forward only, as PyTorch advises."""
