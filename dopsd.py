@@ -633,12 +633,15 @@ def full_run_parts(model, seen=()):
     --model of the next one, and the next run's encoders and feature cache are the base's."""
     p = Path(model)
     if (p / "transformer" / "config.json").is_file() and not (p / "model_index.json").is_file():
-        base = read_json(p / "config.json").get("model")
+        config = read_json(p / "config.json")
+        base = config.get("model")
         if base is None or p.resolve() in seen:
             raise UserError(f"--model {model}: a transformer/ folder without a dopsd.py config.json naming another "
                             "base model; pass the --out folder of a train --full run, or a diffusers pipeline")
-        if not Path(base).exists() and (p / base).exists():     # recorded relative to where that run was started
-            base = str(p / base)
+        # A relative --model is relative to the folder that run was started in (launch_folder; older config.json
+        # files lack it: then here, then the run folder, as before); a hub id matches no folder and stays as it is.
+        tries = (Path(config.get("launch_folder", ""), base), Path(base), p / base)
+        base = next((str(t) for t in tries if t.exists()), base)
         return full_run_parts(base, (*seen, p.resolve()))[0], p / "transformer"
     return model, None
 
@@ -2097,6 +2100,7 @@ def write_config(cfg, family, world):
     import diffusers, peft, transformers
     (Path(cfg.out) / "samples").mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world,
+        "launch_folder": os.getcwd(),                # what a relative --model is relative to (full_run_parts)
         "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}}, indent=2))
 
 def train_rank(cfg, items, family, rank, world, device):

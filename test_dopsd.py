@@ -2215,6 +2215,23 @@ def test_a_full_run_is_the_model_of_the_next_run(tiny, tmp_path):
     assert dopsd.main(args) == 0
 
 
+def test_a_full_run_given_a_relative_model_is_the_model_of_a_run_started_in_another_folder(tiny, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """A --full run started with a relative --model resumes with it from the same folder, and its --out is the --model
+    of a run started elsewhere: config.json's launch folder locates the base, not the run folder."""
+    monkeypatch.chdir(tiny["zimage"].parent)
+    out = tmp_path / "full"
+    args = train_args(tiny, out, "--max-steps", "1", "--full")
+    args[args.index("--model") + 1] = "zimage"
+    assert dopsd.main(args) == 0
+    args[args.index("--max-steps") + 1] = "2"
+    assert dopsd.main([*args, "--resume"]) == 0 and "resumed from" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    base, trained = dopsd.full_run_parts(str(out))
+    assert Path(base).resolve() == tiny["zimage"].resolve() and trained == out / "transformer"
+    assert dopsd.pipeline_family(str(out)) == "zimage"
+
+
 def test_ema_decay_one_keeps_the_teacher_at_the_base_model(tiny, tmp_path):
     """--ema-decay 1.0 freezes the teacher adapter at its start (B = 0: the base model) while the student moves."""
     out = tmp_path / "frozen"
