@@ -676,6 +676,8 @@ def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True, trans
     if not transformer:
         parts["transformer"] = None
     elif trained:                                     # a --full run as --model: its DiT in place of the base's
+        # transformer/ is bf16: a --full run on it starts from those weights in fp32, not from the exact fp32 ones
+        # in its checkpoint/ (only --resume of that run reads them)
         cls = getattr(diffusers, read_json(trained / "config.json")["_class_name"])
         parts["transformer"] = cls.from_pretrained(trained, dtype=dtypes["transformer"])
     return diffusers.DiffusionPipeline.from_pretrained(base, dtype=dtypes, **parts)
@@ -1841,15 +1843,19 @@ def remove_folder(folder):
         os.replace(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
+def export_dit(dit, folder, rank, file_bytes=2 * 2**30, dtype=torch.bfloat16):
     """The DiT in save_pretrained's format (config.json, with the DiT's own class name: a sharded module's class is
     FSDP<Name>; safetensors files of at most file_bytes, with diffusers' names and index), written by rank 0 into
-    folder.tmp and swapped in. Sharded, each tensor is gathered in turn (a collective: every rank calls this) and the
-    other ranks drop it at once: none holds more than one full tensor beside its shards, rank 0 at most one file's
-    worth. Returns None, or the OSError that stopped rank 0's writing."""
+    folder.tmp and swapped in. Floating-point tensors in `dtype`: bf16, as every reader loads it (half of fp32: 12.3
+    GB for Z-Image); the fp32 weights stay in checkpoint/ for --resume. Each tensor is cast where it lies, then
+    gathered in turn (a collective: every rank calls this), and the other ranks drop it at once: none holds more than
+    one full tensor beside its shards, rank 0 at most one file's worth. Returns None, or the OSError that stopped rank
+    0's writing."""
     from safetensors.torch import save_file
     state = dit.state_dict()                         # FSDP2: DTensors (its state_dict hook reshards first)
-    nbytes = {k: v.numel() * v.element_size() for k, v in state.items()}   # the file layout, from the global shapes
+    cast = lambda v: v.to(dtype) if v.is_floating_point() else v               # integer and bool buffers as they are
+    nbytes = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())    # the file layout,
+              for k, v in state.items()}                                                      # from global shapes
     files, size = [[]], 0
     for k in state:
         if files[-1] and size + nbytes[k] > file_bytes:
@@ -1864,9 +1870,10 @@ def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
     for name, keys in zip(names, files):
         part = {}
         for k in keys:
-            v = state[k].full_tensor() if hasattr(state[k], "full_tensor") else state[k]
+            v = cast(state[k].detach())              # a sharded DTensor casts its local shard: half the all-gather
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
             if rank == 0:
-                part[k] = v.detach().to("cpu").contiguous()
+                part[k] = v.to("cpu").contiguous()
         if rank == 0 and not failed:
             try:
                 tmp.mkdir(parents=True, exist_ok=True)

@@ -2159,17 +2159,17 @@ def test_a_checkpoint_of_two_ranks_resumes_in_one_process_with_the_same_global_b
 
 
 def test_the_exported_transformer_loads_in_the_pipeline_with_the_trained_velocity(fsdp_run, tmp_path):
-    """transformer/ of the sharded run is the checkpoint's student, in save_pretrained's format; split into several
-    files (export_dit's limit) it loads through diffusers' index and gives the same velocity."""
+    """transformer/ of the sharded run is the checkpoint's fp32 student rounded to bf16, in save_pretrained's format;
+    split into several files (export_dit's limit) it loads through diffusers' index and gives the same velocity."""
     from diffusers import ZImageTransformer2DModel
-    student = full_checkpoint(fsdp_run["zimage"])["student"]
+    student = {k: v.bfloat16().float() for k, v in full_checkpoint(fsdp_run["zimage"])["student"].items()}
     tr = dopsd.load_pipeline(str(fsdp_run["zimage"]), torch.float32).transformer      # the run folder as --model
     assert all(torch.equal(v, student[k]) for k, v in tr.named_parameters()) and len(student) == len(
         list(tr.parameters()))
     assert dopsd.export_dit(tr, tmp_path / "split", 0, file_bytes=2**16) is None
     assert len(list((tmp_path / "split").glob("*.safetensors"))) > 2
-    again = ZImageTransformer2DModel.from_pretrained(tmp_path / "split")
-    assert all(torch.equal(v, student[k]) for k, v in again.named_parameters())
+    again = ZImageTransformer2DModel.from_pretrained(tmp_path / "split", dtype=torch.float32)
+    assert all(v.dtype == torch.float32 and torch.equal(v, student[k]) for k, v in again.named_parameters())
     x, s = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
     caps = [torch.randn(7, tr.config.cap_feat_dim, generator=torch.Generator().manual_seed(1))]
     with torch.no_grad():   # equal weights; the velocity to float rounding (in a long pytest process CPU kernels
@@ -2181,6 +2181,26 @@ def test_the_exported_transformer_loads_in_the_pipeline_with_the_trained_velocit
 def test_full_finetuning_saves_a_transformer_that_sample_loads(tiny, tmp_path):
     """--full trains every DiT weight against an EMA copy; the saved transformer/ loads in `sample` and differs."""
     train_full_and_sample(tiny, tmp_path)
+
+
+def test_the_exported_transformer_is_the_bf16_rounded_dit_and_keeps_integer_buffers(tiny, tmp_path):
+    """export_dit writes each floating-point tensor rounded to bf16 (integer buffers as they are), its index counting
+    those bytes; diffusers loads it, in fp32 too (upcast)."""
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import load_file
+    dit = tiny_dit(tiny, "zimage")
+    dit.register_buffer("counts", torch.tensor([3, 2**40]))
+    state = dit.state_dict()
+    assert dopsd.export_dit(dit, tmp_path / "t", 0, file_bytes=2**16) is None
+    saved = {k: v for f in (tmp_path / "t").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert saved.keys() == state.keys() and saved["counts"].dtype == torch.int64 and saved["counts"][1] == 2**40
+    floats = {k: v for k, v in saved.items() if k != "counts"}
+    assert {v.dtype for v in floats.values()} == {torch.bfloat16}
+    assert all(torch.equal(v, state[k].bfloat16()) for k, v in floats.items())
+    index = json.loads((tmp_path / "t" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in saved.values())
+    loaded = ZImageTransformer2DModel.from_pretrained(tmp_path / "t", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 and torch.equal(p, saved[k].float()) for k, p in loaded.named_parameters())
 
 
 def train_full_and_sample(tiny, tmp_path):
