@@ -997,7 +997,10 @@ def klein_velocity(transformer, x, sigma, cond):
         tokens = torch.cat([tokens, ref.flatten(2).transpose(1, 2)], 1)       # [B, h·w + h_r·w_r, 4C]
         ids = torch.cat([ids, torch.cartesian_prod(ar(1) + 10, ar(ref.shape[2]), ar(ref.shape[3]), ar(1))])  # T = 10
     txt_ids = torch.cartesian_prod(ar(1), ar(1), ar(1), ar(pe.shape[1]))     # [L, 4] = (0, 0, 0, l)
-    t = (sigma * 1000).to(dt) / 1000      # as the pipeline: σ·1000 rounded to the DiT dtype (bf16 on GPU), then /1000
+    # As the pipeline: σ·1000 rounded to the dtype the DiT computes in (bf16 on GPU), then /1000. That is autocast's
+    # when on (--full: an fp32 DiT under bf16 autocast, 0.9545 -> 956, as the bf16 pipeline), else the DiT's own.
+    on = torch.is_autocast_enabled(dev.type)
+    t = (sigma * 1000).to(torch.get_autocast_dtype(dev.type) if on else dt) / 1000
     out = transformer(hidden_states=tokens.to(dt), timestep=t, guidance=None, encoder_hidden_states=pe.to(dt),
                       txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]      # [B, S, 4C]
     return out[:, : h * w].float().transpose(1, 2).reshape(B, C, h, w)

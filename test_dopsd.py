@@ -719,6 +719,24 @@ def test_the_sft_baseline_samples_sigma_with_the_familys_own_shift():
     assert dopsd.sft_sigma("klein", torch.tensor([0.5]), 64, 4) > 0.85     # shift ~7: 7·0.5/(1 + 6·0.5) = 0.875
 
 
+def test_the_klein_timestep_is_rounded_to_the_dtype_the_dit_computes_in(tiny):
+    """σ·1000 reaches the klein DiT rounded as Flux2KleinPipeline rounds it for a bf16 DiT (0.9545: 956 / 1000) on a
+    bf16 DiT and on an fp32 one under bf16 autocast (--full on an accelerator); an fp32 DiT without autocast gets σ."""
+    dit, seen = tiny_dit(tiny, "klein"), []
+    dit.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"]), with_kwargs=True)
+    x, s = torch.randn(1, dit.config.in_channels, 4, 4), torch.tensor([0.9545])
+    cond = (torch.randn(1, 3, dit.config.joint_attention_dim), None)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            dopsd.klein_velocity(dit, x, s, cond)                          # fp32 DiT, bf16 autocast (--full)
+        dopsd.klein_velocity(dit, x, s, cond)                              # fp32 DiT (CPU runs)
+        dopsd.klein_velocity(dit.to(torch.bfloat16), x, s, cond)           # bf16 DiT, as the pipeline's
+    pipeline = (s * 1000).to(torch.bfloat16) / 1000                        # Flux2KleinPipeline: t.to(dtype) / 1000
+    assert pipeline.item() == 0.95703125                                   # 956 / 1000, in bf16
+    assert [(t.dtype, t.tolist()) for t in seen] == [(pipeline.dtype, pipeline.tolist()), (s.dtype, s.tolist()),
+                                                     (pipeline.dtype, pipeline.tolist())]
+
+
 def to_pipeline_latents(family, vae, x):
     """Our state -> the layout of the pipeline's output_type="latent": Z-Image's as is; klein's un-normalised and
     un-patchified [B, C/4, 2h, 2w] (klein_decode's first lines)."""
