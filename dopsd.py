@@ -999,8 +999,8 @@ def klein_velocity(transformer, x, sigma, cond):
     txt_ids = torch.cartesian_prod(ar(1), ar(1), ar(1), ar(pe.shape[1]))     # [L, 4] = (0, 0, 0, l)
     # As the pipeline: σ·1000 rounded to the dtype the DiT computes in (bf16 on GPU), then /1000. That is autocast's
     # when on (--full: an fp32 DiT under bf16 autocast, 0.9545 -> 956, as the bf16 pipeline), else the DiT's own.
-    on = torch.is_autocast_enabled(dev.type)
-    t = (sigma * 1000).to(torch.get_autocast_dtype(dev.type) if on else dt) / 1000
+    computes = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else dt
+    t = (sigma * 1000).to(computes) / 1000
     out = transformer(hidden_states=tokens.to(dt), timestep=t, guidance=None, encoder_hidden_states=pe.to(dt),
                       txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]      # [B, S, 4C]
     return out[:, : h * w].float().transpose(1, 2).reshape(B, C, h, w)
@@ -1857,8 +1857,8 @@ def export_dit(dit, folder, rank, file_bytes=2 * 2**30, dtype=torch.bfloat16):
     from safetensors.torch import save_file
     state = dit.state_dict()                         # FSDP2: DTensors (its state_dict hook reshards first)
     cast = lambda v: v.to(dtype) if v.is_floating_point() else v               # integer and bool buffers as they are
-    nbytes = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())    # the file layout,
-              for k, v in state.items()}                                                      # from global shapes
+    nbytes = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
+              for k, v in state.items()}             # the file layout, from the global shapes
     files, size = [[]], 0
     for k in state:
         if files[-1] and size + nbytes[k] > file_bytes:
