@@ -635,12 +635,15 @@ def full_run_parts(model, seen=()):
     --model of the next one, and the next run's encoders and feature cache are the base's."""
     p = Path(model)
     if (p / "transformer" / "config.json").is_file() and not (p / "model_index.json").is_file():
-        base = read_json(p / "config.json").get("model")
+        config = read_json(p / "config.json")
+        base = config.get("model")
         if base is None or p.resolve() in seen:
             raise UserError(f"--model {model}: a transformer/ folder without a dopsd.py config.json naming another "
                             "base model; pass the --out folder of a train --full run, or a diffusers pipeline")
-        if not Path(base).exists() and (p / base).exists():     # recorded relative to where that run was started
-            base = str(p / base)
+        # A relative --model is relative to the folder that run was started in (launch_folder; older config.json
+        # files lack it: then here, then the run folder, as before); a hub id matches no folder and stays as it is.
+        tries = (Path(config.get("launch_folder", ""), base), Path(base), p / base)
+        base = next((str(t) for t in tries if t.exists()), base)
         return full_run_parts(base, (*seen, p.resolve()))[0], p / "transformer"
     return model, None
 
@@ -675,6 +678,8 @@ def load_pipeline(model, dtype, transformer_dtype=None, text_encoder=True, trans
     if not transformer:
         parts["transformer"] = None
     elif trained:                                     # a --full run as --model: its DiT in place of the base's
+        # transformer/ is bf16: a --full run on it starts from those weights in fp32, not from the exact fp32 ones
+        # in its checkpoint/ (only --resume of that run reads them)
         cls = getattr(diffusers, read_json(trained / "config.json")["_class_name"])
         parts["transformer"] = cls.from_pretrained(trained, dtype=dtypes["transformer"])
     return diffusers.DiffusionPipeline.from_pretrained(base, dtype=dtypes, **parts)
@@ -1054,7 +1059,10 @@ def klein_velocity(transformer, x, sigma, cond):
         tokens = torch.cat([tokens, ref.flatten(2).transpose(1, 2)], 1)       # [B, h·w + h_r·w_r, 4C]
         ids = torch.cat([ids, torch.cartesian_prod(ar(1) + 10, ar(ref.shape[2]), ar(ref.shape[3]), ar(1))])  # T = 10
     txt_ids = torch.cartesian_prod(ar(1), ar(1), ar(1), ar(pe.shape[1]))     # [L, 4] = (0, 0, 0, l)
-    t = (sigma * 1000).to(dt) / 1000      # as the pipeline: σ·1000 rounded to the DiT dtype (bf16 on GPU), then /1000
+    # As the pipeline: σ·1000 rounded to the dtype the DiT computes in (bf16 on GPU), then /1000. That is autocast's
+    # when on (--full: an fp32 DiT under bf16 autocast, 0.9545 -> 956, as the bf16 pipeline), else the DiT's own.
+    computes = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else dt
+    t = (sigma * 1000).to(computes) / 1000
     out = transformer(hidden_states=tokens.to(dt), timestep=t, guidance=None, encoder_hidden_states=pe.to(dt),
                       txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]      # [B, S, 4C]
     return out[:, : h * w].float().transpose(1, 2).reshape(B, C, h, w)
@@ -1911,7 +1919,7 @@ def save_full_run(run):
                                            "world_size": run.world})
             swap_in(tmp, ckpt)
     except (OSError, CheckpointException) as e:
-        failed = checkpoint_failed(run, ckpt, e, kept=(ckpt / "meta.json").is_file())
+        failed = checkpoint_failed(run, ckpt, e, kept=find_checkpoint(run.out, True) is not None)
     raise_on_every_rank(failed, run)
     run.saved_step = run.step
     failed = export_dit(run.dit, run.out / "transformer", run.rank)
@@ -1932,24 +1940,40 @@ def full_state(run):
     return state
 
 def swap_in(new, path):
-    """Replace the folder `path` by `new`: the old one goes aside first and is deleted last. A crash between the two
-    renames leaves path.old/ complete (find_checkpoint looks there)."""
+    """Replace the folder `path` by the complete folder `new`, so that a kill at any point leaves a complete one where
+    find_checkpoint looks: path/ if it exists, else path.old/. path/ only ever appears by this rename of a complete
+    folder, so it is complete whenever it exists; path.old/ is cleared and refilled only while path/ exists, and with
+    path/ missing (a save that died between the renames) it is the only complete one, kept until `new` is path/."""
     old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
+        remove_folder(old)                           # a leftover (path/ is complete): nothing reads it
         os.replace(path, old)
     os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_folder(old)
 
-def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
+def remove_folder(folder):
+    """Delete `folder` so that no reader ever sees it half-deleted (meta.json left beside a few of ~100 GB of shards):
+    it is renamed to folder.del/ (one atomic step, and nothing reads .del), then deleted; the next call clears what a
+    kill mid-deletion left there."""
+    trash = folder.with_name(folder.name + ".del")
+    shutil.rmtree(trash, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+def export_dit(dit, folder, rank, file_bytes=2 * 2**30, dtype=torch.bfloat16):
     """The DiT in save_pretrained's format (config.json, with the DiT's own class name: a sharded module's class is
     FSDP<Name>; safetensors files of at most file_bytes, with diffusers' names and index), written by rank 0 into
-    folder.tmp and swapped in. Sharded, each tensor is gathered in turn (a collective: every rank calls this) and the
-    other ranks drop it at once: none holds more than one full tensor beside its shards, rank 0 at most one file's
-    worth. Returns None, or the OSError that stopped rank 0's writing."""
+    folder.tmp and swapped in. Floating-point tensors in `dtype`: bf16, as every reader loads it (half of fp32: 12.3
+    GB for Z-Image); the fp32 weights stay in checkpoint/ for --resume. Each tensor is cast where it lies, then
+    gathered in turn (a collective: every rank calls this), and the other ranks drop it at once: none holds more than
+    one full tensor beside its shards, rank 0 at most one file's worth. Returns None, or the OSError that stopped rank
+    0's writing."""
     from safetensors.torch import save_file
     state = dit.state_dict()                         # FSDP2: DTensors (its state_dict hook reshards first)
-    nbytes = {k: v.numel() * v.element_size() for k, v in state.items()}   # the file layout, from the global shapes
+    cast = lambda v: v.to(dtype) if v.is_floating_point() else v               # integer and bool buffers as they are
+    nbytes = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
+              for k, v in state.items()}             # the file layout, from the global shapes
     files, size = [[]], 0
     for k in state:
         if files[-1] and size + nbytes[k] > file_bytes:
@@ -1964,9 +1988,10 @@ def export_dit(dit, folder, rank, file_bytes=2 * 2**30):
     for name, keys in zip(names, files):
         part = {}
         for k in keys:
-            v = state[k].full_tensor() if hasattr(state[k], "full_tensor") else state[k]
+            v = cast(state[k].detach())              # a sharded DTensor casts its local shard: half the all-gather
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
             if rank == 0:
-                part[k] = v.detach().to("cpu").contiguous()
+                part[k] = v.to("cpu").contiguous()
         if rank == 0 and not failed:
             try:
                 tmp.mkdir(parents=True, exist_ok=True)
@@ -2077,7 +2102,9 @@ def check_same_start(path, ckpt, cfg):
 def find_checkpoint(out, full):
     """The run's checkpoint in `out`, or None: checkpoint.pt for LoRA runs (one small file from rank 0); for --full
     the folder checkpoint/ of torch.distributed.checkpoint shards (~16 bytes a parameter in all, every rank writing its
-    own), or checkpoint.old/ when a save died between its two renames (swap_in)."""
+    own), or checkpoint.old/ when a save died between its two renames (swap_in keeps one of the two complete). Never
+    checkpoint.tmp/, even complete (meta.json is written last): every save starts by emptying it for torch's writer,
+    so a run resumed from there would delete its only checkpoint at its first save."""
     if not full:
         return Path(out) / "checkpoint.pt" if (Path(out) / "checkpoint.pt").is_file() else None
     return next((p for p in (Path(out) / "checkpoint", Path(out) / "checkpoint.old") if (p / "meta.json").is_file()),
@@ -2222,6 +2249,7 @@ def write_config(cfg, family, world):
     import diffusers, peft, transformers
     (Path(cfg.out) / "samples").mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "config.json").write_text(json.dumps({**asdict(cfg), "family": family, "world_size": world,
+        "launch_folder": os.getcwd(),                # what a relative --model is relative to (full_run_parts)
         "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft)}}, indent=2))
 
 def train_rank(cfg, items, family, rank, world, device):

@@ -737,6 +737,25 @@ def test_the_sft_baseline_samples_sigma_with_the_familys_own_shift():
     assert dopsd.sft_sigma("klein", torch.tensor([0.5]), 64, 4) > 0.85     # shift ~7: 7·0.5/(1 + 6·0.5) = 0.875
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")     # rms_norm under autocast
+def test_the_klein_timestep_is_rounded_to_the_dtype_the_dit_computes_in(tiny):
+    """σ·1000 reaches the klein DiT rounded as Flux2KleinPipeline rounds it for a bf16 DiT (0.9545: 956 / 1000) on a
+    bf16 DiT and on an fp32 one under bf16 autocast (--full on an accelerator); an fp32 DiT without autocast gets σ."""
+    dit, seen = tiny_dit(tiny, "klein"), []
+    dit.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"]), with_kwargs=True)
+    x, s = torch.randn(1, dit.config.in_channels, 4, 4), torch.tensor([0.9545])
+    cond = (torch.randn(1, 3, dit.config.joint_attention_dim), None)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            dopsd.klein_velocity(dit, x, s, cond)                          # fp32 DiT, bf16 autocast (--full)
+        dopsd.klein_velocity(dit, x, s, cond)                              # fp32 DiT (CPU runs)
+        dopsd.klein_velocity(dit.to(torch.bfloat16), x, s, cond)           # bf16 DiT, as the pipeline's
+    pipeline = (s * 1000).to(torch.bfloat16) / 1000                        # Flux2KleinPipeline: t.to(dtype) / 1000
+    assert pipeline.item() == 0.95703125                                   # 956 / 1000, in bf16
+    assert [(t.dtype, t.tolist()) for t in seen] == [(pipeline.dtype, pipeline.tolist()), (s.dtype, s.tolist()),
+                                                     (pipeline.dtype, pipeline.tolist())]
+
+
 def to_pipeline_latents(family, vae, x):
     """Our state -> the layout of the pipeline's output_type="latent": Z-Image's as is; klein's un-normalised and
     un-patchified [B, C/4, 2h, 2w] (klein_decode's first lines)."""
@@ -2147,6 +2166,100 @@ def test_a_disk_that_fills_during_a_save_keeps_the_previous_files(tiny, tmp_path
         assert lora.read_bytes() == kept[lora.name] and "--resume" in line
 
 
+class Killed(BaseException):
+    """The process killed at that point: nothing catches it, and nothing after it runs."""
+
+
+def kill_at(monkeypatch, out, n):
+    """From now on, the n-th rename or deletion of a folder out/checkpoint* (0-based) raises Killed: a
+    rename before it happens (it is atomic), a deletion after removing every file but meta.json (killed part-way
+    through ~100 GB of shards). Returns the list of (operation, folder name) done so far, to count them."""
+    real_replace, real_rmtree, done = os.replace, shutil.rmtree, []
+
+    def counts(op, path):
+        if Path(path).parent != Path(out) or not Path(path).name.startswith("checkpoint"):
+            return False
+        done.append((op, Path(path).name))
+        return len(done) - 1 == n
+
+    def replace(src, dst):
+        if counts("rename", src):
+            raise Killed
+        real_replace(src, dst)
+
+    def rmtree(path, *a, **k):
+        if counts("delete", path):
+            for f in Path(path).rglob("*"):
+                if f.is_file() and f.name != "meta.json":
+                    f.unlink()
+            raise Killed
+        real_rmtree(path, *a, **k)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    return done
+
+
+def folder_bytes(folder):
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("start", [("checkpoint",), ("checkpoint.old",), ("checkpoint", "checkpoint.old")])
+def test_a_swap_killed_at_any_step_leaves_a_complete_checkpoint_that_the_next_save_replaces(tmp_path, monkeypatch,
+                                                                                            start):
+    """Whatever a save left (checkpoint/, or only checkpoint.old/ after a kill between the renames, or both), a kill
+    at any rename or deletion of swap_in leaves find_checkpoint a complete folder of the step before or the new one,
+    and the next save swaps in cleanly."""
+    def shards(folder, step):                        # meta.json last, as save_full_run writes it
+        folder.mkdir()
+        for i in range(3):
+            (folder / f"__{i}_0.distcp").write_bytes(bytes([step, i]) * 1000)
+        (folder / "meta.json").write_text(json.dumps({"step": step}))
+        return folder_bytes(folder)
+    complete, through = {}, False
+    for n in range(20):                              # killed at its n-th step, until a swap runs through
+        out = tmp_path / str(n)
+        out.mkdir()
+        for i, name in enumerate(start):             # the first is the newest
+            complete[len(start) - i] = shards(out / name, len(start) - i)
+        complete[3] = shards(out / "checkpoint.tmp", 3)
+        with monkeypatch.context() as m, contextlib.suppress(Killed):
+            done = kill_at(m, out, n)
+            dopsd.swap_in(out / "checkpoint.tmp", out / "checkpoint")
+            through = True
+        found = dopsd.find_checkpoint(out, True)
+        assert found is not None, f"killed at {done[-1:]}: no checkpoint"
+        step = json.loads((found / "meta.json").read_text())["step"]
+        assert step in (len(start), 3) and folder_bytes(found) == complete[step], f"killed at {done[-1:]}: {found}"
+        shutil.rmtree(out / "checkpoint.tmp", ignore_errors=True)      # the next save, not killed
+        after = shards(out / "checkpoint.tmp", 4)
+        dopsd.swap_in(out / "checkpoint.tmp", out / "checkpoint")
+        assert [p.name for p in out.iterdir()] == ["checkpoint"] and folder_bytes(out / "checkpoint") == after
+        if through:
+            break
+    assert through and n >= 2
+
+
+def test_a_full_save_killed_anywhere_after_a_kill_between_its_renames_leaves_a_checkpoint_that_resume_loads(
+        tiny, tmp_path, monkeypatch, capsys):
+    """A --full run whose save died between the renames has only checkpoint.old/; its next save, killed at any
+    deletion or rename of its checkpoint (the deletion of checkpoint.old/ included), leaves one that --resume loads."""
+    first = tmp_path / "first"
+    assert dopsd.main(train_args(tiny, first, "--full", "--max-steps", "1")) == 0
+    os.replace(first / "checkpoint", first / "checkpoint.old")
+    for n in range(20):                              # killed at the n-th step of the step-2 save, until it runs through
+        out = tmp_path / str(n)
+        shutil.copytree(first, out)
+        with monkeypatch.context() as m:
+            done = kill_at(m, out, n)
+            with contextlib.suppress(Killed):
+                assert dopsd.main(train_args(tiny, out, "--full", "--max-steps", "2", "--resume")) == 0
+                break
+        capsys.readouterr()
+        assert dopsd.main(train_args(tiny, out, "--full", "--max-steps", "2", "--resume")) == 0, done
+        assert "resumed from" in capsys.readouterr().out
+    assert n >= 3 and any(op == "delete" and name.startswith("checkpoint.old") for op, name in done)
+
+
 def test_backward_runs_outside_autocast(tiny, tmp_path, monkeypatch):
     """With bf16 autocast on, the roll-out (and so every backward in it) starts outside any autocast region: autocast
     wraps each forward only, as PyTorch advises."""
@@ -2429,17 +2542,17 @@ def test_a_checkpoint_of_two_ranks_resumes_in_one_process_with_the_same_global_b
 
 
 def test_the_exported_transformer_loads_in_the_pipeline_with_the_trained_velocity(fsdp_run, tmp_path):
-    """transformer/ of the sharded run is the checkpoint's student, in save_pretrained's format; split into several
-    files (export_dit's limit) it loads through diffusers' index and gives the same velocity."""
+    """transformer/ of the sharded run is the checkpoint's fp32 student rounded to bf16, in save_pretrained's format;
+    split into several files (export_dit's limit) it loads through diffusers' index and gives the same velocity."""
     from diffusers import ZImageTransformer2DModel
-    student = full_checkpoint(fsdp_run["zimage"])["student"]
+    student = {k: v.bfloat16().float() for k, v in full_checkpoint(fsdp_run["zimage"])["student"].items()}
     tr = dopsd.load_pipeline(str(fsdp_run["zimage"]), torch.float32).transformer      # the run folder as --model
     assert all(torch.equal(v, student[k]) for k, v in tr.named_parameters()) and len(student) == len(
         list(tr.parameters()))
     assert dopsd.export_dit(tr, tmp_path / "split", 0, file_bytes=2**16) is None
     assert len(list((tmp_path / "split").glob("*.safetensors"))) > 2
-    again = ZImageTransformer2DModel.from_pretrained(tmp_path / "split")
-    assert all(torch.equal(v, student[k]) for k, v in again.named_parameters())
+    again = ZImageTransformer2DModel.from_pretrained(tmp_path / "split", dtype=torch.float32)
+    assert all(v.dtype == torch.float32 and torch.equal(v, student[k]) for k, v in again.named_parameters())
     x, s = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
     caps = [torch.randn(7, tr.config.cap_feat_dim, generator=torch.Generator().manual_seed(1))]
     with torch.no_grad():   # equal weights; the velocity to float rounding (in a long pytest process CPU kernels
@@ -2451,6 +2564,26 @@ def test_the_exported_transformer_loads_in_the_pipeline_with_the_trained_velocit
 def test_full_finetuning_saves_a_transformer_that_sample_loads(tiny, tmp_path):
     """--full trains every DiT weight against an EMA copy; the saved transformer/ loads in `sample` and differs."""
     train_full_and_sample(tiny, tmp_path)
+
+
+def test_the_exported_transformer_is_the_bf16_rounded_dit_and_keeps_integer_buffers(tiny, tmp_path):
+    """export_dit writes each floating-point tensor rounded to bf16 (integer buffers as they are), its index counting
+    those bytes; diffusers loads it, in fp32 too (upcast)."""
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import load_file
+    dit = tiny_dit(tiny, "zimage")
+    dit.register_buffer("counts", torch.tensor([3, 2**40]))
+    state = dit.state_dict()
+    assert dopsd.export_dit(dit, tmp_path / "t", 0, file_bytes=2**16) is None
+    saved = {k: v for f in (tmp_path / "t").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert saved.keys() == state.keys() and saved["counts"].dtype == torch.int64 and saved["counts"][1] == 2**40
+    floats = {k: v for k, v in saved.items() if k != "counts"}
+    assert {v.dtype for v in floats.values()} == {torch.bfloat16}
+    assert all(torch.equal(v, state[k].bfloat16()) for k, v in floats.items())
+    index = json.loads((tmp_path / "t" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in saved.values())
+    loaded = ZImageTransformer2DModel.from_pretrained(tmp_path / "t", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 and torch.equal(p, saved[k].float()) for k, p in loaded.named_parameters())
 
 
 def train_full_and_sample(tiny, tmp_path):
@@ -2483,6 +2616,23 @@ def test_a_full_run_is_the_model_of_the_next_run(tiny, tmp_path):
     args = train_args(tiny, tmp_path / "again", "--max-steps", "1", "--full", "--lr", "1e-3")
     args[args.index("--model") + 1] = str(first)
     assert dopsd.main(args) == 0
+
+
+def test_a_full_run_given_a_relative_model_is_the_model_of_a_run_started_in_another_folder(tiny, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """A --full run started with a relative --model resumes with it from the same folder, and its --out is the --model
+    of a run started elsewhere: config.json's launch folder locates the base, not the run folder."""
+    monkeypatch.chdir(tiny["zimage"].parent)
+    out = tmp_path / "full"
+    args = train_args(tiny, out, "--max-steps", "1", "--full")
+    args[args.index("--model") + 1] = "zimage"
+    assert dopsd.main(args) == 0
+    args[args.index("--max-steps") + 1] = "2"
+    assert dopsd.main([*args, "--resume"]) == 0 and "resumed from" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    base, trained = dopsd.full_run_parts(str(out))
+    assert Path(base).resolve() == tiny["zimage"].resolve() and trained == out / "transformer"
+    assert dopsd.pipeline_family(str(out)) == "zimage"
 
 
 def test_ema_decay_one_keeps_the_teacher_at_the_base_model(tiny, tmp_path):
