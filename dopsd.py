@@ -130,6 +130,25 @@ class SampleConfig:
                          "for a small change in the image; auto = on with CUDA only when it would not fit otherwise",
                          choices=["auto", "on", "off"])
 
+@dataclass
+class CheckConfig:
+    data: list = knob(None, "the training data, as for train (FOLDER or FOLDER:N, repeatable)", required=True,
+                      action="append")
+    cache_dir: str = knob(None, "the feature cache, as for train (it is used and filled)")
+    out: str = knob("runs/check", "output folder: check.json and check.png")
+    model: str = knob(TrainConfig.model, "diffusers pipeline, hub id or local folder")
+    vlm: str = knob(TrainConfig.vlm, "Z-Image teacher's Qwen3-VL, hub id or local folder")
+    caption: str = knob(None, "caption for images without one")
+    trigger: str = knob(None, "word that replaces [V] in captions")
+    resolution: int = knob(1024, "bucket size in pixels, multiple of 16")
+    init_lora: str = knob(None, "check the run that continues from this LoRA (start = base + it); the bare base's "
+                          "teacher is measured too")
+    teacher_suffix: str = knob(None, "klein: the teacher's instruction, as for train")
+    check_images: int = knob(None, "images to check, drawn by --seed (default: all)", type=int)
+    seed: int = knob(0, "seed of the drawn images and of each image's noise")
+    device: str = knob("auto", "auto (cuda -> mps -> cpu), or e.g. cpu")
+    precision: str = knob("auto", "auto = bf16 on cuda/mps, fp32 on CPU", choices=["auto", "fp32", "bf16"])
+
 # --------------------------------------------------------------------------------------------------------------------
 # the method
 # D-OPSD without any model family, readable and copyable on its own: the loss (its maths, a reference, the public
@@ -2193,9 +2212,21 @@ class CtrlC:
 def train(cfg):
     """Run D-OPSD (or the SFT baseline) as configured. Returns a process exit code."""
     cfg = check_args(cfg)
+    cfg, items, family = read_data(cfg, cfg.method == "dopsd", cfg.rank)
+    rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=DEFAULT_LR[family])
+        if rank == 0:
+            print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
+    return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device)
+
+def read_data(cfg, teacher, rank):
+    """(cfg with its cache folder and --init-lora file resolved, [Item], family), every file checked before a model
+    loads (train, check): the data (bad data stops us here), the cache folder, the model's family, the --init-lora file
+    (rank: the most it may have; None: any), and for a Z-Image teacher the --vlm."""
     cache_dir = Path(cfg.cache_dir or Path(parse_data_flag(cfg.data[0])[0]) / ".dopsd_cache")
     memo = read_json(cache_dir / "images.json")      # images decoded by an earlier launch: not decoded again
-    items = scan_data(cfg.data, cfg.caption, cfg.trigger, memo)      # bad data stops us before any model is loaded
+    items = scan_data(cfg.data, cfg.caption, cfg.trigger, memo)
     check_writable(cache_dir, "--cache-dir")
     try:
         write_json(cache_dir / "images.json", memo)
@@ -2205,16 +2236,11 @@ def train(cfg):
     family = pipeline_family(cfg.model)
     if cfg.init_lora:
         # resolved now: config.json and the checkpoint name the file, whatever folder a later --resume starts in
-        cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, cfg.rank, cfg.model).resolve()))
-    if family == "zimage" and cfg.method == "dopsd":
+        cfg = replace(cfg, init_lora=str(check_init_lora(cfg.init_lora, family, rank or 1 << 30, cfg.model).resolve()))
+    if family == "zimage" and teacher:
         check_reachable(cfg.vlm, "--vlm", "config.json")
         check_vlm_kind(cfg.vlm)
-    rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
-    if cfg.lr is None:
-        cfg = replace(cfg, lr=DEFAULT_LR[family])
-        if rank == 0:
-            print(f"lr: {cfg.lr:g} (the {family} default; --lr to change it)")
-    return (train_rank if world == 1 else train_distributed)(cfg, items, family, rank, world, device)
+    return cfg, items, family
 
 def train_distributed(cfg, items, family, rank, world, device):
     """train_rank on every rank, then a teardown that always ends; only rank 0 prints to stdout. All ranks meet at a
@@ -2485,6 +2511,173 @@ def log_step(log, bar, run, loss, gnorm, seconds, skipped):
     bar.update(1)
 
 # --------------------------------------------------------------------------------------------------------------------
+# the teacher check
+# D-OPSD can teach the student at most what the teacher does with the image in context: that is its ceiling. `check`
+# measures it before any GPU hour is spent. Per image, from one fixed noise at the deploy step count: the student's
+# sample from the caption alone and the teacher's with the image, each compared with the image itself. No backward,
+# two roll-outs an image (three with --init-lora: the bare base's teacher too). `train` runs it on a few images
+# before its first step.
+#
+# The comparison cannot be per pixel: the teacher copies a look, not a layout (on the toy its pixel RMS is no closer
+# to the image than the student's, 0.98-1.02×, while it copies the style 2.8× closer). look_distance compares the two
+# images' distributions of small patches at four scales (a sliced Wasserstein distance, as GAN papers measure texture
+# and colour statistics): where a patch sits does not count, what the patches look like does -- the colours, textures
+# and parts of a style, an object or a face. Both images are resized to one working size first, so the number means
+# the same at any resolution; and the verdict uses only ratios of distances to one image, so it means the same for
+# any image.
+
+CHECK_GAIN = 1.3     # teachable: the teacher is at least this many times closer to the image than the student
+CHECK_NEAR = 1.5     # already known: the student is within this many times the set's own spread of the image
+
+def look_patches(image, size=128, patch=5, levels=4):
+    """An image's look: for each of `levels` scales, its [n, 3·patch²] patches (stride 2), from the image resized so its
+    short side is `size` (then halved per level). [-1, 1] RGB."""
+    from PIL import Image
+    s = size / min(image.size)
+    x = pil_to_tensor(image.convert("RGB").resize((max(patch, round(image.width * s)), max(patch, round(
+        image.height * s))), Image.Resampling.BICUBIC))[None]                # [1, 3, H, W]
+    out = []
+    for _ in range(levels):
+        out.append(torch.nn.functional.unfold(x, patch, stride=2)[0].T)     # [n, 3·patch²]
+        x = torch.nn.functional.avg_pool2d(x, 2)                             # the next, coarser scale
+    return out
+
+def look_distance(a, b, directions=64, quantiles=128):
+    """Sliced Wasserstein distance between two images' patch distributions (look_patches; PIL images or their patch
+    lists), averaged over the scales: each patch set is projected on `directions` fixed random unit vectors and the
+    sorted projections are compared at common quantiles (so the patch counts need not match). 0 = the same look."""
+    pa, pb = (x if isinstance(x, list) else look_patches(x) for x in (a, b))
+    g = torch.Generator().manual_seed(0)                                     # the same directions for every pair
+    q, total = torch.linspace(0, 1, quantiles), 0.0
+    for u, v in zip(pa, pb):
+        d = torch.randn(u.shape[1], directions, generator=g)
+        d = d / d.norm(dim=0)                                                # [3·patch², directions]
+        total += (torch.quantile(u @ d, q, dim=0) - torch.quantile(v @ d, q, dim=0)).abs().mean().item()
+    return total / len(pa)
+
+def draw_checks(items, plan, chosen, family, roles, vae, channels, autocast, device, seed, buckets):
+    """[{"target": the training crop, role: sample}] for each chosen item. roles: [(name, velocity (x, σ, cond) -> u,
+    "s" for the caption's features or "t" for the teacher's)]; each samples the deploy schedule from the item's own
+    noise (seed, item), so every role and every later check starts from the same state."""
+    fam, cell, out = FAMILIES[family], latent_cell(family, vae), []
+    for i in chosen:
+        H, W = nearest_bucket(*items[i].size, buckets)
+        cond = dict(zip("st", entry_conds(family, read_entry(plan["items"][i][0][0], device))))
+        noise = torch.randn(1, channels, H // cell, W // cell, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + i)).to(device)                                # [1, C, h, w]
+        sigmas = schedule(family, fam["deploy"], H // cell, W // cell)
+        with autocast():
+            row = {name: fam["decode"](vae, euler_sample(lambda x, s: v(x, s, collate([cond[k]])), noise, sigmas))[0]
+                   for name, v, k in roles}
+        out.append({"target": crop_to(load_rgb(items[i].path), H, W), **row})
+    return out
+
+def score_checks(drawn, names, items, chosen, spread_of=8):
+    """Per image: each role's look_distance to the image, the teacher's gain (student distance / teacher distance)
+    and `near`: the student's distance over the set's own spread (the image's median distance to up to `spread_of`
+    other images of the set: how far apart two images of this concept are). [{...}], in the order drawn."""
+    looks = [look_patches(d["target"]) for d in drawn]
+    rows = []
+    for j, (i, d) in enumerate(zip(chosen, drawn)):
+        others = [looks[k] for k in range(len(looks)) if k != j][:spread_of]
+        dist = {n: look_distance(d[n], looks[j]) for n in names}
+        spread = float(torch.tensor([look_distance(o, looks[j]) for o in others]).median()) if others else None
+        rows.append({"file": str(items[i].path), "caption": items[i].captions[0], **{f"d_{n}": dist[n] for n in names},
+                     "gain": dist["student"] / max(dist["teacher"], 1e-12),
+                     "near": dist["student"] / spread if spread else None})
+    return rows
+
+def check_verdict(rows):
+    """The verdict over the checked images, with the medians behind it: teachable (the teacher is CHECK_GAIN× closer
+    to the images than the student), already known (it is not, and the student is already within CHECK_NEAR× the
+    set's own spread), or not teachable (neither: the teacher cannot copy the images any better than the student)."""
+    med = lambda k: float(torch.tensor([r[k] for r in rows]).median())
+    gain = med("gain")
+    near = med("near") if all(r["near"] is not None for r in rows) else None
+    verdict = ("teachable" if gain >= CHECK_GAIN else "undecided (one image: no spread to compare)" if near is None
+               else "already known" if near <= CHECK_NEAR else "not teachable")
+    return {"verdict": verdict, "gain": gain, "near": near, "thresholds": {"gain": CHECK_GAIN, "near": CHECK_NEAR},
+            "images": len(rows)}
+
+def print_check(rows, summary):
+    """One line per image, worst (lowest gain) first, then the verdict with its numbers."""
+    for r in sorted(rows, key=lambda r: r["gain"]):
+        print(f"  gain {r['gain']:5.2f}  student {r['d_student']:.3f}  teacher {r['d_teacher']:.3f}"
+              + (f"  base teacher {r['d_base_teacher']:.3f}" if "d_base_teacher" in r else "")
+              + f"  {Path(r['file']).name}: {r['caption'][:60]}")
+    near = f"{summary['near']:.2f}" if summary["near"] is not None else "-"
+    print(f"teacher check: {summary['verdict']} on {summary['images']} image(s): the teacher with the image is "
+          f"{summary['gain']:.2f}× closer to it than the student (teachable from {CHECK_GAIN}×); the student is "
+          f"{near}× the set's own spread from it (already known up to {CHECK_NEAR}×)")
+
+def check_roles(dit, family, init=None):
+    """The check's roles on a DiT as loaded: the start student (from the caption) and its teacher (with the image);
+    with an --init-lora file, the start is base + that LoRA (one adapter at the file's own rank) and the bare base's
+    teacher is measured too (what --teacher-start base would train with)."""
+    velocity = FAMILIES[family]["velocity"]
+    if not init:
+        base = lambda x, s, c: velocity(dit, x, s, c)
+        return [("student", base, "s"), ("teacher", base, "t")]
+    factors = read_lora_file(init)
+    r = max(A.shape[0] for A, _ in factors.values())
+    add_lora_adapters(dit, LORA_TARGETS[family], r, r, ("start",))
+    set_lora(dit, factors, ("start",), 1.0)
+    layers = lora_layers(dit)
+    on = lambda name: lambda x, s, c: use_adapter(layers, name, trainable=False) or velocity(dit, x, s, c)
+    return [("student", on("start"), "s"), ("teacher", on("start"), "t"), ("base_teacher", on(None), "t")]
+
+def pick_check_images(items, count, seed):
+    """Indices of the items to check: all (count None or >= the set), else `count` drawn by seed, in order."""
+    if count is None or count >= len(items):
+        return list(range(len(items)))
+    return sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+def run_check(items, plan, chosen, family, roles, vae, dit, autocast, device, cfg):
+    """Draw, score, print: (rows, summary) of the teacher check (see the section's head)."""
+    drawn = draw_checks(items, plan, chosen, family, roles, vae, dit.config.in_channels, autocast, device, cfg.seed,
+                        make_buckets(cfg.resolution))
+    rows = score_checks(drawn, [name for name, _, _ in roles], items, chosen)
+    summary = check_verdict(rows)
+    print_check(rows, summary)
+    return rows, summary, drawn
+
+def write_check(out, rows, summary, drawn, names, columns=16):
+    """check.json (the verdict, its numbers, every image's) and check.png: rows image | student | teacher (| base
+    teacher), one column an image, the worst `columns` first, as thumbnails."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "check.json", lambda f: f.write(json.dumps({**summary, "per_image": rows}, indent=2).encode()))
+    worst = sorted(range(len(rows)), key=lambda j: rows[j]["gain"])[:columns]
+    thumb = lambda im: im.resize((max(1, im.width * 160 // max(im.size)), max(1, im.height * 160 // max(im.size))))
+    grid = [(name.replace("_", " "), [thumb(drawn[j][name]) for j in worst]) for name in ("target", *names)]
+    save_grid([("image", grid[0][1]), *grid[1:]], [f"gain {rows[j]['gain']:.2f}: {rows[j]['caption']}"
+                                                    for j in worst], out / "check.png")
+
+def check(cfg):
+    """`dopsd.py check`: the teacher check on the training data, before training; writes check.json and check.png
+    into --out. Returns a process exit code."""
+    check_out_path(cfg.out, "--out", folder=True)
+    check_device(cfg.device)
+    if cfg.check_images is not None and cfg.check_images < 1:
+        raise UserError(f"--check-images {cfg.check_images}: out of range; pass at least 1, or leave it out to "
+                        "check every image")
+    cfg, items, family = read_data(cfg, teacher=True, rank=None)
+    device = pick_device(cfg.device)
+    dtype, autocast, _ = pick_precision(device, cfg.precision, None)
+    plan, mine = plan_cache(cfg, family, items, [], True, dtype, 1)
+    pipe = load_pipeline(cfg.model, dtype, text_encoder=bool(mine))
+    fill_cache(plan, mine, family, items, pipe, cfg, True, dtype, device, show=True)
+    dit, vae = pipe.transformer.to(device).requires_grad_(False), pipe.vae.to(device).requires_grad_(False)
+    del pipe                                         # the encoders go: only the DiT and the VAE draw
+    free_device(device)
+    roles = check_roles(dit, family, cfg.init_lora)
+    chosen = pick_check_images(items, cfg.check_images, cfg.seed)
+    rows, summary, drawn = run_check(items, plan, chosen, family, roles, vae, dit, autocast, device, cfg)
+    write_check(cfg.out, rows, summary, drawn, [name for name, _, _ in roles])
+    print(f"wrote {Path(cfg.out) / 'check.json'} and {Path(cfg.out) / 'check.png'}")
+    return 0
+
+# --------------------------------------------------------------------------------------------------------------------
 # sampling
 # The family's deploy recipe (Z-Image-Turbo 8 steps, klein 4; no CFG), with our own Euler loop -- the same function
 # that draws the training grids, and equal to the diffusers pipeline's output (test_dopsd.py checks both).
@@ -2653,7 +2846,9 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, cls, text in (("train", TrainConfig, "train a LoRA (or the full DiT) with D-OPSD or the SFT baseline"),
                             ("sample", SampleConfig, "render prompts with the deploy settings: an image, or a grid "
-                             "(several --prompt, --compare)")):
+                             "(several --prompt, --compare)"),
+                            ("check", CheckConfig, "will D-OPSD teach this data? the teacher with each image "
+                             "against the student, before training")):
         s = sub.add_parser(name, help=text)
         for f in fields(cls):                        # one flag per field: rank -> --rank (f.type is the class itself)
             kw = dict(f.metadata)
@@ -2669,7 +2864,8 @@ def main(argv=None):
     args = vars(build_parser().parse_args(argv))
     try:
         cmd = args.pop("cmd")
-        return train(TrainConfig(**args)) if cmd == "train" else sample(**args)
+        return (train(TrainConfig(**args)) if cmd == "train" else check(CheckConfig(**args)) if cmd == "check" else
+                sample(**args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
