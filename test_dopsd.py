@@ -1964,6 +1964,120 @@ def test_the_sft_baseline_trains_klein_on_its_vae_latents(tiny, tmp_path):
     assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").is_file()
 
 
+# --- the teacher check: will D-OPSD teach this data? ------------------------------------------------------------------
+# The verdict's rule on hand-made numbers; then `check` and `train`'s check before step 1 through main(argv). The toy's
+# verdicts on real concepts (teachable, already known, not teachable) are examples/toy/test_toy.py's.
+
+def check_rows(*rows):
+    """Per-image rows of score_checks from (student distance, teacher distance, student distance / the set's spread)."""
+    return [{"d_student": s, "d_teacher": t, "gain": s / t, "near": n} for s, t, n in rows]
+
+
+def test_the_check_says_teachable_when_the_teacher_is_clearly_closer_to_the_images():
+    """Median gain (student distance / teacher distance) at CHECK_GAIN or more: teachable, however far the student."""
+    g = dopsd.CHECK_GAIN
+    rows = check_rows((0.2 * g * 1.01, 0.2, 3.0), (0.1 * g * 1.5, 0.1, 0.5), (0.1, 0.2, 9.0))
+    assert dopsd.check_verdict(rows)["verdict"] == "teachable"
+    assert dopsd.check_verdict(check_rows((0.2 * g * 0.99, 0.2, 3.0)))["verdict"] != "teachable"
+
+
+def test_the_check_says_already_known_when_the_student_is_as_close_as_the_sets_own_spread():
+    """Gain under CHECK_GAIN and the student within CHECK_NEAR × the set's own spread: already known."""
+    n = dopsd.CHECK_NEAR
+    assert dopsd.check_verdict(check_rows((0.2, 0.2, n), (0.2, 0.21, 0.5 * n)))["verdict"] == "already known"
+
+
+def test_the_check_says_not_teachable_when_the_teacher_is_no_closer_and_the_student_is_far():
+    """Gain under CHECK_GAIN and the student further than CHECK_NEAR × the set's spread: not teachable."""
+    n = dopsd.CHECK_NEAR
+    summary = dopsd.check_verdict(check_rows((0.3, 0.29, 2 * n), (0.3, 0.3, 1.1 * n), (0.5, 0.4, 3 * n)))
+    assert summary["verdict"] == "not teachable" and summary["images"] == 3 and summary["near"] == 2 * n
+
+
+def test_look_distance_ignores_where_things_are_and_sees_what_they_look_like():
+    """The check's measure: an image shifted by a quarter of its width is nearer to itself than an image of other
+    colours and textures is, while per pixel it is further; and the same image at another resolution is ~0 away."""
+    from PIL import Image
+    import numpy as np
+    stripes = lambda c: Image.fromarray((torch.tensor(c).view(1, 1, 3) * ((torch.arange(128) // 8 % 2).view(
+        1, 128, 1).expand(128, 128, 1))).to(torch.uint8).numpy())
+    a, other = stripes([200, 40, 40]), stripes([40, 200, 40]).rotate(90)
+    shifted = Image.fromarray(np.asarray(a)[:, list(range(36, 128)) + list(range(36))])
+    pix = lambda x, y: np.abs(np.asarray(x, dtype=float) - np.asarray(y, dtype=float)).mean()
+    assert pix(a, shifted) > pix(a, other) * 0.5 and dopsd.look_distance(a, shifted) < dopsd.look_distance(a, other) / 4
+    assert dopsd.look_distance(a, a.resize((256, 256), Image.Resampling.NEAREST)) < 0.05 * dopsd.look_distance(a, other)
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_check_prints_one_line_per_image_worst_first_and_writes_json_and_grid(tiny, tmp_path, capsys, family,
+                                                                             monkeypatch):
+    """`check` on the tiny models: a line per image in rising gain, the verdict line, check.json with every image's
+    distances, and check.png with the rows image, student and teacher."""
+    grids, real = [], dopsd.save_grid
+    monkeypatch.setattr(dopsd, "save_grid", lambda rows, *a: grids.append([r[0] for r in rows]) or real(rows, *a))
+    out = tmp_path / "c"
+    assert dopsd.main(["check", "--data", str(tiny["small"]), "--model", str(tiny[family]), "--vlm", str(tiny["vlm"]),
+                       "--resolution", "64", "--out", str(out)]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  gain")]
+    gains = [float(l.split()[1]) for l in lines]
+    report = json.loads((out / "check.json").read_text())
+    assert len(lines) == 2 and gains == sorted(gains) and report["images"] == 2 and len(report["per_image"]) == 2
+    assert report["verdict"] in ("teachable", "already known", "not teachable")
+    assert all(r["d_student"] > 0 and r["d_teacher"] > 0 for r in report["per_image"])
+    assert grids == [["image", "student", "teacher"]] and (out / "check.png").is_file()
+
+
+def test_check_with_init_lora_also_measures_the_bare_bases_teacher(tiny, strong_init, tmp_path, capsys):
+    """With --init-lora the start is base + that LoRA, and a fourth row measures the bare base's teacher, which
+    differs from the start's."""
+    out = tmp_path / "c"
+    assert dopsd.main(["check", "--data", str(tiny["small"]), "--model", str(tiny["zimage"]), "--vlm",
+                       str(tiny["vlm"]), "--resolution", "64", "--out", str(out), "--init-lora", str(strong_init),
+                       "--check-images", "1"]) == 0
+    rows = json.loads((out / "check.json").read_text())["per_image"]
+    assert len(rows) == 1 and rows[0]["d_base_teacher"] != rows[0]["d_teacher"]
+    assert "base teacher" in capsys.readouterr().out
+
+
+def test_train_prints_the_check_before_step_1_and_logs_it_with_step_1(tiny, tmp_path, capsys):
+    """train runs the teacher check on --check-images images before its first step: the verdict is printed before
+    training starts and stored in log.jsonl's first row only; --resume does not check again."""
+    out = tmp_path / "o"
+    assert dopsd.main(train_args(tiny, out, "--max-steps", "2", "--check-images", "2")) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("teacher check:") < printed.index("done:")
+    rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["check"]["images"] == 2 and "check" not in rows[1]
+    assert dopsd.main(train_args(tiny, out, "--max-steps", "3", "--check-images", "2", "--resume")) == 0
+    assert "teacher check:" not in capsys.readouterr().out
+
+
+def test_teacher_start_base_starts_the_ema_teacher_at_the_bare_base_and_resumes_bit_exactly(tiny, strong_init,
+                                                                                              tmp_path):
+    """--init-lora with --teacher-start base: the student starts at the LoRA, the teacher at the bare base (B = 0);
+    1 step + --resume to 2 equal 2 straight steps."""
+    flags = ("--init-lora", str(strong_init), "--teacher-start", "base", "--ema-decay", "1.0")
+    a = resumed_equals_straight(tiny, tmp_path, 1, 2, *flags)
+    ck = torch.load(a / "checkpoint.pt", weights_only=True)
+    names = list(dopsd.read_lora_file(strong_init))
+    assert len(ck["teacher"]) == 2 * len(names) and all(not t[..., :4].any() for t in ck["teacher"][1::2])
+
+
+def test_teacher_start_auto_takes_the_start_whose_teacher_copies_the_images_closer(tiny, strong_init, tmp_path,
+                                                                                    capsys):
+    """--teacher-start auto prints both teachers' distances, takes the closer one's start, and logs the choice."""
+    out = tmp_path / "o"
+    assert dopsd.main(train_args(tiny, out, "--max-steps", "1", "--ema-decay", "1.0", "--init-lora",
+                                 str(strong_init), "--teacher-start", "auto")) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("--teacher-start auto:"))
+    start, init_d, base_d = re.fullmatch(r"--teacher-start auto: (\w+) .* ([\d.]+) from the start LoRA, ([\d.]+) from "
+                                         r"the bare base\)", line).groups()
+    assert start == ("base" if float(base_d) < float(init_d) else "init")
+    teacher_b = torch.load(out / "checkpoint.pt", weights_only=True)["teacher"][1::2]
+    assert all(not t.any() for t in teacher_b) == (start == "base")
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[0])["check"]["teacher_start"] == start
+
+
 # --- --resume: one test per claim -------------------------------------------------------------------------------------
 # Each claim runs the same check, resumed_equals_straight; the sharded --full resume is in the FSDP2 part below.
 
