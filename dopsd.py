@@ -1309,6 +1309,14 @@ def read_prompts(flags, file, trigger=None):
     prompts = [p.strip() for p in [*(flags or []), *lines]]
     return [p.replace("[V]", trigger) if trigger else p for p in prompts if p]
 
+def check_seed_and_size(seed, resolution=None):
+    """The ranges train, check and sample share: a seed of 32 bits (seed << 32 seeds a generator of 64 bits), and a
+    bucket size that the VAE's 8× and the DiT's 2×2 patches divide."""
+    if not 0 <= seed < 2 ** 32:
+        raise UserError(f"--seed {seed}: out of range; pass a seed from 0 to {2 ** 32 - 1}")
+    if resolution is not None and (resolution < 64 or resolution % 16):
+        raise UserError(f"--resolution must be a multiple of 16, at least 64 (got {resolution})")
+
 def check_ranges(cfg):
     """Refuse a number out of its range. `not lo < x < hi` also refuses nan. inf: an lr of inf is no step size, and a
     timeout of inf minutes overflows the timedelta torchrun's process group takes."""
@@ -1319,13 +1327,10 @@ def check_ranges(cfg):
             ("--alpha", cfg.alpha, 0 < cfg.alpha < math.inf, "a positive LoRA alpha (scale = alpha/rank), e.g. "
              "2 × --rank"),
             ("--preserve-weight", cfg.preserve_weight, 0 <= cfg.preserve_weight < math.inf, "0 or a positive weight"),
-            ("--dist-timeout", cfg.dist_timeout, 0 < cfg.dist_timeout < math.inf, "a positive number of minutes"),
-            ("--seed", cfg.seed, 0 <= cfg.seed < 2 ** 32, f"a seed from 0 to {2 ** 32 - 1} (seed << 32 seeds a "
-             "generator of 64 bits)")):
+            ("--dist-timeout", cfg.dist_timeout, 0 < cfg.dist_timeout < math.inf, "a positive number of minutes")):
         if not ok:
             raise UserError(f"{flag} {value}: out of range; pass {want}")
-    if cfg.resolution < 64 or cfg.resolution % 16:
-        raise UserError(f"--resolution must be a multiple of 16, at least 64 (got {cfg.resolution})")
+    check_seed_and_size(cfg.seed, cfg.resolution)
     if not 0.0 <= cfg.ema_decay <= 1.0:
         raise UserError(f"--ema-decay must be in [0, 1] (got {cfg.ema_decay})")
     if cfg.loss_steps is not None and not 1 <= cfg.loss_steps <= cfg.rollout_steps:
@@ -2707,6 +2712,7 @@ def check(cfg):
     into --out. Returns a process exit code."""
     check_out_path(cfg.out, "--out", folder=True)
     check_device(cfg.device)
+    check_seed_and_size(cfg.seed, cfg.resolution)
     if cfg.check_images is not None and cfg.check_images < 1:
         raise UserError(f"--check-images {cfg.check_images}: out of range; pass at least 1, or leave it out to "
                         "check every image")
@@ -2825,8 +2831,7 @@ def check_sample_args(out, lora, lora_scale, compare, steps, seed, height, width
         raise UserError(f"--steps {steps}: out of range; pass at least 1, or leave it out for the deploy count")
     if not math.isfinite(lora_scale):
         raise UserError(f"--lora-scale {lora_scale}: not a finite number; pass e.g. 1.0 (as trained) or 0.5")
-    if not 0 <= seed < 2 ** 32:
-        raise UserError(f"--seed {seed}: out of range; pass a seed from 0 to {2 ** 32 - 1}")
+    check_seed_and_size(seed)
     return lora_source(lora, lora_scale) if lora else None
 
 def sample(model, prompt, out, lora=None, lora_scale=1.0, compare=False, steps=None, seed=0, height=1024, width=1024,

@@ -204,7 +204,8 @@ def bad_args(data):
 GOOD = {"train": {"--data": "{data}", "--model": "{zimage}", "--vlm": "{vlm}", "--out": "{out}", "--resolution": "64",
                   "--rollout-steps": "2", "--rank": "4", "--sample-every": "0", "--lr": "1e-3"},
         "sample": {"--model": "{zimage}", "--prompt": "a red circle", "--out": "{out}.png", "--height": "64",
-                   "--width": "64"}}
+                   "--width": "64"},
+        "check": {"--data": "{data}", "--model": "{zimage}", "--vlm": "{vlm}", "--out": "{out}", "--resolution": "64"}}
 BAD_INPUTS = [
     # train: the data (one message names every bad file of the folder)
     ("data-missing", "train", {"--data": "{nope}"}, 2, "nope: folder not found"),
@@ -322,6 +323,24 @@ BAD_INPUTS = [
     ("sample-lora-scale-on-full-run", "sample", {"--lora": "{full_run}", "--lora-scale": "0.5"}, 2,
      "is a --full run (a whole DiT), it has no LoRA to scale"),
     ("sample-lora-matches-no-layer", "sample", {"--lora": "{alien_lora}"}, 2, "its layers do not fit this model"),
+    # train: the teacher check and the teacher's start
+    ("check-images-negative", "train", {"--check-images": "-1"}, 2, "--check-images -1: out of range"),
+    ("teacher-start-without-init-lora", "train", {"--teacher-start": "base"}, 2,
+     "--teacher-start base: the teacher starts at the base anyway without --init-lora"),
+    ("teacher-start-auto-without-check", "train", {"--teacher-start": "auto", "--init-lora": "{zimage_lora}",
+                                                   "--check-images": "0"}, 2, "--teacher-start auto chooses with"),
+    # check: the same data, model and LoRA checks as train, and its own numbers
+    ("check-images-zero", "check", {"--check-images": "0"}, 2, "--check-images 0: out of range"),
+    ("check-data-missing", "check", {"--data": "{nope}"}, 2, "nope: folder not found"),
+    ("check-out-is-a-file", "check", {"--out": "{file}"}, 2, "is a file, not a folder"),
+    ("check-resolution-not-16", "check", {"--resolution": "100"}, 2, "--resolution must be a multiple of 16"),
+    ("check-seed-negative", "check", {"--seed": "-1"}, 2, "--seed -1: out of range"),
+    ("check-device-unknown", "check", {"--device": "gpu"}, 2, "--device gpu: not a device name"),
+    ("check-model-unsupported", "check", {"--model": "{unsupported}"}, 2, "StableDiffusionPipeline is not supported"),
+    ("check-init-lora-missing", "check", {"--init-lora": "{nope}"}, 2, "nope: not found"),
+    ("check-init-lora-other-family", "check", {"--init-lora": "{klein_lora}"}, 2, "trained for flux-2-klein"),
+    ("check-vlm-not-a-qwen3-vl", "check", {"--vlm": "{zimage}/text_encoder"}, 2, "a qwen3 model"),
+    ("args-check-images-not-int", "check", {"--check-images": "x"}, 2, "argument --check-images: invalid int value"),
     # sample: what argparse refuses
     ("args-sample-steps-not-int", "sample", {"--steps": "x"}, 2, "argument --steps: invalid int value"),
     ("args-sample-no-prompt", "sample", {"--prompt": None}, 2, "--prompt"),
@@ -420,12 +439,12 @@ def test_bad_input_stops_in_one_line_before_any_model_loads(row, bad_files, tmp_
     assert sum("error:" in line for line in err.splitlines()) == 1, err        # one line says what is wrong
 
 
-def test_the_bad_input_table_covers_both_commands_and_every_number():
-    """BAD_INPUTS has at least 40 rows, both commands, and an out-of-range row for every numeric flag."""
-    numeric = {"--" + f.name.replace("_", "-") for cls in (dopsd.TrainConfig, dopsd.SampleConfig)
+def test_the_bad_input_table_covers_every_command_and_every_number():
+    """BAD_INPUTS has at least 40 rows, every command, and an out-of-range row for every numeric flag."""
+    numeric = {"--" + f.name.replace("_", "-") for cls in (dopsd.TrainConfig, dopsd.SampleConfig, dopsd.CheckConfig)
                for f in dataclasses.fields(cls) if f.type in (int, float)}
     covered = {k for _, _, changes, _, _ in BAD_INPUTS for k in changes}
-    assert len(BAD_INPUTS) >= 40 and {r[1] for r in BAD_INPUTS} == {"train", "sample"}
+    assert len(BAD_INPUTS) >= 40 and {r[1] for r in BAD_INPUTS} == {"train", "sample", "check"}
     assert numeric <= covered, f"numeric flags without a row: {sorted(numeric - covered)}"
 
 

@@ -98,6 +98,26 @@ def test_toy_fidelity_metrics_read_real_world_images_right():
         assert world.shape_of(im) == shape
 
 
+@pytest.fixture(scope="module")
+def toy_sets(tmp_path_factory):
+    """examples/toy/teacher_check.py's five fine-tuning sets, written once: {name: folder}."""
+    spec = importlib.util.spec_from_file_location("teacher_check", TOY / "teacher_check.py")
+    tc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tc)
+    return tc.write_sets(tmp_path_factory.mktemp("sets"))
+
+
+@pytest.mark.parametrize("name, verdict", [("v", "teachable"), ("named", "already known"), ("noise", "not teachable")])
+def test_the_teacher_check_tells_the_toys_three_kinds_of_data_apart(toy_sets, tmp_path, name, verdict):
+    """`dopsd.py check` on the toy model: the held-out [V] style (the teacher copies it from the image, the base
+    cannot draw it) is teachable, a style its caption names is already known, and per-pixel noise (the toy VAE cannot
+    hold it, so the teacher draws its grey average) is not teachable. CHECK_GAIN and CHECK_NEAR were calibrated on
+    these sets (examples/toy/README.md): this pins that calibration."""
+    assert dopsd.main(["check", "--model", str(TOY / "model"), "--data", str(toy_sets[name]), "--resolution", "64",
+                       "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "check.json").read_text())["verdict"] == verdict
+
+
 slow = pytest.mark.skipif(os.environ.get("DOPSD_SLOW") != "1", reason="slow (~2 min): set DOPSD_SLOW=1 to run")
 
 
