@@ -2368,7 +2368,7 @@ def check_before_training(run, items, plan):
         roles.append(("base_teacher", lambda x, s, c: run.teacher(x, s, c, adapter=None), "t"))
     chosen = pick_check_images(items, cfg.check_images, cfg.seed)
     rows, run.check, _ = run_check(items, plan, chosen, run.family, roles, run.vae, run.dit, run.autocast, run.device,
-                                   cfg)
+                                   cfg, show=run.rank == 0)
     if cfg.teacher_start == "auto":
         start = "base" if d(rows, "d_base_teacher") < d(rows, "d_teacher") else "init"
         print(f"--teacher-start auto: {start} (the teacher copies these images at look distance "
@@ -2609,37 +2609,39 @@ def look_distance(a, b):
     sa, sb = (x if torch.is_tensor(x) else look_signature(x) for x in (a, b))
     return (sa - sb).abs().mean().item()
 
-def draw_checks(items, plan, chosen, family, roles, vae, channels, autocast, device, seed, buckets):
-    """[{"target": the training crop, role: sample}] for each chosen item. roles: [(name, velocity (x, σ, cond) -> u,
-    "s" for the caption's features or "t" for the teacher's)]; each samples the deploy schedule from the item's own
-    noise (seed, item), so every role and every later check starts from the same state."""
-    fam, cell, out = FAMILIES[family], latent_cell(family, vae), []
-    for i in chosen:
+def measure_checks(items, plan, chosen, family, roles, vae, channels, autocast, device, seed, buckets, show=True,
+                   keep=16, spread_of=8):
+    """The teacher check's numbers, one image at a time: for each chosen item, every role's sample on the deploy
+    schedule from the item's own noise (seed, item), its look_distance to the training crop, the teacher's gain
+    (student distance / teacher distance) and `near` (student distance / the set's own spread: the crop's median
+    distance to up to `spread_of` other images of a fixed pool). roles: [(name, velocity (x, σ, cond) -> u, "s" for
+    the caption's features or "t" for the teacher's)]. Returns ([row per item], {row: thumbnails} of the `keep` lowest
+    gains): memory stays flat however many images are checked."""
+    from tqdm import tqdm
+    fam, cell, rows, thumbs = FAMILIES[family], latent_cell(family, vae), [], {}
+    crop = lambda i: crop_to(load_rgb(items[i].path), *nearest_bucket(*items[i].size, buckets))
+    thumb = lambda im: im.resize((max(1, im.width * 160 // max(im.size)), max(1, im.height * 160 // max(im.size))))
+    pool = {i: look_signature(crop(i)) for i in chosen[:spread_of + 1]}    # what the set's own spread is taken on
+    for i in tqdm(chosen, desc="teacher check", unit="image", dynamic_ncols=True, disable=not show):
         H, W = nearest_bucket(*items[i].size, buckets)
         cond = dict(zip("st", entry_conds(family, read_entry(plan["items"][i][0][0], device))))
         noise = torch.randn(1, channels, H // cell, W // cell, generator=torch.Generator().manual_seed(
             seed * 1_000_003 + i)).to(device)                                # [1, C, h, w]
         sigmas = schedule(family, fam["deploy"], H // cell, W // cell)
         with autocast():
-            row = {name: fam["decode"](vae, euler_sample(lambda x, s: v(x, s, collate([cond[k]])), noise, sigmas))[0]
+            ims = {name: fam["decode"](vae, euler_sample(lambda x, s: v(x, s, collate([cond[k]])), noise, sigmas))[0]
                    for name, v, k in roles}
-        out.append({"target": crop_to(load_rgb(items[i].path), H, W), **row})
-    return out
-
-def score_checks(drawn, names, items, chosen, spread_of=8):
-    """Per image: each role's look_distance to the image, the teacher's gain (student distance / teacher distance)
-    and `near`: the student's distance over the set's own spread (the image's median distance to up to `spread_of`
-    other images of the set: how far apart two images of this concept are). [{...}], in the order drawn."""
-    looks = [look_signature(d["target"]) for d in drawn]
-    rows = []
-    for j, (i, d) in enumerate(zip(chosen, drawn)):
-        others = [looks[k] for k in range(len(looks)) if k != j][:spread_of]
-        dist = {n: look_distance(d[n], looks[j]) for n in names}
-        spread = float(torch.tensor([look_distance(o, looks[j]) for o in others]).median()) if others else None
-        rows.append({"file": str(items[i].path), "caption": items[i].captions[0], **{f"d_{n}": dist[n] for n in names},
-                     "gain": dist["student"] / max(dist["teacher"], 1e-12),
-                     "near": dist["student"] / spread if spread else None})
-    return rows
+        ims["image"] = crop(i)
+        target = pool[i] if i in pool else look_signature(ims["image"])
+        d = {name: look_distance(ims[name], target) for name, _, _ in roles}
+        spread = [look_distance(p, target) for j, p in pool.items() if j != i][:spread_of]
+        rows.append({"file": str(items[i].path), "caption": items[i].captions[0],
+                     **{f"d_{name}": v for name, v in d.items()}, "gain": d["student"] / max(d["teacher"], 1e-12),
+                     "near": d["student"] / float(torch.tensor(spread).median()) if spread else None})
+        thumbs[len(rows) - 1] = {name: thumb(im) for name, im in ims.items()}
+        if len(thumbs) > keep:                       # keep only the worst images' thumbnails for check.png
+            thumbs.pop(max(thumbs, key=lambda j: rows[j]["gain"]))
+    return rows, thumbs
 
 def check_verdict(rows):
     """The verdict over the checked images, with the medians behind it: teachable (the teacher is CHECK_GAIN× closer
@@ -2686,26 +2688,23 @@ def pick_check_images(items, count, seed):
         return list(range(len(items)))
     return sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:count].tolist())
 
-def run_check(items, plan, chosen, family, roles, vae, dit, autocast, device, cfg):
-    """Draw, score, print: (rows, summary) of the teacher check (see the section's head)."""
-    drawn = draw_checks(items, plan, chosen, family, roles, vae, dit.config.in_channels, autocast, device, cfg.seed,
-                        make_buckets(cfg.resolution))
-    rows = score_checks(drawn, [name for name, _, _ in roles], items, chosen)
+def run_check(items, plan, chosen, family, roles, vae, dit, autocast, device, cfg, show=True):
+    """Measure, print: (rows, summary, thumbnails) of the teacher check on the chosen items."""
+    rows, thumbs = measure_checks(items, plan, chosen, family, roles, vae, dit.config.in_channels, autocast, device,
+                                  cfg.seed, make_buckets(cfg.resolution), show)
     summary = check_verdict(rows)
     print_check(rows, summary)
-    return rows, summary, drawn
+    return rows, summary, thumbs
 
-def write_check(out, rows, summary, drawn, names, columns=16):
+def write_check(out, rows, summary, thumbs, names):
     """check.json (the verdict, its numbers, every image's) and check.png: rows image | student | teacher (| base
-    teacher), one column an image, the worst `columns` first, as thumbnails."""
+    teacher), one column for each of the worst images (thumbs), lowest gain first."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "check.json", lambda f: f.write(json.dumps({**summary, "per_image": rows}, indent=2).encode()))
-    worst = sorted(range(len(rows)), key=lambda j: rows[j]["gain"])[:columns]
-    thumb = lambda im: im.resize((max(1, im.width * 160 // max(im.size)), max(1, im.height * 160 // max(im.size))))
-    grid = [(name.replace("_", " "), [thumb(drawn[j][name]) for j in worst]) for name in ("target", *names)]
-    save_grid([("image", grid[0][1]), *grid[1:]], [f"gain {rows[j]['gain']:.2f}: {rows[j]['caption']}"
-                                                    for j in worst], out / "check.png")
+    worst = sorted(thumbs, key=lambda j: rows[j]["gain"])
+    save_grid([(name.replace("_", " "), [thumbs[j][name] for j in worst]) for name in ("image", *names)],
+              [f"gain {rows[j]['gain']:.2f}: {rows[j]['caption']}" for j in worst], out / "check.png")
 
 def check(cfg):
     """`dopsd.py check`: the teacher check on the training data, before training; writes check.json and check.png
@@ -2727,8 +2726,8 @@ def check(cfg):
     free_device(device)
     roles = check_roles(dit, family, cfg.init_lora)
     chosen = pick_check_images(items, cfg.check_images, cfg.seed)
-    rows, summary, drawn = run_check(items, plan, chosen, family, roles, vae, dit, autocast, device, cfg)
-    write_check(cfg.out, rows, summary, drawn, [name for name, _, _ in roles])
+    rows, summary, thumbs = run_check(items, plan, chosen, family, roles, vae, dit, autocast, device, cfg)
+    write_check(cfg.out, rows, summary, thumbs, [name for name, _, _ in roles])
     print(f"wrote {Path(cfg.out) / 'check.json'} and {Path(cfg.out) / 'check.png'}")
     return 0
 
