@@ -84,9 +84,9 @@ class TrainConfig:
     alpha: float = knob(128.0, "LoRA alpha, scale = alpha/rank")
     init_lora: str = knob(None, "start student and teacher from this LoRA (a --out folder, or a diffusers/ComfyUI LoRA "
                           "of this model, rank <= --rank); --preserve-prompts then pulls onto base + it")
-    teacher_start: str = knob("init", "with --init-lora, where the EMA teacher starts: init (that LoRA, as the "
+    teacher_start: str = knob("auto", "with --init-lora, where the EMA teacher starts: init (that LoRA, as the "
                               "student), base (the bare base: its in-context copy undamaged by the first concept), "
-                              "or auto (whichever the teacher check finds copying this data better)",
+                              "or auto: whichever the teacher check finds copying this data better (the toy: base)",
                               choices=["init", "base", "auto"])
     check_images: int = knob(4, "images the teacher check measures before step 1 (will D-OPSD teach this data?); 0 = "
                              "skip it")
@@ -1360,11 +1360,12 @@ def check_args(cfg):
     if cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"):
         raise UserError("--preserve-prompts pulls a LoRA student onto the base model: it needs --method dopsd without "
                         "--full")
-    if cfg.teacher_start != "init" and not (cfg.init_lora and cfg.method == "dopsd"):
-        raise UserError(f"--teacher-start {cfg.teacher_start}: the teacher starts at the base anyway without "
-                        "--init-lora (and SFT has none); drop --teacher-start")
-    if cfg.teacher_start == "auto" and not cfg.check_images:
-        raise UserError("--teacher-start auto chooses with the teacher check: pass --check-images 1 or more")
+    if cfg.teacher_start == "base" and not (cfg.init_lora and cfg.method == "dopsd"):
+        raise UserError("--teacher-start base: the teacher starts at the base anyway without --init-lora (and SFT has "
+                        "none); drop --teacher-start")
+    if cfg.teacher_start == "auto" and cfg.init_lora and cfg.method == "dopsd" and not cfg.check_images:
+        raise UserError("--teacher-start auto (the default) chooses with the teacher check: pass --check-images 1 or "
+                        "more, or --teacher-start init or base")
     if cfg.check_images < 0:
         raise UserError(f"--check-images {cfg.check_images}: out of range; pass 0 (no check) or more")
     if cfg.init_lora and cfg.full:
@@ -2369,7 +2370,7 @@ def check_before_training(run, items, plan):
     chosen = pick_check_images(items, cfg.check_images, cfg.seed)
     rows, run.check, _ = run_check(items, plan, chosen, run.family, roles, run.vae, run.dit, run.autocast, run.device,
                                    cfg, show=run.rank == 0)
-    if cfg.teacher_start == "auto":
+    if cfg.teacher_start == "auto" and cfg.init_lora:
         start = "base" if d(rows, "d_base_teacher") < d(rows, "d_teacher") else "init"
         print(f"--teacher-start auto: {start} (the teacher copies these images at look distance "
               f"{d(rows, 'd_teacher'):.3f} from the start LoRA, {d(rows, 'd_base_teacher'):.3f} from the bare base)")

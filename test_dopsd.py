@@ -327,8 +327,8 @@ BAD_INPUTS = [
     ("check-images-negative", "train", {"--check-images": "-1"}, 2, "--check-images -1: out of range"),
     ("teacher-start-without-init-lora", "train", {"--teacher-start": "base"}, 2,
      "--teacher-start base: the teacher starts at the base anyway without --init-lora"),
-    ("teacher-start-auto-without-check", "train", {"--teacher-start": "auto", "--init-lora": "{zimage_lora}",
-                                                   "--check-images": "0"}, 2, "--teacher-start auto chooses with"),
+    ("teacher-start-auto-without-check", "train", {"--init-lora": "{zimage_lora}", "--check-images": "0"}, 2,
+     "--teacher-start auto (the default) chooses with the teacher check"),
     # check: the same data, model and LoRA checks as train, and its own numbers
     ("check-images-zero", "check", {"--check-images": "0"}, 2, "--check-images 0: out of range"),
     ("check-data-missing", "check", {"--data": "{nope}"}, 2, "nope: folder not found"),

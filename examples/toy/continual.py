@@ -82,9 +82,12 @@ import reproduce as rp  # noqa: E402
 import world  # noqa: E402
 
 STAGE1 = ["--method", "dopsd", "--preserve-prompts", "{keep}"]
+# The D-OPSD arms start their teacher at A, as every run did when these arms were recorded (dopsd.py's default is now
+# --teacher-start auto, which takes the bare base on this toy: examples/toy/teacher_check.py compares the two).
 ARMS = {"sft": ["--method", "sft", "--init-lora", "{a}"],
-        "dopsd": ["--method", "dopsd", "--init-lora", "{a}"],
-        "dopsd-preserve": ["--method", "dopsd", "--init-lora", "{a}", "--preserve-prompts", "{keep_ab}"],
+        "dopsd": ["--method", "dopsd", "--init-lora", "{a}", "--teacher-start", "init"],
+        "dopsd-preserve": ["--method", "dopsd", "--init-lora", "{a}", "--preserve-prompts", "{keep_ab}",
+                           "--teacher-start", "init"],
         "b-alone": STAGE1}
 STAGE1_STEPS = 100           # reproduce.py: D-OPSD + preservation is at its ceiling from 50 steps on
 LENGTHS = (50, 150, 300)
