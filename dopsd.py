@@ -1336,6 +1336,17 @@ def check_ranges(cfg):
     if cfg.loss_steps is not None and not 1 <= cfg.loss_steps <= cfg.rollout_steps:
         raise UserError(f"--loss-steps must be from 1 to --rollout-steps {cfg.rollout_steps} (got {cfg.loss_steps})")
 
+def check_teacher_flags(cfg):
+    """Refuse a --check-images / --teacher-start that cannot do what it says."""
+    if cfg.check_images < 0:
+        raise UserError(f"--check-images {cfg.check_images}: out of range; pass 0 (no check) or more")
+    if cfg.teacher_start == "base" and not (cfg.init_lora and cfg.method == "dopsd"):
+        raise UserError("--teacher-start base: the teacher starts at the base anyway without --init-lora (and SFT has "
+                        "none); drop --teacher-start")
+    if cfg.teacher_start == "auto" and cfg.init_lora and cfg.method == "dopsd" and not cfg.check_images:
+        raise UserError("--teacher-start auto (the default) chooses with the teacher check: pass --check-images 1 or "
+                        "more, or --teacher-start init or base")
+
 def check_args(cfg):
     """Refuse impossible values, and a --resume that does not match --out, before anything is loaded. Returns cfg; on
     --resume with --fp8-base auto, the choice the run made (auto depends on free memory: another card would flip it)."""
@@ -1360,14 +1371,7 @@ def check_args(cfg):
     if cfg.preserve_prompts and (cfg.full or cfg.method != "dopsd"):
         raise UserError("--preserve-prompts pulls a LoRA student onto the base model: it needs --method dopsd without "
                         "--full")
-    if cfg.teacher_start == "base" and not (cfg.init_lora and cfg.method == "dopsd"):
-        raise UserError("--teacher-start base: the teacher starts at the base anyway without --init-lora (and SFT has "
-                        "none); drop --teacher-start")
-    if cfg.teacher_start == "auto" and cfg.init_lora and cfg.method == "dopsd" and not cfg.check_images:
-        raise UserError("--teacher-start auto (the default) chooses with the teacher check: pass --check-images 1 or "
-                        "more, or --teacher-start init or base")
-    if cfg.check_images < 0:
-        raise UserError(f"--check-images {cfg.check_images}: out of range; pass 0 (no check) or more")
+    check_teacher_flags(cfg)
     if cfg.init_lora and cfg.full:
         raise UserError("--init-lora continues a LoRA; to continue a --full run, pass its --out folder as --model")
     if Path(cfg.out).resolve() == Path(cfg.model).resolve():
@@ -2011,6 +2015,21 @@ def remove_folder(folder):
         os.replace(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
+def export_layout(state, dtype, file_bytes):
+    """(file names, [keys per file], {key: bytes}) of save_pretrained's layout for `state` with its floating-point
+    tensors in `dtype`: files of at most file_bytes, in key order, named as diffusers names them. From the global
+    shapes, so every rank computes the same layout without gathering anything."""
+    nbytes = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size()) for k, v in state.items()}
+    files, size = [[]], 0
+    for k in state:
+        if files[-1] and size + nbytes[k] > file_bytes:
+            files, size = files + [[]], 0
+        files[-1].append(k)
+        size += nbytes[k]
+    names = ["diffusion_pytorch_model.safetensors"] if len(files) == 1 else [
+        f"diffusion_pytorch_model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    return names, files, nbytes
+
 def export_dit(dit, folder, rank, file_bytes=2 * 2**30, dtype=torch.bfloat16):
     """The DiT in save_pretrained's format (config.json, with the DiT's own class name: a sharded module's class is
     FSDP<Name>; safetensors files of at most file_bytes, with diffusers' names and index), written by rank 0 into
@@ -2022,16 +2041,7 @@ def export_dit(dit, folder, rank, file_bytes=2 * 2**30, dtype=torch.bfloat16):
     from safetensors.torch import save_file
     state = dit.state_dict()                         # FSDP2: DTensors (its state_dict hook reshards first)
     cast = lambda v: v.to(dtype) if v.is_floating_point() else v               # integer and bool buffers as they are
-    nbytes = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
-              for k, v in state.items()}             # the file layout, from the global shapes
-    files, size = [[]], 0
-    for k in state:
-        if files[-1] and size + nbytes[k] > file_bytes:
-            files, size = files + [[]], 0
-        files[-1].append(k)
-        size += nbytes[k]
-    names = ["diffusion_pytorch_model.safetensors"] if len(files) == 1 else [
-        f"diffusion_pytorch_model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    names, files, nbytes = export_layout(state, dtype, file_bytes)
     tmp, failed = folder.with_name(folder.name + ".tmp"), None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
