@@ -2646,9 +2646,10 @@ def measure_checks(items, plan, chosen, family, roles, vae, channels, autocast, 
         target = pool[i] if i in pool else look_signature(ims["image"])
         d = {name: look_distance(ims[name], target) for name, _, _ in roles}
         spread = [look_distance(p, target) for j, p in pool.items() if j != i][:spread_of]
+        spread = float(torch.tensor(spread).median()) if spread else 0.0   # 0: one image, or copies of one image
         rows.append({"file": str(items[i].path), "caption": items[i].captions[0],
                      **{f"d_{name}": v for name, v in d.items()}, "gain": d["student"] / max(d["teacher"], 1e-12),
-                     "near": d["student"] / float(torch.tensor(spread).median()) if spread else None})
+                     "near": d["student"] / spread if spread > 0 else None})
         thumbs[len(rows) - 1] = {name: thumb(im) for name, im in ims.items()}
         if len(thumbs) > keep:                       # keep only the worst images' thumbnails for check.png
             thumbs.pop(max(thumbs, key=lambda j: rows[j]["gain"]))
@@ -2661,8 +2662,8 @@ def check_verdict(rows):
     med = lambda k: float(torch.tensor([r[k] for r in rows]).median())
     gain = med("gain")
     near = med("near") if all(r["near"] is not None for r in rows) else None
-    verdict = ("teachable" if gain >= CHECK_GAIN else "undecided (one image: no spread to compare)" if near is None
-               else "already known" if near <= CHECK_NEAR else "not teachable")
+    verdict = ("teachable" if gain >= CHECK_GAIN else "undecided (one image, or copies of one: no spread to compare)"
+               if near is None else "already known" if near <= CHECK_NEAR else "not teachable")
     return {"verdict": verdict, "gain": gain, "near": near, "thresholds": {"gain": CHECK_GAIN, "near": CHECK_NEAR},
             "images": len(rows)}
 

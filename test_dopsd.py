@@ -2013,6 +2013,11 @@ def test_the_check_says_not_teachable_when_the_teacher_is_no_closer_and_the_stud
     assert summary["verdict"] == "not teachable" and summary["images"] == 3 and summary["near"] == 2 * n
 
 
+def test_the_check_is_undecided_without_a_spread_to_compare_when_the_teacher_is_no_closer():
+    """One image, or copies of one image (no spread: near is None): under CHECK_GAIN the verdict is undecided."""
+    assert dopsd.check_verdict(check_rows((0.2, 0.2, None)))["verdict"].startswith("undecided")
+
+
 def test_look_distance_ignores_where_things_are_and_sees_what_they_look_like():
     """The check's measure: an image shifted by a quarter of its width is nearer to itself than an image of other
     colours and textures is, while per pixel it is further; and the same image at another resolution is ~0 away."""
