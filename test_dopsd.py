@@ -106,9 +106,11 @@ PIPE_KW = {"zimage": dict(num_inference_steps=8, guidance_scale=0.0),
 
 
 def train_args(tiny, out, *extra, data="small", model="zimage"):
+    """A short train command line on the tiny models. The teacher check before step 1 is off (it costs ~6 s a run
+    here, for look signatures of 64-px images); its tests pass --check-images, which the last flag given wins."""
     return ["train", "--data", str(tiny[data]), "--model", str(tiny[model]), "--vlm", str(tiny["vlm"]),
             "--out", str(out), "--resolution", "64", "--rollout-steps", "2", "--rank", "4", "--sample-every", "0",
-            "--lr", "1e-3", *extra]
+            "--lr", "1e-3", "--check-images", "0", "--teacher-start", "init", *extra]
 
 
 def lora_weights(out):
@@ -2092,7 +2094,7 @@ def test_teacher_start_auto_takes_the_start_whose_teacher_copies_the_images_clos
     """--teacher-start auto prints both teachers' distances, takes the closer one's start, and logs the choice."""
     out = tmp_path / "o"
     assert dopsd.main(train_args(tiny, out, "--max-steps", "1", "--ema-decay", "1.0", "--init-lora",
-                                 str(strong_init), "--teacher-start", "auto")) == 0
+                                 str(strong_init), "--teacher-start", "auto", "--check-images", "2")) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("--teacher-start auto:"))
     start, init_d, base_d = re.fullmatch(r"--teacher-start auto: (\w+) .* ([\d.]+) from the start LoRA, ([\d.]+) from "
                                          r"the bare base\)", line).groups()
