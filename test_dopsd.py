@@ -172,15 +172,18 @@ def test_ema_moves_the_teacher_towards_the_student():
     assert all(torch.equal(a, b) for a, b in zip(before, t))
 
 
-def test_the_method_section_comes_first_and_the_readme_map_gives_its_lines():
-    """dopsd.py's family-free method section starts by line 200 and is at most 150 lines, at the lines README.md's map
-    of the file states."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    first, last, count = map(int, re.search(r"\*\*the method\*\* \(lines (\d+)–(\d+), (\d+) lines", readme).groups())
+def test_the_method_section_comes_first_and_the_readme_map_names_every_section_in_order():
+    """dopsd.py's family-free method section starts by line 200 and is at most 150 lines, and README.md's map of the
+    file names every section of dopsd.py (the title after each rule, up to a colon), in the file's order."""
     lines = (ROOT / "dopsd.py").read_text(encoding="utf-8").splitlines()
-    assert lines[first - 1].startswith("# ----") and lines[first] == "# the method"
-    assert lines[last].strip() == "" and lines[last + 1].startswith("# ----")     # the next section's rule
-    assert count == last - first + 1 <= 150 and first <= 200
+    rules = [i for i, l in enumerate(lines) if l.startswith("# ----")]
+    names = [lines[i + 1][2:].split(":")[0] for i in rules]
+    method = rules[names.index("the method")]
+    assert method < 200 and rules[names.index("the method") + 1] - method <= 150
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    at = readme.index("## How dopsd.py is organised")
+    for name in names:
+        at = readme.index("**" + name, at)         # ValueError: the map lacks the section or has it out of order
 
 
 # ---------------------------------------------------------------------------------------------------- data checks

@@ -287,8 +287,8 @@ def test_recorded_paths_are_found_from_another_working_directory(tmp_path, monke
 
 
 def test_readme_eval_commands_parse():
-    """Every `python examples/eval.py ...` line in the README parses with eval.py's parser (no stale flags)."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    """Every `python examples/eval.py ...` line in examples/README.md parses with eval.py's parser (no stale flags)."""
+    text = (ROOT / "examples" / "README.md").read_text().replace("\\\n", " ")
     commands = re.findall(r"python examples/eval\.py (.+)", text)
     assert len(commands) >= 2
     for c in commands:

@@ -272,10 +272,10 @@ def test_real_configs_give_the_published_sizes(name):
 
 def test_full_sharded_over_8_gpus_fits_the_issue_targets_and_the_readme_shows_1_4_8():
     """Issue 22's targets: --full D-OPSD at 1024², sharded over 8 GPUs, Z-Image-Turbo <= 32 GiB and klein-9B <= 40 GiB
-    per GPU; README's --full table holds each family's 1-, 4- and 8-GPU peak as planned."""
+    per GPU; examples/README.md's --full table holds each family's 1-, 4- and 8-GPU peak as planned."""
     peak = lambda name, n: real_plan(name, full=True, world_size=n)["peak_training"] / GIB
     assert peak("Z-Image-Turbo", 8) <= 32 and peak("FLUX.2-klein-9B", 8) <= 40
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "examples" / "README.md").read_text()
     for name in REAL:
         assert f"| {name} | " + " | ".join(f"{peak(name, n):.1f} GiB" for n in (1, 4, 8)) + " |" in readme, name
 
@@ -315,7 +315,7 @@ def test_training_not_caching_sets_the_peak_at_the_defaults(name):
 
 def test_fit_finds_the_largest_resolution_and_rank_and_the_readme_shows_its_table():
     """--fit: each cell is the largest resolution (at r64) / rank (at 1024²) whose max(caching, training) peak plus
-    the headroom fits, and the next step up does not; README's "which GPU" table is this output."""
+    the headroom fits, and the next step up does not; examples/README.md's "which GPU" table is this output."""
     fits = {name: MP.fit(CONFIGS / name, CONFIGS / "Qwen3-VL-4B-Instruct", n_images=100) for name in REAL}
     for name, by_precision in fits.items():
         for prec, row in by_precision.items():
@@ -328,7 +328,7 @@ def test_fit_finds_the_largest_resolution_and_rank_and_the_readme_shows_its_tabl
                     assert ok(rank=rank) if rank else not ok(rank=1)
                     assert rank in (None, 128) or not ok(rank=2 * rank)
     table = MP.format_fit(fits).splitlines()[:-1]
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "examples" / "README.md").read_text()
     assert [line for line in table if line not in readme] == []
 
 
