@@ -1,7 +1,7 @@
 """
 Tests for dopsd.py, read as a specification. Offline, CPU, tiny random-weight models of the real architectures.
 
-Run as:  python -m pytest -q            (this file and the tests of examples/; about 2.5 min on 2 cores)
+Run as:  python -m pytest -q            (this file and the tests of examples/; about 5 min on 2 cores)
 
 Groups, in dopsd.py's section order: the method (roll-out, loss and EMA on toy velocity fields) -> data checks (before
 any model loads) -> device, models and conditioning -> roll-out vs the diffusers pipeline, teacher -> the fused loss ->
