@@ -825,13 +825,17 @@ def lora_name_map(modules):
             start += modules[n]
     return out
 
+def lora_file_of(path):
+    """A LoRA path as --init-lora takes it: a dopsd.py --out folder means its pytorch_lora_weights.safetensors."""
+    p = Path(path)
+    return p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+
 def check_init_lora(path, family, rank, model):
     """The --init-lora file (a run folder's LoRA, or the file itself), checked from its header before any model
     loads: a safetensors LoRA of this family, of rank at most --rank, whose modules are ones our LoRA covers on --model
     (its DiT built on the meta device) in any naming lora_name_map knows. Returns the file."""
     from safetensors import safe_open
-    p = Path(path)
-    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+    file = lora_file_of(path)
     if not file.is_file():
         raise UserError(f"--init-lora {path}: not found; pass a dopsd.py --out folder or a LoRA .safetensors file")
     trained = weights_family("lora", file, "--init-lora")
@@ -2148,8 +2152,7 @@ def check_same_start(path, ckpt, cfg):
     --preserve-prompts pulls onto is rebuilt from that file, and a retrained runs/a has the same path), or an explicit
     --fp8-base other than the base the run trained on. Checkpoints before the sha256 was recorded compare the path."""
     was, sha, fp8 = ckpt["config"].get("init_lora"), ckpt.get("init_lora_sha256"), ckpt.get("fp8_base")
-    now = cfg.init_lora and Path(cfg.init_lora)
-    now = now / "pytorch_lora_weights.safetensors" if now and now.is_dir() else now    # (a --out folder: its LoRA)
+    now = lora_file_of(cfg.init_lora) if cfg.init_lora else None
     now_sha = file_sha256(now)
     if (now_sha != sha) if sha else (was != (str(now) if now else None)):
         said = f"now {cfg.init_lora}" + (f" (sha256 {now_sha[:12]})" if now_sha else "") if now else "now none"
